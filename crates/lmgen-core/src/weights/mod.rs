@@ -1,0 +1,115 @@
+//! Checkpoint readers. Every format exposes the same [`TensorSource`] interface; the
+//! [`WeightStore`] merges shards and does strict accounting (every tensor used exactly once).
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+pub mod gguf;
+pub mod pth;
+pub mod st;
+
+/// Shape and storage dtype of a tensor in a checkpoint.
+#[derive(Debug, Clone)]
+pub struct TensorMeta {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+/// One checkpoint file (or a set of files of the same format).
+pub trait TensorSource {
+    /// The file this source reads (for error messages).
+    fn path(&self) -> &Path;
+    /// All tensor names with their metadata.
+    fn metas(&self) -> Result<Vec<(String, TensorMeta)>>;
+    /// Load one tensor, converted to `dtype`, on `device`.
+    fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
+}
+
+/// All tensors of a checkpoint, possibly spread over several files, with use tracking.
+pub struct WeightStore {
+    sources: Vec<Box<dyn TensorSource>>,
+    index: BTreeMap<String, (usize, TensorMeta)>,
+    used: RefCell<BTreeSet<String>>,
+    /// Names accepted without being used (tied copies, buffers such as rotary `inv_freq`).
+    ignored: RefCell<BTreeSet<String>>,
+}
+
+impl WeightStore {
+    pub fn new(sources: Vec<Box<dyn TensorSource>>) -> Result<Self> {
+        let mut index = BTreeMap::new();
+        for (i, s) in sources.iter().enumerate() {
+            for (name, meta) in s.metas()? {
+                if index.insert(name.clone(), (i, meta)).is_some() {
+                    return Err(Error::bad_weights(
+                        s.path(),
+                        format!("tensor '{name}' appears in more than one shard"),
+                    ));
+                }
+            }
+        }
+        Ok(Self { sources, index, used: RefCell::default(), ignored: RefCell::default() })
+    }
+
+    /// Path of the first file, used when an error concerns the checkpoint as a whole.
+    pub fn path(&self) -> PathBuf {
+        self.sources.first().map(|s| s.path().to_path_buf()).unwrap_or_default()
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        match self.index.get(name) {
+            Some((i, _)) => self.sources[*i].path().to_path_buf(),
+            None => self.path(),
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    pub fn meta(&self, name: &str) -> Option<&TensorMeta> {
+        self.index.get(name).map(|(_, m)| m)
+    }
+
+    /// Load `name` as `dtype`, checking its shape when `shape` is given. Marks it used.
+    pub fn get(&self, name: &str, shape: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (i, meta) = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { path: self.path(), name: name.to_string() })?;
+        if let Some(shape) = shape {
+            if meta.shape != shape {
+                return Err(Error::ShapeMismatch {
+                    path: self.path_of(name),
+                    name: name.to_string(),
+                    got: meta.shape.clone(),
+                    expected: shape.to_vec(),
+                });
+            }
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        self.sources[*i].load(name, dtype, device)
+    }
+
+    /// Declare a tensor as deliberately unused (e.g. a tied `lm_head.weight` copy).
+    pub fn ignore(&self, name: &str) {
+        self.ignored.borrow_mut().insert(name.to_string());
+    }
+
+    /// Fail on the first tensor that was neither used nor ignored.
+    pub fn check_all_used(&self) -> Result<()> {
+        let used = self.used.borrow();
+        let ignored = self.ignored.borrow();
+        for name in self.index.keys() {
+            if !used.contains(name) && !ignored.contains(name) {
+                return Err(Error::UnusedTensor { path: self.path_of(name), name: name.clone() });
+            }
+        }
+        Ok(())
+    }
+}
