@@ -1,1 +1,3 @@
-fn main() { println!("{}", lmgen_core::version()); }
+fn main() {
+    println!("{}", lmgen_core::version());
+}

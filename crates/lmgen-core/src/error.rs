@@ -7,7 +7,11 @@ pub enum Error {
     #[error("model not found: {0}")]
     ModelNotFound(String),
     #[error("{path}: unknown architecture '{arch}' (supported: {supported})")]
-    UnknownArchitecture { path: PathBuf, arch: String, supported: String },
+    UnknownArchitecture {
+        path: PathBuf,
+        arch: String,
+        supported: String,
+    },
     #[error("{path}: bad config: {msg}")]
     BadConfig { path: PathBuf, msg: String },
     #[error("{path}: missing tensor '{name}'")]
@@ -15,7 +19,12 @@ pub enum Error {
     #[error("{path}: unused tensor '{name}' (not part of this model)")]
     UnusedTensor { path: PathBuf, name: String },
     #[error("{path}: tensor '{name}' has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch { path: PathBuf, name: String, got: Vec<usize>, expected: Vec<usize> },
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        got: Vec<usize>,
+        expected: Vec<usize>,
+    },
     /// A weight file that cannot be parsed (truncated, corrupt, unsupported layout).
     #[error("{path}: {msg}")]
     BadWeights { path: PathBuf, msg: String },
@@ -25,7 +34,10 @@ pub enum Error {
     #[error("{0}")]
     BadRequest(String),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
     #[error("tokenizer error: {0}")]
@@ -38,13 +50,22 @@ impl Error {
         !matches!(self, Error::Candle(_) | Error::Tokenizer(_))
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
     pub fn bad_weights(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
-        Error::BadWeights { path: path.into(), msg: msg.to_string() }
+        Error::BadWeights {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
     }
     pub fn bad_config(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
-        Error::BadConfig { path: path.into(), msg: msg.to_string() }
+        Error::BadConfig {
+            path: path.into(),
+            msg: msg.to_string(),
+        }
     }
 }
 

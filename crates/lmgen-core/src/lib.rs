@@ -9,3 +9,6 @@ pub use error::{Error, Result};
 pub fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
 }
+pub mod config;
+pub mod kv_cache;
+pub mod model;

@@ -49,12 +49,20 @@ impl WeightStore {
                 }
             }
         }
-        Ok(Self { sources, index, used: RefCell::default(), ignored: RefCell::default() })
+        Ok(Self {
+            sources,
+            index,
+            used: RefCell::default(),
+            ignored: RefCell::default(),
+        })
     }
 
     /// Path of the first file, used when an error concerns the checkpoint as a whole.
     pub fn path(&self) -> PathBuf {
-        self.sources.first().map(|s| s.path().to_path_buf()).unwrap_or_default()
+        self.sources
+            .first()
+            .map(|s| s.path().to_path_buf())
+            .unwrap_or_default()
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
@@ -77,11 +85,17 @@ impl WeightStore {
     }
 
     /// Load `name` as `dtype`, checking its shape when `shape` is given. Marks it used.
-    pub fn get(&self, name: &str, shape: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
-        let (i, meta) = self
-            .index
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor { path: self.path(), name: name.to_string() })?;
+    pub fn get(
+        &self,
+        name: &str,
+        shape: Option<&[usize]>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (i, meta) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path(),
+            name: name.to_string(),
+        })?;
         if let Some(shape) = shape {
             if meta.shape != shape {
                 return Err(Error::ShapeMismatch {
@@ -107,7 +121,10 @@ impl WeightStore {
         let ignored = self.ignored.borrow();
         for name in self.index.keys() {
             if !used.contains(name) && !ignored.contains(name) {
-                return Err(Error::UnusedTensor { path: self.path_of(name), name: name.clone() });
+                return Err(Error::UnusedTensor {
+                    path: self.path_of(name),
+                    name: name.clone(),
+                });
             }
         }
         Ok(())

@@ -1,0 +1,452 @@
+//! `config.json` → [`ModelSpec`]: the normalized description the generic decoder runs on.
+//! Family files (`model/families/*.rs`) fill it in; nothing downstream looks at raw config keys.
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Gpt2,
+    Opt,
+    GptNeox,
+    Bloom,
+    /// Llama, Mistral, Qwen2 (and SmolLM, which is Llama).
+    Llama,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormKind {
+    LayerNorm,
+    RmsNorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Relu,
+    /// Exact (erf) GELU, transformers' "gelu".
+    Gelu,
+    /// tanh approximation: "gelu_new", "gelu_pytorch_tanh", "gelu_fast", BLOOM's gelu.
+    GeluTanh,
+    QuickGelu,
+    Silu,
+}
+
+impl Activation {
+    pub fn from_hf(name: &str) -> Option<Self> {
+        Some(match name {
+            "relu" => Self::Relu,
+            "gelu" | "gelu_python" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "bloom_gelu" => Self::GeluTanh,
+            "quick_gelu" => Self::QuickGelu,
+            "silu" | "swish" => Self::Silu,
+            _ => return None,
+        })
+    }
+}
+
+/// How inverse frequencies are derived from the position (transformers' `rope_type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// "dynamic" NTK: the base grows with the sequence length once it exceeds `max_positions`.
+    Dynamic {
+        factor: f64,
+        max_positions: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RopeSpec {
+    /// Number of leading head dimensions that are rotated (partial rotary).
+    pub rotary_dim: usize,
+    pub base: f64,
+    /// Inverse frequencies for the unscaled case (already includes linear/llama3/yarn adjustment).
+    pub inv_freq: Vec<f32>,
+    /// Multiplier on cos/sin (YaRN's attention factor).
+    pub attention_factor: f32,
+    pub scaling: RopeScaling,
+    /// GPT-J style interleaved pairs instead of half-split.
+    pub interleaved: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Positions {
+    /// Learned absolute positions; index = position + offset (OPT: 2).
+    Learned {
+        offset: usize,
+        table_size: usize,
+    },
+    Rope(RopeSpec),
+    Alibi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MlpKind {
+    /// up → act → down
+    Plain,
+    /// (act(gate) * up) → down, fused as one `[gate; up]` projection.
+    Gated,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Residual {
+    /// x += attn(ln1(x)); x += mlp(ln2(x))
+    Sequential,
+    /// x += attn(ln1(x)) + mlp(ln2(x))   (GPT-NeoX `use_parallel_residual`)
+    Parallel,
+    /// x = ln1(x + attn(x)); x = ln2(x + mlp(x))   (OPT `do_layer_norm_before=False`)
+    PostNorm,
+    /// BLOOM `apply_residual_connection_post_layernorm`: residual taken after the norm.
+    SequentialFromNormed,
+}
+
+/// Normalized model description. All families run through one decoder using this.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub family: Family,
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    /// Context length (prompts + generation must fit).
+    pub max_positions: usize,
+    pub norm: NormKind,
+    pub norm_eps: f64,
+    pub positions: Positions,
+    pub residual: Residual,
+    pub mlp: MlpKind,
+    pub activation: Activation,
+    pub qkv_bias: bool,
+    pub out_bias: bool,
+    pub mlp_bias: bool,
+    /// Multiplies q·k (usually 1/sqrt(head_dim); GPT-2 may disable it).
+    pub attn_scale: f64,
+    /// GPT-2 `scale_attn_by_inverse_layer_idx`: scores /= (layer + 1).
+    pub scale_by_inverse_layer: bool,
+    pub sliding_window: Option<usize>,
+    /// Layers `>= window_from_layer` use the sliding window (Qwen2 `max_window_layers`).
+    pub window_from_layer: usize,
+    pub embed_norm: bool,
+    pub final_norm: bool,
+    pub tie_embeddings: bool,
+    /// OPT `word_embed_proj_dim` when it differs from `hidden_size` (project_in/out).
+    pub embed_dim: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelSpec {
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    /// Width of hidden state `i` in `output_hidden_states` indexing (0..=num_layers).
+    pub fn hidden_width(&self, i: usize) -> usize {
+        if i == self.num_layers {
+            self.embed_dim
+        } else {
+            self.hidden_size
+        }
+    }
+}
+
+/// Typed accessors over a raw config.json with errors naming the file and key.
+pub struct RawConfig {
+    pub path: PathBuf,
+    pub json: Value,
+}
+
+impl RawConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| Error::bad_config(path, e))?;
+        if !json.is_object() {
+            return Err(Error::bad_config(path, "expected a JSON object"));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            json,
+        })
+    }
+
+    pub fn from_value(path: &Path, json: Value) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            json,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    fn err(&self, msg: String) -> Error {
+        Error::bad_config(&self.path, msg)
+    }
+
+    /// First present key among `keys` as usize.
+    pub fn usize_any(&self, keys: &[&str]) -> Result<Option<usize>> {
+        for k in keys {
+            if let Some(v) = self.get(k) {
+                return v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                    self.err(format!("'{k}' must be a non-negative integer, got {v}"))
+                });
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn req_usize(&self, keys: &[&str]) -> Result<usize> {
+        self.usize_any(keys)?
+            .ok_or_else(|| self.err(format!("missing '{}'", keys[0])))
+    }
+
+    pub fn f64_any(&self, keys: &[&str]) -> Result<Option<f64>> {
+        for k in keys {
+            if let Some(v) = self.get(k) {
+                return v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| self.err(format!("'{k}' must be a number, got {v}")));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(format!("'{key}' must be a boolean, got {v}"))),
+        }
+    }
+
+    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| self.err(format!("'{key}' must be a string, got {v}"))),
+        }
+    }
+
+    pub fn activation(&self, keys: &[&str], default: &str) -> Result<Activation> {
+        let name = keys
+            .iter()
+            .find_map(|k| self.get(k).and_then(|v| v.as_str()))
+            .unwrap_or(default);
+        Activation::from_hf(name)
+            .ok_or_else(|| self.err(format!("unsupported activation '{name}'")))
+    }
+
+    pub fn token_id(&self, key: &str) -> Option<u32> {
+        self.get(key).and_then(|v| v.as_u64()).map(|x| x as u32)
+    }
+
+    /// `eos_token_id` may be an int or a list.
+    pub fn token_ids(&self, key: &str) -> Vec<u32> {
+        match self.get(key) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|x| x as u32)
+                .collect(),
+            Some(v) => v.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+            None => vec![],
+        }
+    }
+
+    /// transformers 5 stores rope settings in `rope_parameters`; older configs use
+    /// `rope_theta` + `rope_scaling` (+ `partial_rotary_factor`). Returns a merged view.
+    pub fn rope_params(&self) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(Value::Object(s)) = self.get("rope_scaling") {
+            m.extend(s.clone());
+        }
+        if let Some(Value::Object(p)) = self.get("rope_parameters") {
+            m.extend(p.clone());
+        }
+        m
+    }
+
+    pub fn check(&self, cond: bool, msg: impl FnOnce() -> String) -> Result<()> {
+        if cond {
+            Ok(())
+        } else {
+            Err(self.err(msg()))
+        }
+    }
+}
+
+/// Build the rotary spec from rope parameters the way transformers' `modeling_rope_utils` does.
+pub fn rope_spec(
+    cfg: &RawConfig,
+    head_dim: usize,
+    default_partial: f64,
+    default_base: f64,
+    max_positions: usize,
+) -> Result<RopeSpec> {
+    let p = cfg.rope_params();
+    let num = |k: &str| p.get(k).and_then(|v| v.as_f64());
+    let base = num("rope_theta")
+        .or(cfg.f64_any(&["rope_theta", "rotary_emb_base"])?)
+        .unwrap_or(default_base);
+    let partial = num("partial_rotary_factor")
+        .or(cfg.f64_any(&["partial_rotary_factor", "rotary_pct"])?)
+        .unwrap_or(default_partial);
+    let dim = (head_dim as f64 * partial) as usize;
+    cfg.check(dim >= 2 && dim % 2 == 0 && dim <= head_dim, || {
+        format!("bad rotary dimension {dim}")
+    })?;
+    let rope_type = p
+        .get("rope_type")
+        .or_else(|| p.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default")
+        .to_string();
+    let default_inv: Vec<f32> = default_inv_freq(base, dim);
+    let factor = num("factor");
+    let need_factor = || {
+        factor.ok_or_else(|| {
+            Error::bad_config(&cfg.path, format!("rope type '{rope_type}' needs 'factor'"))
+        })
+    };
+    let orig_max = num("original_max_position_embeddings").map(|x| x as usize);
+    let mut attention_factor = 1.0f32;
+    let mut scaling = RopeScaling::None;
+    let inv_freq = match rope_type.as_str() {
+        "default" => default_inv,
+        "linear" => {
+            let f = need_factor()? as f32;
+            default_inv.iter().map(|x| x / f).collect()
+        }
+        "dynamic" => {
+            scaling = RopeScaling::Dynamic {
+                factor: need_factor()?,
+                max_positions,
+            };
+            default_inv
+        }
+        "llama3" => {
+            let factor = need_factor()? as f32;
+            let low = num("low_freq_factor").unwrap_or(1.0) as f32;
+            let high = num("high_freq_factor").unwrap_or(4.0) as f32;
+            let old = orig_max.unwrap_or(max_positions) as f32;
+            let low_wl = old / low;
+            let high_wl = old / high;
+            default_inv
+                .iter()
+                .map(|&f| {
+                    let wl = 2.0 * std::f32::consts::PI / f;
+                    let scaled = if wl > low_wl { f / factor } else { f };
+                    let smooth = (old / wl - low) / (high - low);
+                    let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
+                    let medium = !(wl < high_wl) && !(wl > low_wl);
+                    if medium {
+                        smoothed
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+        "yarn" => {
+            let orig = orig_max.unwrap_or(max_positions);
+            let factor = match factor {
+                Some(f) => f,
+                None => max_positions as f64 / orig as f64,
+            };
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            attention_factor = match num("attention_factor") {
+                Some(a) => a,
+                None => match (
+                    num("mscale").filter(|x| *x != 0.0),
+                    num("mscale_all_dim").filter(|x| *x != 0.0),
+                ) {
+                    (Some(m), Some(ma)) => mscale(factor, m) / mscale(factor, ma),
+                    _ => mscale(factor, 1.0),
+                },
+            } as f32;
+            let beta_fast = num("beta_fast").filter(|x| *x != 0.0).unwrap_or(32.0);
+            let beta_slow = num("beta_slow").filter(|x| *x != 0.0).unwrap_or(1.0);
+            let truncate = p.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true);
+            let corr = |rot: f64| {
+                (dim as f64 * (orig as f64 / (rot * 2.0 * std::f64::consts::PI)).ln())
+                    / (2.0 * base.ln())
+            };
+            let (mut low, mut high) = (corr(beta_fast), corr(beta_slow));
+            if truncate {
+                low = low.floor();
+                high = high.ceil();
+            }
+            let low = low.max(0.0) as f32;
+            let mut high = high.min(dim as f64 - 1.0) as f32;
+            if low == high {
+                high += 0.001;
+            }
+            (0..dim / 2)
+                .map(|i| {
+                    let pos_freq = (base as f32).powf((2 * i) as f32 / dim as f32);
+                    let extra = 1.0 / pos_freq;
+                    let inter = 1.0 / (factor as f32 * pos_freq);
+                    let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                    let extra_factor = 1.0 - ramp;
+                    inter * (1.0 - extra_factor) + extra * extra_factor
+                })
+                .collect()
+        }
+        other => {
+            return Err(Error::bad_config(
+                &cfg.path,
+                format!("unsupported rope type '{other}'"),
+            ))
+        }
+    };
+    Ok(RopeSpec {
+        rotary_dim: dim,
+        base,
+        inv_freq,
+        attention_factor,
+        scaling,
+        interleaved: false,
+    })
+}
+
+/// `1 / base^(2i/dim)` computed in f32 like transformers.
+pub fn default_inv_freq(base: f64, dim: usize) -> Vec<f32> {
+    (0..dim / 2)
+        .map(|i| 1.0 / (base as f32).powf((2 * i) as f32 / dim as f32))
+        .collect()
+}
+
+/// Dynamic-NTK inverse frequencies for a sequence of length `seq_len` (transformers' formula).
+pub fn dynamic_inv_freq(rope: &RopeSpec, seq_len: usize) -> Option<Vec<f32>> {
+    let RopeScaling::Dynamic {
+        factor,
+        max_positions,
+    } = rope.scaling
+    else {
+        return None;
+    };
+    if seq_len <= max_positions {
+        return None;
+    }
+    let dim = rope.rotary_dim as f64;
+    let base = rope.base
+        * ((factor * seq_len as f64 / max_positions as f64) - (factor - 1.0))
+            .powf(dim / (dim - 2.0));
+    Some(default_inv_freq(base, rope.rotary_dim))
+}

@@ -1,0 +1,77 @@
+//! BLOOM (`BloomForCausalLM`): ALiBi, embedding LayerNorm, per-head interleaved fused QKV.
+use super::{load_interleaved_blocks, BlockNames, Loader, Weights};
+use crate::config::*;
+use crate::error::Result;
+
+pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
+    let e = c.req_usize(&["hidden_size", "n_embed"])?;
+    let nh = c.req_usize(&["n_head", "num_attention_heads"])?;
+    c.check(e % nh == 0, || {
+        format!("hidden_size {e} not divisible by n_head {nh}")
+    })?;
+    let hd = e / nh;
+    let post_ln_residual = c.bool_or("apply_residual_connection_post_layernorm", false)?;
+    Ok(ModelSpec {
+        family: Family::Bloom,
+        architecture: String::new(),
+        vocab_size: c.req_usize(&["vocab_size"])?,
+        hidden_size: e,
+        num_layers: c.req_usize(&["n_layer", "num_hidden_layers"])?,
+        num_heads: nh,
+        num_kv_heads: nh,
+        head_dim: hd,
+        intermediate_size: 4 * e,
+        // ALiBi has no hard limit; BLOOM was trained on 2048-token sequences.
+        max_positions: c
+            .usize_any(&["seq_length", "max_position_embeddings"])?
+            .unwrap_or(2048),
+        norm: NormKind::LayerNorm,
+        norm_eps: c.f64_any(&["layer_norm_epsilon"])?.unwrap_or(1e-5),
+        positions: Positions::Alibi,
+        residual: if post_ln_residual {
+            Residual::SequentialFromNormed
+        } else {
+            Residual::Sequential
+        },
+        mlp: MlpKind::Plain,
+        activation: Activation::GeluTanh,
+        qkv_bias: true,
+        out_bias: true,
+        mlp_bias: true,
+        attn_scale: 1.0 / (hd as f64).sqrt(),
+        scale_by_inverse_layer: false,
+        sliding_window: None,
+        window_from_layer: 0,
+        embed_norm: true,
+        final_norm: true,
+        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+        embed_dim: e,
+        bos_token_id: c.token_id("bos_token_id"),
+        eos_token_ids: c.token_ids("eos_token_id"),
+    })
+}
+
+pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
+    let l = Loader::new(l.store, l.device.clone(), l.dtype)
+        .with_prefix("transformer.", "word_embeddings.weight");
+    let names = BlockNames {
+        ln1: "input_layernorm",
+        ln2: "post_attention_layernorm",
+        qkv: "self_attention.query_key_value",
+        out: "self_attention.dense",
+        fc_in: "mlp.dense_h_to_4h",
+        fc_out: "mlp.dense_4h_to_h",
+    };
+    let e = s.hidden_size;
+    let embed = l.t("word_embeddings.weight", &[s.vocab_size, e])?;
+    Ok(Weights {
+        pos_embed: None,
+        embed_norm: Some(l.norm("word_embeddings_layernorm", s.norm, e, s.norm_eps)?),
+        project_in: None,
+        blocks: load_interleaved_blocks(s, &l, "h", &names)?,
+        final_norm: Some(l.norm("ln_f", s.norm, e, s.norm_eps)?),
+        project_out: None,
+        lm_head: l.head(s, &embed, "lm_head.weight")?,
+        embed,
+    })
+}

@@ -1,0 +1,105 @@
+//! OPT / Galactica (`OPTForCausalLM`): learned positions with offset 2, pre- or post-norm,
+//! optional `project_in/out`, relu or gelu, `enable_bias`.
+use super::{fuse, Loader, Weights};
+use crate::config::*;
+use crate::error::Result;
+use crate::model::decoder::Block;
+
+pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
+    let e = c.req_usize(&["hidden_size"])?;
+    let nh = c.req_usize(&["num_attention_heads"])?;
+    c.check(e % nh == 0, || {
+        format!("hidden_size {e} not divisible by num_attention_heads {nh}")
+    })?;
+    c.check(c.bool_or("layer_norm_elementwise_affine", true)?, || {
+        "layer_norm_elementwise_affine=false is not supported".into()
+    })?;
+    let positions = c.req_usize(&["max_position_embeddings"])?;
+    let pre = c.bool_or("do_layer_norm_before", true)?;
+    let bias = c.bool_or("enable_bias", true)?;
+    Ok(ModelSpec {
+        family: Family::Opt,
+        architecture: String::new(),
+        vocab_size: c.req_usize(&["vocab_size"])?,
+        hidden_size: e,
+        num_layers: c.req_usize(&["num_hidden_layers"])?,
+        num_heads: nh,
+        num_kv_heads: nh,
+        head_dim: e / nh,
+        intermediate_size: c.req_usize(&["ffn_dim"])?,
+        max_positions: positions,
+        norm: NormKind::LayerNorm,
+        norm_eps: 1e-5,
+        positions: Positions::Learned {
+            offset: 2,
+            table_size: positions + 2,
+        },
+        residual: if pre {
+            Residual::Sequential
+        } else {
+            Residual::PostNorm
+        },
+        mlp: MlpKind::Plain,
+        activation: c.activation(&["activation_function"], "relu")?,
+        qkv_bias: bias,
+        out_bias: bias,
+        mlp_bias: bias,
+        attn_scale: 1.0 / ((e / nh) as f64).sqrt(),
+        scale_by_inverse_layer: false,
+        sliding_window: None,
+        window_from_layer: 0,
+        embed_norm: false,
+        final_norm: pre && !c.bool_or("_remove_final_layer_norm", false)?,
+        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+        embed_dim: c.usize_any(&["word_embed_proj_dim"])?.unwrap_or(e),
+        bos_token_id: c.token_id("bos_token_id"),
+        eos_token_ids: c.token_ids("eos_token_id"),
+    })
+}
+
+pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
+    let l = Loader::new(l.store, l.device.clone(), l.dtype)
+        .with_prefix("model.", "decoder.embed_tokens.weight");
+    let (e, inter, d) = (s.hidden_size, s.intermediate_size, s.embed_dim);
+    let Positions::Learned { table_size, .. } = s.positions else {
+        unreachable!("opt uses learned positions")
+    };
+    let embed = l.t("decoder.embed_tokens.weight", &[s.vocab_size, d])?;
+    let ln = |p: &str| l.norm(p, s.norm, e, s.norm_eps);
+    let blocks = (0..s.num_layers)
+        .map(|i| {
+            let p = format!("decoder.layers.{i}");
+            let proj = |n: &str| l.linear(&format!("{p}.self_attn.{n}"), e, e, s.qkv_bias);
+            Ok(Block {
+                ln1: ln(&format!("{p}.self_attn_layer_norm"))?,
+                ln2: Some(ln(&format!("{p}.final_layer_norm"))?),
+                qkv: fuse(&[proj("q_proj")?, proj("k_proj")?, proj("v_proj")?])?,
+                out: proj("out_proj")?,
+                mlp_in: l.linear(&format!("{p}.fc1"), inter, e, s.mlp_bias)?,
+                mlp_out: l.linear(&format!("{p}.fc2"), e, inter, s.mlp_bias)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (project_in, project_out) = if d != e {
+        (
+            Some(l.linear("decoder.project_in", e, d, false)?),
+            Some(l.linear("decoder.project_out", d, e, false)?),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(Weights {
+        pos_embed: Some(l.t("decoder.embed_positions.weight", &[table_size, e])?),
+        embed_norm: None,
+        project_in,
+        blocks,
+        final_norm: if s.final_norm {
+            Some(ln("decoder.final_layer_norm")?)
+        } else {
+            None
+        },
+        project_out,
+        lm_head: l.head(s, &embed, "lm_head.weight")?,
+        embed,
+    })
+}

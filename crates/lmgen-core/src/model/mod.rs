@@ -1,0 +1,6 @@
+//! Model definition: the generic decoder, its layers, and the per-family mappings.
+pub mod decoder;
+pub mod families;
+pub mod layers;
+
+pub use decoder::{Decoder, SeqStep, StepOutput, Want};
