@@ -1,0 +1,407 @@
+//! Command-line arguments (clap derive) and the short-form rewrite.
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+const AFTER_HELP: &str = "\
+Short form (same as `generate`):
+  lmgen MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE [generate options]
+
+MODEL is a Hugging Face model directory, a model id in the offline Hugging Face cache
+(HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub), an alias from a models
+file (--models-file, else $LMGEN_MODELS), or a .gguf file.
+
+Input: .txt (one prompt per line, \\n and \\t unescaped, empty lines skipped) or .jsonl
+(objects with \"prompt\" or \"input_ids\", optional \"id\" and per-request overrides);
+`-` reads stdin (JSONL if every non-blank line starts with '{', else text).
+
+Exit codes: 0 success, 1 runtime failure, 2 bad usage or bad input.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lmgen",
+    version,
+    about = "Run Hugging Face causal language models on the CPU: generate, score, embed",
+    after_help = AFTER_HELP,
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate continuations of prompts (JSONL or plain-text output)
+    #[command(after_help = GENERATE_AFTER_HELP)]
+    Generate(GenerateArgs),
+    /// Log-probabilities and perplexity of each input under the model (JSONL output)
+    Score(ScoreArgs),
+    /// Hidden states of each input (safetensors output)
+    Embed(EmbedArgs),
+}
+
+const GENERATE_AFTER_HELP: &str = "\
+Output: OUT ending in .jsonl (or `-` for stdout) gets one JSON record per input and sample,
+{\"id\",\"prompt\",\"text\",\"token_ids\",\"finish_reason\",\"logprobs\"?,\"sample\"?}, in input order.
+Any other OUT gets plain text: prompt + continuation, records separated by a blank line;
+its progress is kept in OUT.lmgen-done (one `id<TAB>sample<TAB>end offset` line per record)
+so that --resume can continue it.
+
+--resume skips inputs whose id is already in OUT (a torn last record is cut off first);
+--overwrite starts OUT afresh. Without either, an existing OUT is an error (exit 2).
+
+Per-request JSONL overrides: max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+seed, stop (string or list), n (samples per prompt).";
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Model directory, Hugging Face model id, models-file alias, or .gguf file
+    #[arg(value_name = "MODEL")]
+    pub model: String,
+    /// TOML file mapping aliases to model paths (default: $LMGEN_MODELS)
+    #[arg(long, value_name = "FILE")]
+    pub models_file: Option<PathBuf>,
+    /// Compute dtype (default f32; f16/bf16 are computed as f32 on the CPU)
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub dtype: Option<DTypeArg>,
+    /// cpu, cuda, cuda:N, or auto (CUDA when built with it and available)
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: String,
+    /// CPU threads (default: the CPUs this process may use, capped by $SLURM_CPUS_PER_TASK)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct InputArgs {
+    /// Input file: .txt, .jsonl, or - for stdin
+    #[arg(long, short = 'i', value_name = "IN", allow_hyphen_values = true)]
+    pub input: String,
+    /// Write an error record for a malformed input line and go on, instead of failing
+    #[arg(long)]
+    pub skip_bad_lines: bool,
+    /// Cut prompts longer than the model's context to fit it (left keeps the BOS token)
+    #[arg(long, value_enum, value_name = "SIDE")]
+    pub truncate: Option<Truncate>,
+    /// Sequences processed together
+    #[arg(long, default_value_t = 8, value_name = "B", value_parser = parse_positive)]
+    pub batch_size: usize,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ResumeArgs {
+    /// Continue an interrupted run: skip inputs already in OUT
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Replace an existing OUT
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Output: .jsonl or - (JSONL records), anything else plain text
+    #[arg(long, short = 'o', value_name = "OUT", allow_hyphen_values = true)]
+    pub output: String,
+    #[command(flatten)]
+    pub resume: ResumeArgs,
+    /// Maximum number of new tokens per sequence
+    #[arg(long, default_value_t = 75, value_name = "N", value_parser = parse_positive)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy
+    #[arg(long, default_value_t = 0.95, value_name = "T", allow_negative_numbers = true, value_parser = parse_temperature)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens
+    #[arg(long, value_name = "K", value_parser = parse_positive)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set of tokens with probability mass >= P
+    #[arg(long, value_name = "P", allow_negative_numbers = true, value_parser = parse_top_p)]
+    pub top_p: Option<f32>,
+    /// Repetition penalty as in transformers (1 = none)
+    #[arg(long, value_name = "R", allow_negative_numbers = true, value_parser = parse_penalty)]
+    pub repetition_penalty: Option<f32>,
+    /// Random seed: sampling is reproducible and independent of batching
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Stop when the continuation contains STR (repeatable); the text is cut before it
+    #[arg(long, value_name = "STR", allow_hyphen_values = true)]
+    pub stop: Vec<String>,
+    /// Continuations sampled per prompt (each its own record with "sample": k)
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = parse_positive)]
+    pub num_return_sequences: usize,
+    /// Include the log-probability of each generated token (JSONL)
+    #[arg(long)]
+    pub logprobs: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Output JSONL file (or - for stdout)
+    #[arg(
+        long,
+        short = 'o',
+        value_name = "OUT.jsonl",
+        allow_hyphen_values = true
+    )]
+    pub output: String,
+    #[command(flatten)]
+    pub resume: ResumeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct EmbedArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Output safetensors file
+    #[arg(long, short = 'o', value_name = "OUT.safetensors")]
+    pub output: String,
+    /// Replace an existing OUT
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Hidden-state layers (transformers indexing: 0 = embeddings, L = last block after the
+    /// final norm, negative counts from the end), comma-separated or repeated
+    #[arg(
+        long,
+        value_name = "LAYERS",
+        default_value = "-1",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    pub layers: Vec<String>,
+    /// Pooling over tokens
+    #[arg(long, value_enum, default_value = "last")]
+    pub pool: PoolArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DTypeArg {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DTypeArg::F32 => "f32",
+            DTypeArg::F16 => "f16",
+            DTypeArg::Bf16 => "bf16",
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Truncate {
+    Left,
+    Right,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolArg {
+    Last,
+    Mean,
+    None,
+}
+
+impl PoolArg {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PoolArg::Last => "last",
+            PoolArg::Mean => "mean",
+            PoolArg::None => "none",
+        }
+    }
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("must be a positive integer, got '{s}'")),
+    }
+}
+
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => Err(format!("must be a number >= 0 (0 = greedy), got '{s}'")),
+    }
+}
+
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(p) if p > 0.0 && p <= 1.0 => Ok(p),
+        _ => Err(format!("must be a number in (0, 1], got '{s}'")),
+    }
+}
+
+fn parse_penalty(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("must be a number > 0, got '{s}'")),
+    }
+}
+
+const SUBCOMMANDS: &[&str] = &["generate", "score", "embed", "help"];
+
+/// `lmgen MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE [options]` → `lmgen generate ...`.
+/// Returns a one-line message for a malformed short form.
+pub fn rewrite_short_form(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    let Some(first) = args.get(1).map(|a| a.to_string_lossy().into_owned()) else {
+        return Ok(args);
+    };
+    if first.starts_with('-') || SUBCOMMANDS.contains(&first.as_str()) {
+        return Ok(args);
+    }
+    if args.len() < 6 {
+        return Err(format!(
+            "expected a subcommand (generate, score, embed) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
+            args.len() - 1
+        ));
+    }
+    let num = args[4].to_string_lossy();
+    let tokens = match num.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => n,
+        _ => {
+            return Err(format!(
+                "NUM_TOKENS must be a positive integer, got '{num}'"
+            ))
+        }
+    };
+    let temp = args[5].to_string_lossy();
+    let temperature = match temp.trim().parse::<f32>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => t,
+        _ => {
+            return Err(format!(
+                "TEMPERATURE must be a number >= 0 (0 = greedy), got '{temp}'"
+            ))
+        }
+    };
+    let mut out: Vec<OsString> = vec![args[0].clone(), "generate".into(), args[1].clone()];
+    let mut kv = |k: &str, v: &OsString| {
+        let mut s = OsString::from(k);
+        s.push("=");
+        s.push(v);
+        out.push(s);
+    };
+    kv("--input", &args[2]);
+    kv("--output", &args[3]);
+    kv("--max-new-tokens", &tokens.to_string().into());
+    kv("--temperature", &temperature.to_string().into());
+    out.extend(args[6..].iter().cloned());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<OsString> {
+        a.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn short_form() {
+        let r = rewrite_short_form(v(&[
+            "lmgen", "m", "in.txt", "out", "10", "0", "--seed", "3",
+        ]))
+        .unwrap();
+        assert_eq!(
+            r,
+            v(&[
+                "lmgen",
+                "generate",
+                "m",
+                "--input=in.txt",
+                "--output=out",
+                "--max-new-tokens=10",
+                "--temperature=0",
+                "--seed",
+                "3"
+            ])
+        );
+        let cli = Cli::try_parse_from(r).unwrap();
+        let Command::Generate(g) = cli.command else {
+            panic!()
+        };
+        assert_eq!(
+            (g.max_new_tokens, g.temperature, g.seed),
+            (10, 0.0, Some(3))
+        );
+        for bad in [
+            ["0", "1"],
+            ["-1", "1"],
+            ["abc", "1"],
+            ["5", "-1"],
+            ["5", "nan"],
+        ] {
+            let e = rewrite_short_form(v(&["lmgen", "m", "i", "o", bad[0], bad[1]])).unwrap_err();
+            assert!(e.contains("NUM_TOKENS") || e.contains("TEMPERATURE"), "{e}");
+        }
+        assert!(rewrite_short_form(v(&["lmgen", "m", "i"])).is_err());
+        assert_eq!(
+            rewrite_short_form(v(&["lmgen", "score", "m"])).unwrap(),
+            v(&["lmgen", "score", "m"])
+        );
+    }
+
+    #[test]
+    fn long_form_values() {
+        let cli = Cli::try_parse_from(v(&[
+            "lmgen",
+            "embed",
+            "m",
+            "-i",
+            "x",
+            "-o",
+            "y.safetensors",
+            "--layers",
+            "-1,0",
+            "--layers=2",
+        ]))
+        .unwrap();
+        let Command::Embed(e) = cli.command else {
+            panic!()
+        };
+        assert_eq!(e.layers, vec!["-1", "0", "2"]);
+        assert!(Cli::try_parse_from(v(&[
+            "lmgen",
+            "generate",
+            "m",
+            "-i",
+            "x",
+            "-o",
+            "y",
+            "--temperature",
+            "-1"
+        ]))
+        .is_err());
+        assert!(Cli::try_parse_from(v(&[
+            "lmgen",
+            "generate",
+            "m",
+            "-i",
+            "x",
+            "-o",
+            "y",
+            "--resume",
+            "--overwrite"
+        ]))
+        .is_err());
+        Cli::try_parse_from(v(&[
+            "lmgen", "generate", "m", "-i", "-", "-o", "-", "--stop", "a", "--stop", "b",
+        ]))
+        .unwrap();
+    }
+}

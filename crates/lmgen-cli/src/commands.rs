@@ -1,0 +1,608 @@
+//! The three subcommands. Order of work in each: arguments → input file (fully validated)
+//! → output checks → model → per-prompt checks (tokenize, context) → output opened → run.
+use crate::args::{EmbedArgs, GenerateArgs, ModelArgs, PoolArg, ScoreArgs, Truncate};
+use crate::input::{id_key, read_input, BadRecord, Entry, Input, InputRecord, PromptSrc};
+use crate::output::{self, format_for, OutFormat, OutRecord, OutputPlan, RecordWriter};
+use crate::progress::Progress;
+use crate::user_err;
+use crate::util::{device_and_dtype, io_msg, UserError};
+use candle_core::{DType, Device};
+use lmgen_core::engine::{embed_batch, score_batch, GenOutput, GenRequest, Generator, Pool};
+use lmgen_core::loader::{load, LoadOptions, Model};
+use lmgen_core::sampling::SamplingParams;
+use serde::Serialize;
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+fn load_model(m: &ModelArgs, device: Device, dtype: DType) -> anyhow::Result<Model> {
+    let location = lmgen_core::hub::resolve(&m.model, m.models_file.as_deref())?;
+    Ok(load(&location, &LoadOptions { device, dtype })?)
+}
+
+/// Tokenizes prompts and checks them against the model.
+struct Prep<'m> {
+    model: &'m Model,
+    /// What the tokenizer puts before any text (e.g. BOS); kept by `--truncate left`.
+    prefix: Vec<u32>,
+    truncate: Option<Truncate>,
+}
+
+impl<'m> Prep<'m> {
+    fn new(model: &'m Model, truncate: Option<Truncate>) -> anyhow::Result<Self> {
+        let prefix = model.tokenizer.encode("")?;
+        Ok(Self {
+            model,
+            prefix,
+            truncate,
+        })
+    }
+
+    /// The prompt's token ids, or what is wrong with it (a user error).
+    fn ids(&self, rec: &InputRecord) -> anyhow::Result<Result<Vec<u32>, String>> {
+        let mut ids = match &rec.prompt {
+            PromptSrc::Text(t) => self.model.tokenizer.encode(t)?,
+            PromptSrc::Ids(ids) => ids.clone(),
+        };
+        if ids.is_empty() {
+            return Ok(Err("the prompt is empty (it has no tokens)".into()));
+        }
+        if let Some(ctx) = self.model.context_length() {
+            if ids.len() > ctx {
+                match self.truncate {
+                    None => {
+                        return Ok(Err(format!(
+                            "prompt has {} tokens, more than the model's context of {ctx} (use --truncate left|right)",
+                            ids.len()
+                        )))
+                    }
+                    Some(Truncate::Right) => ids.truncate(ctx),
+                    Some(Truncate::Left) => {
+                        let keep = if !self.prefix.is_empty() && ids.starts_with(&self.prefix) && self.prefix.len() < ctx {
+                            self.prefix.len()
+                        } else {
+                            0
+                        };
+                        let tail = ids.len() - (ctx - keep);
+                        ids.drain(keep..tail);
+                    }
+                }
+            }
+        }
+        if let Err(e) = self.model.check_prompt(&ids) {
+            return Ok(Err(e.to_string()));
+        }
+        Ok(Ok(ids))
+    }
+
+    fn prompt_text(&self, rec: &InputRecord, ids: &[u32]) -> anyhow::Result<String> {
+        Ok(match &rec.prompt {
+            PromptSrc::Text(t) => t.clone(),
+            PromptSrc::Ids(_) => self.model.tokenizer.decode(ids)?,
+        })
+    }
+}
+
+fn error_body(format: OutFormat, bad: &BadRecord) -> String {
+    match format {
+        OutFormat::Jsonl => {
+            let mut m = serde_json::Map::new();
+            m.insert("id".into(), bad.id.clone());
+            m.insert("error".into(), Value::from(bad.message.clone()));
+            Value::Object(m).to_string()
+        }
+        OutFormat::Text => format!("lmgen: error: {}", bad.message),
+    }
+}
+
+fn error_record(format: OutFormat, bad: &BadRecord) -> OutRecord {
+    OutRecord {
+        index: bad.index,
+        sample: 0,
+        id_key: id_key(&bad.id),
+        body: error_body(format, bad),
+    }
+}
+
+fn note_resume(plan: &OutputPlan, out: &str) {
+    if !plan.done.is_empty() {
+        eprintln!(
+            "lmgen: resuming {out}: {} record(s) already written",
+            plan.done.len()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// generate
+
+#[derive(Serialize)]
+struct GenRecord<'a> {
+    id: &'a Value,
+    prompt: &'a str,
+    text: &'a str,
+    token_ids: &'a [u32],
+    finish_reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<&'a [f32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sample: Option<usize>,
+}
+
+struct GenInfo {
+    id: Value,
+    prompt_text: String,
+    n: usize,
+}
+
+enum Job {
+    Bad(BadRecord),
+    Gen {
+        index: usize,
+        samples: Vec<usize>,
+        request: GenRequest,
+    },
+}
+
+pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let base = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    base.validate().map_err(|e| user_err!("{e}"))?;
+    if a.stop.iter().any(|s| s.is_empty()) {
+        return Err(user_err!("--stop: stop strings must not be empty"));
+    }
+    let (device, dtype) = device_and_dtype(&a.model)?;
+    let skip = a.input.skip_bad_lines;
+    let input = read_input(&a.input.input, skip)?;
+    let format = format_for(&a.output);
+    let plan = output::plan(&a.output, format, a.resume.resume, a.resume.overwrite)?;
+    if format == OutFormat::Text && a.logprobs {
+        eprintln!(
+            "lmgen: note: --logprobs needs a .jsonl output; {} is plain text",
+            a.output
+        );
+    }
+
+    // Samples still to produce, per entry (`--resume`).
+    let todo = |e: &Entry| -> Vec<usize> {
+        let n = match e {
+            Entry::Ok(r) => r.overrides.n.unwrap_or(a.num_return_sequences),
+            Entry::Bad(_) => 1,
+        };
+        let key = id_key(e.id());
+        (0..n)
+            .filter(|&s| !plan.done.contains(&(key.clone(), s)))
+            .collect()
+    };
+    let pending: Vec<(&Entry, Vec<usize>)> = input
+        .entries
+        .iter()
+        .map(|e| (e, todo(e)))
+        .filter(|(_, t)| !t.is_empty())
+        .collect();
+    note_resume(&plan, &a.output);
+    if pending.is_empty() {
+        RecordWriter::open(&plan, vec![])?.finish()?;
+        eprintln!(
+            "lmgen: nothing to do: every input already has its record(s) in {}",
+            a.output
+        );
+        return Ok(());
+    }
+
+    let model = load_model(&a.model, device, dtype)?;
+    let prep = Prep::new(&model, a.input.truncate)?;
+    let mut jobs = Vec::with_capacity(pending.len());
+    let mut info: HashMap<usize, GenInfo> = HashMap::new();
+    for (entry, samples) in pending {
+        let rec = match entry {
+            Entry::Bad(b) => {
+                jobs.push(Job::Bad(b.clone()));
+                continue;
+            }
+            Entry::Ok(r) => r,
+        };
+        let ids = match prep.ids(rec)? {
+            Ok(ids) => ids,
+            Err(what) => {
+                if samples.contains(&0) {
+                    jobs.push(Job::Bad(input.reject(rec, &what, skip)?));
+                }
+                continue;
+            }
+        };
+        let o = &rec.overrides;
+        let params = SamplingParams {
+            temperature: o.temperature.unwrap_or(base.temperature),
+            top_k: o.top_k.or(base.top_k),
+            top_p: o.top_p.or(base.top_p),
+            repetition_penalty: o.repetition_penalty.or(base.repetition_penalty),
+            seed: o.seed.or(base.seed),
+        };
+        if let Err(e) = params.validate() {
+            if samples.contains(&0) {
+                jobs.push(Job::Bad(input.reject(rec, &e, skip)?));
+            }
+            continue;
+        }
+        let n = o.n.unwrap_or(a.num_return_sequences);
+        info.insert(
+            rec.index,
+            GenInfo {
+                id: rec.id.clone(),
+                prompt_text: prep.prompt_text(rec, &ids)?,
+                n,
+            },
+        );
+        let request = GenRequest {
+            index: rec.index,
+            sample: 0,
+            prompt_ids: ids,
+            max_new_tokens: o.max_new_tokens.unwrap_or(a.max_new_tokens),
+            params,
+            stop: o.stop.clone().unwrap_or_else(|| a.stop.clone()),
+            logprobs: a.logprobs,
+        };
+        jobs.push(Job::Gen {
+            index: rec.index,
+            samples,
+            request,
+        });
+    }
+
+    let expected: Vec<(usize, usize)> = jobs
+        .iter()
+        .flat_map(|j| match j {
+            Job::Bad(b) => vec![(b.index, 0)],
+            Job::Gen { index, samples, .. } => samples.iter().map(|&s| (*index, s)).collect(),
+        })
+        .collect();
+    let progress = RefCell::new(Progress::new(expected.len()));
+    let mut writer = RecordWriter::open(&plan, expected)?;
+    let mut requests = Vec::new();
+    for job in jobs {
+        match job {
+            Job::Bad(b) => {
+                let n = writer.push(error_record(format, &b))?;
+                progress.borrow_mut().records(n);
+            }
+            Job::Gen {
+                samples, request, ..
+            } => {
+                for s in samples {
+                    requests.push(GenRequest {
+                        sample: s,
+                        ..request.clone()
+                    });
+                }
+            }
+        }
+    }
+
+    let mut write_err: Option<anyhow::Error> = None;
+    let result = Generator::new(&model, a.input.batch_size).run(
+        requests,
+        |out: GenOutput| {
+            let inf = &info[&out.index];
+            let body = match format {
+                OutFormat::Jsonl => serde_json::to_string(&GenRecord {
+                    id: &inf.id,
+                    prompt: &inf.prompt_text,
+                    text: &out.text,
+                    token_ids: &out.token_ids,
+                    finish_reason: out.finish_reason.as_str(),
+                    logprobs: out.logprobs.as_deref(),
+                    sample: (inf.n > 1).then_some(out.sample),
+                })
+                .expect("serializable record"),
+                OutFormat::Text => format!("{}{}", inf.prompt_text, out.text),
+            };
+            let rec = OutRecord {
+                index: out.index,
+                sample: out.sample,
+                id_key: id_key(&inf.id),
+                body,
+            };
+            match writer.push(rec) {
+                Ok(n) => {
+                    progress.borrow_mut().records(n);
+                    Ok(())
+                }
+                Err(e) => {
+                    write_err = Some(e);
+                    Err(lmgen_core::Error::BadRequest("output failed".into()))
+                }
+            }
+        },
+        |stats| progress.borrow_mut().tokens(stats.generated_tokens),
+    );
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    result?;
+    writer.finish()?;
+    progress.into_inner().finish();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// score
+
+#[derive(Serialize)]
+struct ScoreRecord<'a> {
+    id: &'a Value,
+    token_ids: &'a [u32],
+    logprobs: &'a [f32],
+    sum_logprob: f64,
+    ppl: f64,
+}
+
+pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
+    let (device, dtype) = device_and_dtype(&a.model)?;
+    let skip = a.input.skip_bad_lines;
+    let input = read_input(&a.input.input, skip)?;
+    let plan = output::plan(
+        &a.output,
+        OutFormat::Jsonl,
+        a.resume.resume,
+        a.resume.overwrite,
+    )?;
+    let pending: Vec<&Entry> = input
+        .entries
+        .iter()
+        .filter(|e| !plan.done.contains(&(id_key(e.id()), 0)))
+        .collect();
+    note_resume(&plan, &a.output);
+    if pending.is_empty() {
+        RecordWriter::open(&plan, vec![])?.finish()?;
+        eprintln!(
+            "lmgen: nothing to do: every input already has its record in {}",
+            a.output
+        );
+        return Ok(());
+    }
+    let model = load_model(&a.model, device, dtype)?;
+    let prep = Prep::new(&model, a.input.truncate)?;
+    let (good, bad) = prepare_all(&input, &prep, pending, skip)?;
+    let mut expected: Vec<(usize, usize)> = good
+        .iter()
+        .map(|(r, _)| (r.index, 0))
+        .chain(bad.iter().map(|b| (b.index, 0)))
+        .collect();
+    expected.sort_unstable();
+    let mut progress = Progress::new(expected.len());
+    let mut writer = RecordWriter::open(&plan, expected)?;
+    for b in &bad {
+        progress.records(writer.push(error_record(OutFormat::Jsonl, b))?);
+    }
+    for chunk in good.chunks(a.input.batch_size) {
+        let inputs: Vec<&[u32]> = chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let scores = score_batch(&model, &inputs)?;
+        for ((rec, ids), s) in chunk.iter().zip(scores) {
+            let body = serde_json::to_string(&ScoreRecord {
+                id: &rec.id,
+                token_ids: ids,
+                logprobs: &s.logprobs,
+                sum_logprob: s.sum(),
+                ppl: s.perplexity(),
+            })
+            .expect("serializable record");
+            progress.records(writer.push(OutRecord {
+                index: rec.index,
+                sample: 0,
+                id_key: id_key(&rec.id),
+                body,
+            })?);
+        }
+        progress.tokens(inputs.iter().map(|i| i.len()).sum());
+    }
+    writer.finish()?;
+    progress.finish();
+    Ok(())
+}
+
+/// Tokenize and check every entry; bad ones become error records (or a user error).
+#[allow(clippy::type_complexity)]
+fn prepare_all<'e>(
+    input: &Input,
+    prep: &Prep,
+    entries: Vec<&'e Entry>,
+    skip: bool,
+) -> anyhow::Result<(Vec<(&'e InputRecord, Vec<u32>)>, Vec<BadRecord>)> {
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for e in entries {
+        match e {
+            Entry::Bad(b) => bad.push(b.clone()),
+            Entry::Ok(r) => match prep.ids(r)? {
+                Ok(ids) => good.push((r, ids)),
+                Err(what) => bad.push(input.reject(r, &what, skip)?),
+            },
+        }
+    }
+    Ok((good, bad))
+}
+
+// ---------------------------------------------------------------------------------------
+// embed
+
+/// transformers `output_hidden_states` indices: 0..=L, negative from the end.
+pub fn resolve_layers(specs: &[String], num_layers: usize) -> anyhow::Result<Vec<usize>> {
+    let n = num_layers as i64;
+    let mut out = Vec::new();
+    for s in specs {
+        let s = s.trim();
+        let l: i64 = s.parse().map_err(|_| {
+            user_err!("--layers: '{s}' is not an integer (e.g. --layers -1 or --layers 0,6,-1)")
+        })?;
+        let r = if l < 0 { n + 1 + l } else { l };
+        if !(0..=n).contains(&r) {
+            return Err(user_err!(
+                "--layers: layer {l} is out of range for a model with {num_layers} layers (valid: {}..={num_layers})",
+                -(n + 1)
+            ));
+        }
+        if !out.contains(&(r as usize)) {
+            out.push(r as usize);
+        }
+    }
+    if out.is_empty() {
+        return Err(user_err!("--layers: no layers given"));
+    }
+    Ok(out)
+}
+
+pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
+    if a.output == "-" {
+        return Err(user_err!(
+            "embed writes a safetensors file; give --output FILE.safetensors"
+        ));
+    }
+    // Layers must at least parse before any work.
+    for s in &a.layers {
+        if s.trim().parse::<i64>().is_err() {
+            return Err(user_err!(
+                "--layers: '{s}' is not an integer (e.g. --layers -1 or --layers 0,6,-1)"
+            ));
+        }
+    }
+    let (device, dtype) = device_and_dtype(&a.model)?;
+    let skip = a.input.skip_bad_lines;
+    let input = read_input(&a.input.input, skip)?;
+    let path = output::check_output_path(&a.output)?;
+    if path.exists() && !a.overwrite {
+        return Err(user_err!("{} exists; use --overwrite", a.output));
+    }
+    let model = load_model(&a.model, device, dtype)?;
+    let layers = resolve_layers(&a.layers, model.spec().num_layers)?;
+    let pool = match a.pool {
+        PoolArg::Last => Pool::Last,
+        PoolArg::Mean => Pool::Mean,
+        PoolArg::None => Pool::None,
+    };
+    let prep = Prep::new(&model, a.input.truncate)?;
+    let (good, bad) = prepare_all(&input, &prep, input.entries.iter().collect(), skip)?;
+
+    let mut progress = Progress::new(good.len());
+    // name → (shape, data)
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut pooled: Vec<(Vec<f32>, Option<usize>)> = vec![(Vec::new(), None); layers.len()];
+    let mut row = 0usize;
+    for chunk in good.chunks(a.input.batch_size) {
+        let inputs: Vec<&[u32]> = chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
+        let hidden = embed_batch(&model, &inputs, &layers, pool)?;
+        for per_layer in hidden {
+            for ((li, &layer), t) in layers.iter().enumerate().zip(per_layer) {
+                let t = t.to_dtype(DType::F32)?;
+                let dims = t.dims().to_vec();
+                let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                if pool == Pool::None {
+                    tensors.push((format!("hidden.{layer}.{row}"), dims, data));
+                } else {
+                    let (buf, width) = &mut pooled[li];
+                    let w = data.len();
+                    if width.is_some_and(|x| x != w) {
+                        anyhow::bail!(
+                            "layer {layer}: hidden width changed from {} to {w}",
+                            width.unwrap_or(0)
+                        );
+                    }
+                    *width = Some(w);
+                    buf.extend_from_slice(&data);
+                }
+            }
+            row += 1;
+        }
+        progress.records(chunk.len());
+        progress.tokens(inputs.iter().map(|i| i.len()).sum());
+    }
+    if pool != Pool::None {
+        for (&layer, (buf, width)) in layers.iter().zip(pooled) {
+            let w = width.unwrap_or(0);
+            tensors.push((format!("hidden.{layer}"), vec![row, w], buf));
+        }
+    }
+
+    let ids: Vec<&Value> = good.iter().map(|(r, _)| &r.id).collect();
+    let input_ids: Vec<&Vec<u32>> = good.iter().map(|(_, ids)| ids).collect();
+    let skipped: Vec<Value> = bad
+        .iter()
+        .map(|b| serde_json::json!({"id": b.id, "error": b.message}))
+        .collect();
+    let all = serde_json::json!({
+        "model": a.model.model,
+        "model_path": model.location.path().display().to_string(),
+        "layers": layers,
+        "pool": a.pool.name(),
+        "ids": ids,
+        "input_ids": input_ids,
+        "skipped": skipped,
+    });
+    let mut meta = HashMap::new();
+    if let Value::Object(m) = &all {
+        for (k, v) in m {
+            meta.insert(
+                k.clone(),
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            );
+        }
+    }
+    meta.insert("lmgen".to_string(), all.to_string());
+    meta.insert("format".to_string(), "lmgen-embed-v1".to_string());
+
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, shape, data)| {
+            (
+                n,
+                shape,
+                data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(n, shape, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("building safetensors: {e}"))?;
+    let mut tmp = path.clone().into_os_string();
+    tmp.push(format!(".lmgen-tmp-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("{}: {e}", a.output)
+    })?;
+    std::fs::rename(&tmp, &path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        UserError(format!("{}: {}", a.output, io_msg(&e)))
+    })?;
+    progress.finish();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(resolve_layers(&s(&["-1"]), 24).unwrap(), vec![24]);
+        assert_eq!(
+            resolve_layers(&s(&["0", "-25", "3", "3"]), 24).unwrap(),
+            vec![0, 3]
+        );
+        assert!(resolve_layers(&s(&["25"]), 24).is_err());
+        assert!(resolve_layers(&s(&["-26"]), 24).is_err());
+    }
+}

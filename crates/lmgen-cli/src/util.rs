@@ -1,0 +1,160 @@
+//! Error classification, device/dtype/thread setup.
+use crate::args::{DTypeArg, ModelArgs};
+use candle_core::{DType, Device};
+use std::fmt;
+
+/// A problem with the user's arguments or input: exit code 2.
+#[derive(Debug)]
+pub struct UserError(pub String);
+
+impl fmt::Display for UserError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UserError {}
+
+#[macro_export]
+macro_rules! user_err {
+    ($($t:tt)*) => { anyhow::Error::new($crate::util::UserError(format!($($t)*))) };
+}
+
+/// 2 for bad usage or bad input, 1 for runtime failures.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<lmgen_core::Error>() {
+            return if e.is_user_error() { 2 } else { 1 };
+        }
+        if cause.is::<UserError>() {
+            return 2;
+        }
+    }
+    1
+}
+
+/// Collapse a (possibly multi-line) message into one line.
+pub fn one_line(msg: &str) -> String {
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// An I/O error without the "(os error N)" suffix.
+pub fn io_msg(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// `--threads N`, else `$RAYON_NUM_THREADS` if the user set it, else the CPUs this process
+/// may use (affinity/cgroups via `available_parallelism`, capped by `$SLURM_CPUS_PER_TASK`).
+/// Must run before any thread pool starts.
+pub fn configure_threads(threads: Option<usize>) {
+    let n = match threads {
+        Some(n) => n,
+        None => {
+            let user_set = |k: &str| {
+                std::env::var(k)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<usize>().ok())
+                    .filter(|&n| n > 0)
+            };
+            if user_set("RAYON_NUM_THREADS").is_some() || user_set("CANDLE_NUM_THREADS").is_some() {
+                return;
+            }
+            default_threads()
+        }
+    };
+    // Safe: called at the start of main, before any other thread exists.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+}
+
+pub fn default_threads() -> usize {
+    let mut n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if let Some(s) = std::env::var("SLURM_CPUS_PER_TASK")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+    {
+        if s > 0 {
+            n = n.min(s);
+        }
+    }
+    n.max(1)
+}
+
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    let s = s.trim().to_ascii_lowercase();
+    let cuda_index =
+        if s == "cuda" || s == "gpu" {
+            Some(0)
+        } else if let Some(i) = s.strip_prefix("cuda:") {
+            Some(i.parse::<usize>().map_err(|_| {
+                user_err!("--device: bad CUDA device index in '{s}' (expected cuda:N)")
+            })?)
+        } else {
+            None
+        };
+    match (s.as_str(), cuda_index) {
+        ("cpu", _) => Ok(Device::Cpu),
+        ("auto", _) => {
+            if cfg!(feature = "cuda") {
+                Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu))
+            } else {
+                Ok(Device::Cpu)
+            }
+        }
+        (_, Some(i)) => {
+            if !cfg!(feature = "cuda") {
+                return Err(user_err!(
+                    "this lmgen was built without CUDA (cargo build --release --features cuda)"
+                ));
+            }
+            Device::new_cuda(i).map_err(|e| {
+                user_err!(
+                    "--device {s}: cannot use CUDA device {i}: {}",
+                    one_line(&e.to_string())
+                )
+            })
+        }
+        _ => Err(user_err!(
+            "--device: expected cpu, cuda, cuda:N or auto, got '{s}'"
+        )),
+    }
+}
+
+/// The compute device and dtype. Default f32 (as `transformers`); on the CPU, f16/bf16 are
+/// accepted but computed in f32 (noted once on stderr).
+pub fn device_and_dtype(m: &ModelArgs) -> anyhow::Result<(Device, DType)> {
+    let device = parse_device(&m.device)?;
+    let requested = m.dtype.unwrap_or(DTypeArg::F32);
+    let dtype = match (requested, device.is_cpu()) {
+        (DTypeArg::F32, _) => DType::F32,
+        (d, true) => {
+            eprintln!(
+                "lmgen: note: --dtype {} is computed as f32 on the CPU",
+                d.name()
+            );
+            DType::F32
+        }
+        (DTypeArg::F16, false) => DType::F16,
+        (DTypeArg::Bf16, false) => DType::BF16,
+    };
+    Ok((device, dtype))
+}
+
+/// `mm:ss` or `h:mm:ss`.
+pub fn hms(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "--:--".into();
+    }
+    let s = secs.round() as u64;
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+    } else {
+        format!("{:02}:{:02}", s / 60, s % 60)
+    }
+}

@@ -1,0 +1,240 @@
+//! Continuous batching: up to `batch_size` sequences are in flight; each step packs the
+//! prompts of newly admitted sequences together with one token of every running one.
+//! A finished sequence leaves at once (its cache is dropped) and the next request takes
+//! its place. Every request samples from its own seeded stream, so results do not depend
+//! on which requests share a batch.
+use crate::error::{Error, Result};
+use crate::kv_cache::SeqCache;
+use crate::model::{SeqStep, Want};
+use crate::sampling::{log_softmax_row, Sampler, SamplingParams};
+use crate::Model;
+
+#[derive(Debug, Clone)]
+pub struct GenRequest {
+    /// Input index (records are reported with it; the caller restores input order).
+    pub index: usize,
+    /// Sample number for `num_return_sequences` (0-based).
+    pub sample: usize,
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    pub logprobs: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Length,
+    Stop,
+    Eos,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop => "stop",
+            FinishReason::Eos => "eos",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenOutput {
+    pub index: usize,
+    pub sample: usize,
+    pub prompt_ids: Vec<u32>,
+    pub token_ids: Vec<u32>,
+    /// Natural-log probabilities of `token_ids` under the unmodified model distribution.
+    pub logprobs: Option<Vec<f32>>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+}
+
+/// Per-step numbers for progress reporting.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub in_flight: usize,
+}
+
+struct Active {
+    req: GenRequest,
+    cache: SeqCache,
+    sampler: Sampler,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    logprobs: Vec<f32>,
+    prefilled: bool,
+}
+
+pub struct Generator<'m> {
+    pub model: &'m Model,
+    pub batch_size: usize,
+}
+
+impl<'m> Generator<'m> {
+    pub fn new(model: &'m Model, batch_size: usize) -> Self {
+        Self {
+            model,
+            batch_size: batch_size.max(1),
+        }
+    }
+
+    /// Run all `requests`, calling `on_output` as each finishes (completion order) and
+    /// `on_step` after every model step.
+    pub fn run(
+        &self,
+        requests: impl IntoIterator<Item = GenRequest>,
+        mut on_output: impl FnMut(GenOutput) -> Result<()>,
+        mut on_step: impl FnMut(StepStats),
+    ) -> Result<()> {
+        let model = self.model;
+        let mut pending = requests.into_iter();
+        let mut active: Vec<Active> = Vec::new();
+        let mut exhausted = false;
+        loop {
+            while !exhausted && active.len() < self.batch_size {
+                match pending.next() {
+                    None => exhausted = true,
+                    Some(req) => {
+                        model.check_prompt(&req.prompt_ids)?;
+                        if let Err(e) = req.params.validate() {
+                            return Err(Error::BadRequest(format!("request {}: {e}", req.index)));
+                        }
+                        if req.max_new_tokens == 0 {
+                            on_output(self.finish_output(
+                                req,
+                                vec![],
+                                vec![],
+                                FinishReason::Length,
+                            )?)?;
+                            continue;
+                        }
+                        let cap = req.prompt_ids.len() + req.max_new_tokens;
+                        active.push(Active {
+                            cache: model.decoder.new_cache(cap),
+                            sampler: Sampler::new(
+                                req.params.clone(),
+                                req.index as u64,
+                                req.sample as u64,
+                            ),
+                            history: req.prompt_ids.clone(),
+                            generated: Vec::with_capacity(req.max_new_tokens),
+                            logprobs: Vec::new(),
+                            prefilled: false,
+                            req,
+                        });
+                    }
+                }
+            }
+            if active.is_empty() {
+                return Ok(());
+            }
+            let mut stats = StepStats {
+                in_flight: active.len(),
+                ..Default::default()
+            };
+            let out = {
+                let mut steps: Vec<SeqStep> = active
+                    .iter_mut()
+                    .map(|a| {
+                        let tokens: &[u32] = if a.prefilled {
+                            &a.history[a.history.len() - 1..]
+                        } else {
+                            stats.prompt_tokens += a.history.len();
+                            &a.history
+                        };
+                        SeqStep {
+                            tokens,
+                            cache: &mut a.cache,
+                            want: Want::Last,
+                        }
+                    })
+                    .collect();
+                model.decoder.step(&mut steps, false)?
+            };
+            let mut finished = Vec::new();
+            for (i, (a, logits)) in active.iter_mut().zip(out.logits).enumerate() {
+                a.prefilled = true;
+                let Some(logits) = logits else { continue };
+                let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                // Padded vocab rows beyond the tokenizer never get sampled.
+                row.truncate(model.decoder.spec.vocab_size);
+                if a.req.logprobs {
+                    let lp = log_softmax_row(&row);
+                    let tok = a.sampler.sample(&mut row, &a.history);
+                    a.logprobs.push(lp[tok as usize]);
+                    a.generated.push(tok);
+                } else {
+                    let tok = a.sampler.sample(&mut row, &a.history);
+                    a.generated.push(tok);
+                }
+                let tok = *a.generated.last().unwrap_or(&0);
+                a.history.push(tok);
+                stats.generated_tokens += 1;
+                let reason = if model.eos.contains(&tok) {
+                    Some(FinishReason::Eos)
+                } else if !a.req.stop.is_empty() && self.hits_stop(a)? {
+                    Some(FinishReason::Stop)
+                } else if a.generated.len() >= a.req.max_new_tokens
+                    || !model.fits(a.history.len() + 1)
+                {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+                if let Some(r) = reason {
+                    finished.push((i, r));
+                }
+            }
+            on_step(stats);
+            for (i, reason) in finished.into_iter().rev() {
+                let a = active.remove(i);
+                let lps = a.logprobs;
+                on_output(self.finish_output(a.req, a.generated, lps, reason)?)?;
+            }
+        }
+    }
+
+    fn hits_stop(&self, a: &Active) -> Result<bool> {
+        // Only the tail can contain a new match: decode a window long enough for the longest stop string.
+        let longest = a.req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
+        let window = (longest + 8).min(a.generated.len());
+        let tail = &a.generated[a.generated.len() - window..];
+        let ctx_start = a.history.len() - window;
+        let text = self
+            .model
+            .tokenizer
+            .continuation(&a.history[ctx_start.saturating_sub(4)..ctx_start], tail)?;
+        Ok(a.req.stop.iter().any(|s| text.contains(s.as_str())))
+    }
+
+    fn finish_output(
+        &self,
+        req: GenRequest,
+        token_ids: Vec<u32>,
+        logprobs: Vec<f32>,
+        finish_reason: FinishReason,
+    ) -> Result<GenOutput> {
+        let mut text = self
+            .model
+            .tokenizer
+            .continuation(&req.prompt_ids, &token_ids)?;
+        if finish_reason == FinishReason::Stop {
+            if let Some(pos) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(pos);
+            }
+        }
+        Ok(GenOutput {
+            index: req.index,
+            sample: req.sample,
+            logprobs: req.logprobs.then_some(logprobs),
+            prompt_ids: req.prompt_ids,
+            token_ids,
+            text,
+            finish_reason,
+        })
+    }
+}

@@ -1,0 +1,187 @@
+//! From a resolved model location to a runnable [`Model`]: config → spec, checkpoint files →
+//! weight store → canonical weights (strictly accounted), tokenizer, EOS set.
+use crate::config::{ModelSpec, Positions, RawConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::hub::ModelLocation;
+use crate::model::families::{self, Loader};
+use crate::model::Decoder;
+use crate::tokenizer::LmTokenizer;
+use crate::weights::{
+    gguf::GgufFile, pth::PthFile, st, st::SafetensorsFile, TensorSource, WeightStore,
+};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype (f32 on CPU).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// A loaded model: decoder, tokenizer, and the token ids that end generation.
+pub struct Model {
+    pub decoder: Decoder,
+    pub tokenizer: LmTokenizer,
+    pub eos: Vec<u32>,
+    pub location: ModelLocation,
+}
+
+impl Model {
+    pub fn spec(&self) -> &ModelSpec {
+        &self.decoder.spec
+    }
+
+    /// Longest sequence the model can process, if it has a hard limit (learned positions).
+    /// RoPE and ALiBi models have a trained context (`max_positions`) that prompts must fit,
+    /// but generation may run past it as in `transformers`.
+    pub fn hard_limit(&self) -> Option<usize> {
+        match &self.decoder.spec.positions {
+            Positions::Learned { .. } => Some(self.decoder.spec.max_positions),
+            _ => None,
+        }
+    }
+
+    pub fn context_length(&self) -> Option<usize> {
+        match &self.decoder.spec.positions {
+            Positions::Rope(r) if matches!(r.scaling, RopeScaling::Dynamic { .. }) => None,
+            _ => Some(self.decoder.spec.max_positions),
+        }
+    }
+
+    /// Whether a sequence of `len` tokens can be processed.
+    pub fn fits(&self, len: usize) -> bool {
+        self.hard_limit().is_none_or(|l| len <= l)
+    }
+
+    pub fn check_prompt(&self, ids: &[u32]) -> Result<()> {
+        if let Some(limit) = self.context_length() {
+            if ids.len() > limit {
+                return Err(Error::BadRequest(format!(
+                    "prompt has {} tokens, more than the model's context of {limit} (use --truncate left|right)",
+                    ids.len()
+                )));
+            }
+        }
+        let vocab = self.decoder.spec.vocab_size as u32;
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(Error::BadRequest(format!(
+                "token id {bad} is out of range (vocab size {vocab})"
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub fn load(location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {
+    match location {
+        ModelLocation::Dir(dir) => load_dir(dir, location, opts),
+        ModelLocation::Gguf(file) => load_gguf(file, location, opts),
+    }
+}
+
+fn load_dir(dir: &Path, location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(Error::ModelNotFound(format!(
+            "{}: no config.json",
+            dir.display()
+        )));
+    }
+    let cfg = RawConfig::from_file(&cfg_path)?;
+    let (family, arch) = families::detect(&cfg)?;
+    let spec = families::spec(family, &arch, &cfg)?;
+    let store = WeightStore::new(open_checkpoint(dir)?)?;
+    let tokenizer = LmTokenizer::from_dir(dir)?;
+    let generation = dir.join("generation_config.json");
+    let mut eos = if generation.is_file() {
+        RawConfig::from_file(&generation)?.token_ids("eos_token_id")
+    } else {
+        vec![]
+    };
+    if eos.is_empty() {
+        eos = spec.eos_token_ids.clone();
+    }
+    build(spec, store, tokenizer, eos, location, opts)
+}
+
+fn load_gguf(file: &Path, location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {
+    let g = GgufFile::open(file)?;
+    let cfg = RawConfig::from_value(file, g.config_json()?);
+    let (family, arch) = families::detect(&cfg)?;
+    let spec = families::spec(family, &arch, &cfg)?;
+    let tokenizer = LmTokenizer::from_gguf(g.content(), file)?;
+    let mut eos = spec.eos_token_ids.clone();
+    if eos.is_empty() {
+        eos.extend(tokenizer.eos_token_id());
+    }
+    let store = WeightStore::new(vec![Box::new(g)])?;
+    build(spec, store, tokenizer, eos, location, opts)
+}
+
+fn build(
+    mut spec: ModelSpec,
+    store: WeightStore,
+    tokenizer: LmTokenizer,
+    eos: Vec<u32>,
+    location: &ModelLocation,
+    opts: &LoadOptions,
+) -> Result<Model> {
+    if spec.bos_token_id.is_none() {
+        spec.bos_token_id = tokenizer.bos_token_id();
+    }
+    let loader = Loader::new(&store, opts.device.clone(), opts.dtype);
+    let weights = families::load(&spec, &loader)?;
+    Ok(Model {
+        decoder: Decoder::new(spec, weights, opts.device.clone()),
+        tokenizer,
+        eos,
+        location: location.clone(),
+    })
+}
+
+/// The weight files of a Hugging Face directory, in the order transformers prefers them.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        return st::read_index(&index);
+    }
+    let bin = dir.join("pytorch_model.bin");
+    if bin.is_file() {
+        return Ok(vec![bin]);
+    }
+    let index = dir.join("pytorch_model.bin.index.json");
+    if index.is_file() {
+        return st::read_index(&index);
+    }
+    Err(Error::bad_weights(
+        dir,
+        "no weights found (expected model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)",
+    ))
+}
+
+fn open_checkpoint(dir: &Path) -> Result<Vec<Box<dyn TensorSource>>> {
+    checkpoint_files(dir)?
+        .into_iter()
+        .map(|f| -> Result<Box<dyn TensorSource>> {
+            if f.extension().is_some_and(|e| e == "safetensors") {
+                Ok(Box::new(SafetensorsFile::open(&f)?))
+            } else {
+                Ok(Box::new(PthFile::open(&f)?))
+            }
+        })
+        .collect()
+}

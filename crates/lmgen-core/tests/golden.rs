@@ -1,0 +1,272 @@
+//! Parity with `transformers` (fp32, eager) on tiny random-weight models of every family,
+//! plus self-consistency (incremental == full forward, batched == single).
+//! Fixtures and goldens come from `scripts/make_fixtures.py`.
+use lmgen_core::engine::{embed_batch, score_batch, GenRequest, Generator, Pool};
+use lmgen_core::hub::ModelLocation;
+use lmgen_core::sampling::SamplingParams;
+use lmgen_core::{load, LoadOptions, Model};
+use serde_json::Value;
+use std::path::PathBuf;
+
+const LOGPROB_TOL: f32 = 2e-3;
+const HIDDEN_REL_TOL: f32 = 1e-3;
+/// Greedy tokens may diverge only where the reference's top-2 gap is a near-tie.
+const NEAR_TIE: f32 = 1e-2;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    let nested = fixtures().join("models").join(name);
+    if nested.is_dir() {
+        nested
+    } else {
+        fixtures().join(name)
+    }
+}
+
+fn golden(name: &str) -> Value {
+    let p = fixtures().join("golden").join(format!("{name}.json"));
+    serde_json::from_str(
+        &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn load_fixture(name: &str) -> Model {
+    load(
+        &ModelLocation::Dir(model_dir(name)),
+        &LoadOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn greedy(
+    model: &Model,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    batch: usize,
+) -> Vec<(Vec<u32>, Vec<f32>, &'static str)> {
+    let reqs = prompts.iter().enumerate().map(|(i, p)| GenRequest {
+        index: i,
+        sample: 0,
+        prompt_ids: p.clone(),
+        max_new_tokens: max_new,
+        params: SamplingParams::default(),
+        stop: vec![],
+        logprobs: true,
+    });
+    let mut out = vec![(vec![], vec![], ""); prompts.len()];
+    Generator::new(model, batch)
+        .run(
+            reqs,
+            |o| {
+                out[o.index] = (o.token_ids, o.logprobs.unwrap(), o.finish_reason.as_str());
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+    out
+}
+
+fn check_family(name: &str) {
+    let g = golden(name);
+    let model = load_fixture(name);
+    let prompts: Vec<Vec<u32>> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect();
+    let max_new = 10;
+
+    // 1. Prompt log-probabilities (one full forward pass).
+    let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+    let scores = score_batch(&model, &refs).unwrap();
+    for (i, (p, s)) in g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&scores)
+        .enumerate()
+    {
+        let want = floats(&p["prompt_logprobs"]);
+        assert_eq!(
+            want.len(),
+            s.logprobs.len(),
+            "{name} prompt {i}: logprob count"
+        );
+        for (j, (a, b)) in s.logprobs.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= LOGPROB_TOL,
+                "{name} prompt {i} token {j}: logprob {a} vs transformers {b}"
+            );
+        }
+    }
+
+    // 2. Greedy generation, one prompt at a time, vs transformers' generate().
+    let single = greedy(&model, &prompts, max_new, 1);
+    for (i, (p, (toks, lps, finish))) in g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&single)
+        .enumerate()
+    {
+        let want = ids(&p["greedy"]["token_ids"]);
+        let want_lp = floats(&p["greedy"]["logprobs"]);
+        let gaps = floats(&p["greedy"]["top2_gap"]);
+        for j in 0..want.len().min(toks.len()) {
+            if toks[j] != want[j] {
+                assert!(
+                    gaps[j] < NEAR_TIE,
+                    "{name} prompt {i} step {j}: token {} vs transformers {} (top-2 gap {})",
+                    toks[j],
+                    want[j],
+                    gaps[j]
+                );
+                break;
+            }
+            assert!(
+                (lps[j] - want_lp[j]).abs() <= LOGPROB_TOL,
+                "{name} prompt {i} step {j}: logprob {} vs {}",
+                lps[j],
+                want_lp[j]
+            );
+        }
+        if toks == &want {
+            assert_eq!(
+                p["greedy"]["finish_reason"].as_str().unwrap(),
+                *finish,
+                "{name} prompt {i}: finish reason"
+            );
+        }
+    }
+
+    // 3. Hidden states (output_hidden_states indexing) where recorded.
+    let layers: Vec<usize> = (0..=model.spec().num_layers).collect();
+    for (i, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
+        let Some(hs) = p.get("hidden_states").and_then(|h| h.as_array()) else {
+            continue;
+        };
+        assert_eq!(hs.len(), layers.len(), "{name}: hidden state count");
+        let got = embed_batch(&model, &[&prompts[i]], &layers, Pool::None)
+            .unwrap()
+            .remove(0);
+        for (l, (t, want)) in got.iter().zip(hs).enumerate() {
+            let got: Vec<Vec<f32>> = t.to_vec2().unwrap();
+            let want: Vec<Vec<f32>> = want.as_array().unwrap().iter().map(floats).collect();
+            assert_eq!(
+                (got.len(), got[0].len()),
+                (want.len(), want[0].len()),
+                "{name} prompt {i} layer {l}: shape"
+            );
+            let scale = want
+                .iter()
+                .flatten()
+                .fold(0f32, |m, x| m.max(x.abs()))
+                .max(1e-6);
+            let err = got
+                .iter()
+                .flatten()
+                .zip(want.iter().flatten())
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err / scale <= HIDDEN_REL_TOL,
+                "{name} prompt {i} layer {l}: max rel error {}",
+                err / scale
+            );
+        }
+    }
+
+    // 4. Batched == single: identical tokens whatever shares the batch.
+    let batched = greedy(&model, &prompts, max_new, 3);
+    for (i, (a, b)) in single.iter().zip(&batched).enumerate() {
+        assert_eq!(
+            a.0, b.0,
+            "{name} prompt {i}: batch of 3 differs from batch of 1"
+        );
+    }
+
+    // 5. Incremental decoding == full forward over prompt + generated tokens
+    //    (not for dynamic NTK, whose frequencies depend on the length seen per call, by design).
+    if !name.contains("dynamic") {
+        for (i, (toks, lps, _)) in single.iter().enumerate() {
+            let mut full = prompts[i].clone();
+            full.extend(toks);
+            let s = score_batch(&model, &[&full]).unwrap().remove(0);
+            let tail = &s.logprobs[prompts[i].len() - 1..];
+            for (j, (a, b)) in lps.iter().zip(tail).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4,
+                    "{name} prompt {i} step {j}: incremental {a} vs full forward {b}"
+                );
+            }
+        }
+    }
+}
+
+macro_rules! family_tests {
+    ($($test:ident => $name:literal),* $(,)?) => { $( #[test] fn $test() { check_family($name); } )* };
+}
+
+family_tests! {
+    gpt2 => "gpt2",
+    gpt2_variants => "gpt2-variants",
+    opt => "opt",
+    opt_postnorm => "opt-postnorm",
+    opt_proj => "opt-proj",
+    opt_nobias_gelu => "opt-nobias-gelu",
+    opt_slowtok => "opt-slowtok",
+    neox => "neox",
+    neox_seq => "neox-seq",
+    bloom => "bloom",
+    bloom_6heads => "bloom-6heads",
+    llama => "llama",
+    llama_mqa_tied => "llama-mqa-tied",
+    llama_rope_linear => "llama-rope-linear",
+    llama_rope_dynamic => "llama-rope-dynamic",
+    llama_rope_llama3 => "llama-rope-llama3",
+    llama_rope_yarn => "llama-rope-yarn",
+    mistral_swa => "mistral-swa",
+    qwen2 => "qwen2",
+}
+
+#[test]
+fn every_golden_file_has_a_test() {
+    let listed = include_str!("golden.rs");
+    for e in std::fs::read_dir(fixtures().join("golden")).unwrap() {
+        let name = e
+            .unwrap()
+            .path()
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        if name == "smollm2" {
+            continue;
+        }
+        assert!(
+            listed.contains(&format!("=> \"{name}\"")),
+            "golden/{name}.json has no test in golden.rs"
+        );
+    }
+}
