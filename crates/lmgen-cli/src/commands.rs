@@ -104,7 +104,21 @@ fn error_record(format: OutFormat, bad: &BadRecord) -> OutRecord {
     }
 }
 
-fn note_resume(plan: &OutputPlan, out: &str) {
+fn note_resume(plan: &OutputPlan, out: &str, input: &Input) {
+    if plan.path.is_some() {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(dup) = input
+            .entries
+            .iter()
+            .map(|e| id_key(e.id()))
+            .find(|k| !seen.insert(k.clone()))
+        {
+            eprintln!(
+                "lmgen: warning: {}: id {dup} is used by more than one input; --resume cannot tell such records apart",
+                input.name
+            );
+        }
+    }
     if !plan.done.is_empty() {
         eprintln!(
             "lmgen: resuming {out}: {} record(s) already written",
@@ -185,7 +199,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .map(|e| (e, todo(e)))
         .filter(|(_, t)| !t.is_empty())
         .collect();
-    note_resume(&plan, &a.output);
+    note_resume(&plan, &a.output, &input);
     if pending.is_empty() {
         RecordWriter::open(&plan, vec![])?.finish()?;
         eprintln!(
@@ -357,7 +371,7 @@ pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|e| !plan.done.contains(&(id_key(e.id()), 0)))
         .collect();
-    note_resume(&plan, &a.output);
+    note_resume(&plan, &a.output, &input);
     if pending.is_empty() {
         RecordWriter::open(&plan, vec![])?.finish()?;
         eprintln!(

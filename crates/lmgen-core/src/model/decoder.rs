@@ -119,12 +119,25 @@ impl Decoder {
             x = norm.forward(&x)?;
         }
         let rope = self.rope_tables(seqs, &positions)?;
+        // Attention biases depend only on each sequence's lengths: build them once per step.
+        let biases = seqs
+            .iter()
+            .map(|s| {
+                let (t, past) = (s.tokens.len(), s.cache.len());
+                let full = self.attn_bias(None, t, past)?;
+                let windowed = match spec.sliding_window {
+                    Some(w) => Some(self.attn_bias(Some(w), t, past)?),
+                    None => None,
+                };
+                Ok((full, windowed))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut hidden = want_hidden.then(Vec::new);
         for (li, block) in w.blocks.iter().enumerate() {
             if let Some(h) = hidden.as_mut() {
                 h.push(x.clone());
             }
-            x = self.block(li, block, &x, seqs, rope.as_ref())?;
+            x = self.block(li, block, &x, seqs, rope.as_ref(), &biases)?;
         }
         if let Some(norm) = &w.final_norm {
             x = norm.forward(&x)?;
@@ -217,6 +230,7 @@ impl Decoder {
         x: &Tensor,
         seqs: &mut [SeqStep<'_>],
         rope: Option<&(Tensor, Tensor)>,
+        biases: &[(Tensor, Option<Tensor>)],
     ) -> Result<Tensor> {
         let mlp = |h: &Tensor| -> Result<Tensor> {
             let a = b.mlp_in.forward(h)?;
@@ -233,24 +247,24 @@ impl Decoder {
         let ln2 = b.ln2.as_ref().unwrap_or(&b.ln1);
         match self.spec.residual {
             Residual::Sequential => {
-                let h = (x + self.attention(li, b, &b.ln1.forward(x)?, seqs, rope)?)?;
+                let h = (x + self.attention(li, b, biases, &b.ln1.forward(x)?, seqs, rope)?)?;
                 &h + mlp(&ln2.forward(&h)?)?
             }
             Residual::SequentialFromNormed => {
                 let n1 = b.ln1.forward(x)?;
-                let h = (&n1 + self.attention(li, b, &n1, seqs, rope)?)?;
+                let h = (&n1 + self.attention(li, b, biases, &n1, seqs, rope)?)?;
                 let n2 = ln2.forward(&h)?;
                 &n2 + mlp(&n2)?
             }
             Residual::Parallel => {
-                let attn = self.attention(li, b, &b.ln1.forward(x)?, seqs, rope)?;
+                let attn = self.attention(li, b, biases, &b.ln1.forward(x)?, seqs, rope)?;
                 let m = mlp(&ln2.forward(x)?)?;
                 (x + attn)? + m
             }
             Residual::PostNorm => {
                 let h = b
                     .ln1
-                    .forward(&(x + self.attention(li, b, x, seqs, rope)?)?)?;
+                    .forward(&(x + self.attention(li, b, biases, x, seqs, rope)?)?)?;
                 ln2.forward(&(&h + mlp(&h)?)?)
             }
         }
@@ -260,6 +274,7 @@ impl Decoder {
         &self,
         li: usize,
         b: &Block,
+        biases: &[(Tensor, Option<Tensor>)],
         h: &Tensor,
         seqs: &mut [SeqStep<'_>],
         rope: Option<&(Tensor, Tensor)>,
@@ -285,7 +300,8 @@ impl Decoder {
         let group = nh / nkv;
         let mut outs = Vec::with_capacity(seqs.len());
         let mut start = 0;
-        for s in seqs.iter_mut() {
+        let windowed = li >= spec.window_from_layer;
+        for (s, (full, win)) in seqs.iter_mut().zip(biases) {
             let t = s.tokens.len();
             let past = s.cache.len_at(li);
             let (kk, vv) = s
@@ -294,8 +310,12 @@ impl Decoder {
             let total = past + t;
             let qs = q.narrow(1, start, t)?.reshape((nkv, group * t, hd))?;
             let scores = (qs.matmul(&kk.t()?)? * scale)?.reshape((nh, t, total))?;
-            let bias = self.attn_bias(li, t, past, total)?;
-            let scores = scores.broadcast_add(&bias)?;
+            let bias = if windowed {
+                win.as_ref().unwrap_or(full)
+            } else {
+                full
+            };
+            let scores = scores.broadcast_add(bias)?;
             let probs =
                 candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, group * t, total))?;
             outs.push(probs.matmul(&vv)?.reshape((nh, t, hd))?);
@@ -311,11 +331,8 @@ impl Decoder {
     }
 
     /// Additive bias `[heads|1, t, total]`: causal mask (+ sliding window) and ALiBi.
-    fn attn_bias(&self, li: usize, t: usize, past: usize, total: usize) -> Result<Tensor> {
-        let window = self
-            .spec
-            .sliding_window
-            .filter(|_| li >= self.spec.window_from_layer);
+    fn attn_bias(&self, window: Option<usize>, t: usize, past: usize) -> Result<Tensor> {
+        let total = past + t;
         let mut mask = vec![0f32; t * total];
         for i in 0..t {
             let qpos = past + i;

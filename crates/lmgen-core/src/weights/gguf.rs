@@ -172,10 +172,12 @@ impl GgufFile {
             let bs = info.ggml_dtype.block_size() as u64;
             let size = match numel {
                 Some(n) if n % bs == 0 => (n / bs).checked_mul(info.ggml_dtype.type_size() as u64),
-                Some(n) => return Err(bad(format!(
+                Some(n) => {
+                    return Err(bad(format!(
                     "tensor '{gname}' has {n} elements, not a multiple of the {} block size {bs}",
                     ggml_dtype_name(info.ggml_dtype)
-                ))),
+                )))
+                }
                 None => None,
             };
             let start = content.tensor_data_offset.checked_add(info.offset);

@@ -1060,10 +1060,11 @@ impl TensorSource for PthFile {
         let is = t.kind.itemsize();
         let numel: usize = t.size.iter().product();
         // Bounds were validated at open against the storage size.
-        let bytes: Cow<'_, [u8]> = if t.contiguous {
+        let gathered;
+        let bytes: &[u8] = if t.contiguous {
             let start = t.offset * is;
             match storage.get(start..start + numel * is) {
-                Some(b) => Cow::Owned(b.to_vec()),
+                Some(b) => b,
                 None => {
                     return Err(Error::bad_weights(
                         &self.path,
@@ -1072,7 +1073,8 @@ impl TensorSource for PthFile {
                 }
             }
         } else {
-            Cow::Owned(gather(&storage, is, t.offset, &t.size, &t.stride))
+            gathered = gather(&storage, is, t.offset, &t.size, &t.stride);
+            &gathered
         };
         let wrap = |err: candle_core::Error| {
             Error::bad_weights(
@@ -1080,7 +1082,7 @@ impl TensorSource for PthFile {
                 format!("tensor '{name}': {}", one_line(&err.to_string())),
             )
         };
-        let x = decode(&bytes, t.kind, &t.size).map_err(wrap)?;
+        let x = decode(bytes, t.kind, &t.size).map_err(wrap)?;
         let x = if x.dtype() == dtype {
             x
         } else {
@@ -1448,62 +1450,5 @@ mod tests {
         let z = zip_bytes(&[("a/other.txt", b"x", false)]);
         let e = open_err(&z);
         assert!(e.contains("no data.pkl"), "{e}");
-    }
-}
-
-#[cfg(test)]
-mod tmp_manual_check {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn compare() {
-        let dev = Device::Cpu;
-        let mut pairs: Vec<(PathBuf, PathBuf)> = vec![];
-        for f in ["synthetic", "synthetic_p4"] {
-            pairs.push((
-                format!("/tmp/wcheck/{f}.bin").into(),
-                format!("/tmp/wcheck/{f}.safetensors").into(),
-            ));
-        }
-        for e in std::fs::read_dir("/tmp/wcheck").unwrap().flatten() {
-            let n = e.file_name().to_string_lossy().to_string();
-            if let Some((dir, stem)) = n
-                .strip_suffix(".safetensors")
-                .and_then(|s| s.split_once("__"))
-            {
-                pairs.push((format!("tests/fixtures/{dir}/{stem}.bin").into(), e.path()));
-            }
-        }
-        let pairs: Vec<_> = pairs
-            .into_iter()
-            .map(|(a, b)| (Path::new("../..").join(a), b))
-            .collect();
-        for (bin, st) in pairs {
-            let p = PthFile::open(&bin).unwrap();
-            let s = crate::weights::st::SafetensorsFile::open(&st).unwrap();
-            let pm: BTreeMap<_, _> = p.metas().unwrap().into_iter().collect();
-            let sm: BTreeMap<_, _> = s.metas().unwrap().into_iter().collect();
-            assert_eq!(pm.keys().collect::<Vec<_>>(), sm.keys().collect::<Vec<_>>());
-            for (n, m) in &sm {
-                assert_eq!(pm[n].shape, m.shape, "{n}");
-                assert_eq!(pm[n].dtype, m.dtype, "{n}");
-                let a = p
-                    .load(n, m.dtype, &dev)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap();
-                let b = s
-                    .load(n, m.dtype, &dev)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap();
-                let a: Vec<f64> = a.flatten_all().unwrap().to_vec1().unwrap();
-                let b: Vec<f64> = b.flatten_all().unwrap().to_vec1().unwrap();
-                assert_eq!(a, b, "{} {n}", bin.display());
-            }
-            println!("OK {} ({} tensors)", bin.display(), pm.len());
-        }
-        let e = PthFile::open("/tmp/wcheck/legacy.bin").err().unwrap();
-        println!("legacy: {e}");
     }
 }

