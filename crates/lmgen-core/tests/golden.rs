@@ -63,6 +63,7 @@ fn greedy(
     prompts: &[Vec<u32>],
     max_new: usize,
     batch: usize,
+    step_tokens: usize,
 ) -> Vec<(Vec<u32>, Vec<f32>, &'static str)> {
     let reqs = prompts.iter().enumerate().map(|(i, p)| GenRequest {
         index: i,
@@ -74,16 +75,17 @@ fn greedy(
         logprobs: true,
     });
     let mut out = vec![(vec![], vec![], ""); prompts.len()];
-    Generator::new(model, batch)
-        .run(
-            reqs,
-            |o| {
-                out[o.index] = (o.token_ids, o.logprobs.unwrap(), o.finish_reason.as_str());
-                Ok(())
-            },
-            |_| {},
-        )
-        .unwrap();
+    let mut gen = Generator::new(model, batch);
+    gen.max_step_tokens = step_tokens;
+    gen.run(
+        reqs,
+        |o| {
+            out[o.index] = (o.token_ids, o.logprobs.unwrap(), o.finish_reason.as_str());
+            Ok(())
+        },
+        |_| {},
+    )
+    .unwrap();
     out
 }
 
@@ -123,7 +125,7 @@ fn check_family(name: &str) {
     }
 
     // 2. Greedy generation, one prompt at a time, vs transformers' generate().
-    let single = greedy(&model, &prompts, max_new, 1);
+    let single = greedy(&model, &prompts, max_new, 1, 2048);
     for (i, (p, (toks, lps, finish))) in g["prompts"]
         .as_array()
         .unwrap()
@@ -197,13 +199,18 @@ fn check_family(name: &str) {
         }
     }
 
-    // 4. Batched == single: identical tokens whatever shares the batch.
-    let batched = greedy(&model, &prompts, max_new, 3);
-    for (i, (a, b)) in single.iter().zip(&batched).enumerate() {
+    // 4. Batched == single: identical tokens whatever shares the batch,
+    //    also with prompts prefilled in chunks of 3 tokens across steps.
+    let batched = greedy(&model, &prompts, max_new, 3, 2048);
+    let chunked = greedy(&model, &prompts, max_new, 2, 3);
+    for (i, ((a, b), c)) in single.iter().zip(&batched).zip(&chunked).enumerate() {
         assert_eq!(
             a.0, b.0,
             "{name} prompt {i}: batch of 3 differs from batch of 1"
         );
+        if !name.contains("dynamic") {
+            assert_eq!(a.0, c.0, "{name} prompt {i}: chunked prefill differs");
+        }
     }
 
     // 5. Incremental decoding == full forward over prompt + generated tokens

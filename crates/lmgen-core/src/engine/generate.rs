@@ -66,12 +66,15 @@ struct Active {
     history: Vec<u32>,
     generated: Vec<u32>,
     logprobs: Vec<f32>,
-    prefilled: bool,
+    /// Tokens of `history` already in the cache.
+    prefilled: usize,
 }
 
 pub struct Generator<'m> {
     pub model: &'m Model,
     pub batch_size: usize,
+    /// Most tokens processed in one step (bounds activation memory for long prompts).
+    pub max_step_tokens: usize,
 }
 
 impl<'m> Generator<'m> {
@@ -79,6 +82,7 @@ impl<'m> Generator<'m> {
         Self {
             model,
             batch_size: batch_size.max(1),
+            max_step_tokens: 2048,
         }
     }
 
@@ -123,7 +127,7 @@ impl<'m> Generator<'m> {
                             history: req.prompt_ids.clone(),
                             generated: Vec::with_capacity(req.max_new_tokens),
                             logprobs: Vec::new(),
-                            prefilled: false,
+                            prefilled: 0,
                             req,
                         });
                     }
@@ -136,28 +140,47 @@ impl<'m> Generator<'m> {
                 in_flight: active.len(),
                 ..Default::default()
             };
+            // Decode tokens first (one per running sequence), then prompt chunks while the
+            // step's token budget lasts; a long prompt is prefilled over several steps.
+            let mut budget = self.max_step_tokens.max(1);
+            let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (active index, start, len)
+            for (i, a) in active.iter().enumerate() {
+                if a.prefilled == a.history.len() {
+                    plan.push((i, a.history.len() - 1, 1));
+                    budget = budget.saturating_sub(1);
+                }
+            }
+            for (i, a) in active.iter().enumerate() {
+                if a.prefilled < a.history.len() && budget > 0 {
+                    let len = (a.history.len() - a.prefilled).min(budget);
+                    plan.push((i, a.prefilled, len));
+                    budget -= len;
+                    stats.prompt_tokens += len;
+                }
+            }
+            plan.sort_unstable();
             let out = {
-                let mut steps: Vec<SeqStep> = active
-                    .iter_mut()
-                    .map(|a| {
-                        let tokens: &[u32] = if a.prefilled {
-                            &a.history[a.history.len() - 1..]
-                        } else {
-                            stats.prompt_tokens += a.history.len();
-                            &a.history
-                        };
-                        SeqStep {
-                            tokens,
-                            cache: &mut a.cache,
-                            want: Want::Last,
-                        }
-                    })
-                    .collect();
+                let mut steps: Vec<SeqStep> = Vec::with_capacity(plan.len());
+                let mut rest: &mut [Active] = &mut active;
+                let mut base = 0;
+                for &(i, start, len) in &plan {
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+                    let (a, tail) = tail.split_first_mut().unwrap_or_else(|| unreachable!());
+                    rest = tail;
+                    base = i + 1;
+                    let done = start + len == a.history.len();
+                    steps.push(SeqStep {
+                        tokens: &a.history[start..start + len],
+                        cache: &mut a.cache,
+                        want: if done { Want::Last } else { Want::Nothing },
+                    });
+                }
                 model.decoder.step(&mut steps, false)?
             };
             let mut finished = Vec::new();
-            for (i, (a, logits)) in active.iter_mut().zip(out.logits).enumerate() {
-                a.prefilled = true;
+            for (&(i, start, len), logits) in plan.iter().zip(out.logits) {
+                let a = &mut active[i];
+                a.prefilled = a.prefilled.max(start + len);
                 let Some(logits) = logits else { continue };
                 let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
                 // Padded vocab rows beyond the tokenizer never get sampled.

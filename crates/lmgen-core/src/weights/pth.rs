@@ -547,7 +547,7 @@ impl<'a> Unpickler<'a> {
 }
 
 fn pairs(mut items: Vec<V>) -> PResult<Vec<(V, V)>> {
-    if items.len() % 2 != 0 {
+    if items.len() % 2 == 1 {
         return Err("malformed pickle: odd number of dict items".into());
     }
     let mut out = Vec::with_capacity(items.len() / 2);
