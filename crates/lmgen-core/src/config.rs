@@ -128,8 +128,8 @@ pub struct ModelSpec {
     /// GPT-2 `scale_attn_by_inverse_layer_idx`: scores /= (layer + 1).
     pub scale_by_inverse_layer: bool,
     pub sliding_window: Option<usize>,
-    /// Layers `>= window_from_layer` use the sliding window (Qwen2 `max_window_layers`).
-    pub window_from_layer: usize,
+    /// Per layer: whether it uses `sliding_window` (transformers' `layer_types`).
+    pub sliding_layers: Vec<bool>,
     pub embed_norm: bool,
     pub final_norm: bool,
     pub tie_embeddings: bool,

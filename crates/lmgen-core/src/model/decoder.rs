@@ -300,7 +300,7 @@ impl Decoder {
         let group = nh / nkv;
         let mut outs = Vec::with_capacity(seqs.len());
         let mut start = 0;
-        let windowed = li >= spec.window_from_layer;
+        let windowed = spec.sliding_layers.get(li).copied().unwrap_or(false);
         for (s, (full, win)) in seqs.iter_mut().zip(biases) {
             let t = s.tokens.len();
             let past = s.cache.len_at(li);

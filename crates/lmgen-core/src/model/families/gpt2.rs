@@ -42,7 +42,7 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         },
         scale_by_inverse_layer: c.bool_or("scale_attn_by_inverse_layer_idx", false)?,
         sliding_window: None,
-        window_from_layer: 0,
+        sliding_layers: vec![],
         embed_norm: false,
         final_norm: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", true)?,

@@ -40,7 +40,7 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         attn_scale: 1.0 / (hd as f64).sqrt(),
         scale_by_inverse_layer: false,
         sliding_window: None,
-        window_from_layer: 0,
+        sliding_layers: vec![],
         embed_norm: false,
         final_norm: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", false)?,

@@ -14,18 +14,41 @@ pub fn spec(c: &RawConfig, arch: &str) -> Result<ModelSpec> {
     let qwen2 =
         arch == "Qwen2ForCausalLM" || c.get("model_type").and_then(|m| m.as_str()) == Some("qwen2");
     let attention_bias = c.bool_or("attention_bias", false)?;
-    // Mistral applies `sliding_window` to every layer; Qwen2 only with `use_sliding_window`,
-    // from layer `max_window_layers` on.
-    let window = c.usize_any(&["sliding_window"])?;
-    let (sliding_window, window_from_layer) = if qwen2 {
-        if c.bool_or("use_sliding_window", false)? {
-            (window, c.usize_any(&["max_window_layers"])?.unwrap_or(0))
-        } else {
-            (None, 0)
+    // transformers: explicit `layer_types`, else Mistral windows every layer and Qwen2 (only
+    // with `use_sliding_window`) the layers from `max_window_layers` on.
+    let mut sliding_window = c.usize_any(&["sliding_window"])?;
+    if qwen2 && !c.bool_or("use_sliding_window", false)? {
+        sliding_window = None;
+    }
+    let sliding_layers: Vec<bool> = match c.get("layer_types").and_then(|v| v.as_array()) {
+        Some(types) => {
+            c.check(types.len() == layers, || {
+                format!(
+                    "layer_types has {} entries for {layers} layers",
+                    types.len()
+                )
+            })?;
+            types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect()
         }
-    } else {
-        (window, 0)
+        None => {
+            let from = if qwen2 {
+                c.usize_any(&["max_window_layers"])?.unwrap_or(0)
+            } else {
+                0
+            };
+            (0..layers)
+                .map(|i| sliding_window.is_some() && i >= from)
+                .collect()
+        }
     };
+    if sliding_layers.iter().any(|&s| s) {
+        c.check(sliding_window.is_some_and(|w| w > 0), || {
+            "sliding attention layers need 'sliding_window'".into()
+        })?;
+    }
     Ok(ModelSpec {
         family: Family::Llama,
         architecture: String::new(),
@@ -49,7 +72,7 @@ pub fn spec(c: &RawConfig, arch: &str) -> Result<ModelSpec> {
         attn_scale: 1.0 / (hd as f64).sqrt(),
         scale_by_inverse_layer: false,
         sliding_window,
-        window_from_layer,
+        sliding_layers,
         embed_norm: false,
         final_norm: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", false)?,

@@ -47,7 +47,7 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         attn_scale: 1.0 / ((e / nh) as f64).sqrt(),
         scale_by_inverse_layer: false,
         sliding_window: None,
-        window_from_layer: 0,
+        sliding_layers: vec![],
         embed_norm: false,
         final_norm: pre && !c.bool_or("_remove_final_layer_norm", false)?,
         tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
