@@ -76,7 +76,8 @@ fn smollm2_gguf_matches_transformers() {
         .run(
             reqs,
             |o| {
-                outs[o.index] = Some(o);
+                let i = o.index;
+                outs[i] = Some(o);
                 Ok(())
             },
             |_| {},

@@ -211,7 +211,10 @@ impl GgufFile {
                         bad(format!("GGUF metadata lacks '{arch}.attention.head_count'"))
                     })?;
                     let rows = shape.first().copied().unwrap_or(0) as u64;
-                    if shape.is_empty() || shape.len() > 2 || rows.checked_rem(2 * h) != Some(0) {
+                    if shape.is_empty()
+                        || shape.len() > 2
+                        || h.checked_mul(2).and_then(|d| rows.checked_rem(d)) != Some(0)
+                    {
                         return Err(bad(format!(
                             "tensor '{gname}' of shape {shape:?} does not split into {h} heads of even size"
                         )));

@@ -34,6 +34,8 @@ pub struct WeightStore {
     used: RefCell<BTreeSet<String>>,
     /// Names accepted without being used (tied copies, buffers such as rotary `inv_freq`).
     ignored: RefCell<BTreeSet<String>>,
+    /// Benchmark mode: every requested tensor is made up (seeded, uniform in ±0.05).
+    synthetic: Option<u64>,
 }
 
 impl WeightStore {
@@ -54,7 +56,20 @@ impl WeightStore {
             index,
             used: RefCell::default(),
             ignored: RefCell::default(),
+            synthetic: None,
         })
+    }
+
+    /// A store that invents every tensor it is asked for (for `lmgen bench` on any shape
+    /// without downloading weights). Deterministic for a given seed and tensor name.
+    pub fn synthetic(seed: u64) -> Self {
+        Self {
+            sources: vec![],
+            index: BTreeMap::new(),
+            used: RefCell::default(),
+            ignored: RefCell::default(),
+            synthetic: Some(seed),
+        }
     }
 
     /// Path of the first file, used when an error concerns the checkpoint as a whole.
@@ -92,6 +107,9 @@ impl WeightStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        if let (Some(seed), Some(shape)) = (self.synthetic, shape) {
+            return synthetic_tensor(seed, name, shape, dtype, device);
+        }
         let (i, meta) = self.index.get(name).ok_or_else(|| Error::MissingTensor {
             path: self.path(),
             name: name.to_string(),
@@ -129,4 +147,21 @@ impl WeightStore {
         }
         Ok(())
     }
+}
+
+fn synthetic_tensor(seed: u64, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    // FNV-1a of the name, mixed with the seed: each tensor has its own stream.
+    let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            // xorshift64*
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let r = state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40; // 24 random bits
+            (r as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect();
+    Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
 }

