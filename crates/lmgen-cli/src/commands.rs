@@ -96,6 +96,10 @@ fn error_body(format: OutFormat, bad: &BadRecord) -> String {
 }
 
 fn error_record(format: OutFormat, bad: &BadRecord) -> OutRecord {
+    eprintln!(
+        "lmgen: warning: {} (skipped; error record written)",
+        bad.message
+    );
     OutRecord {
         index: bad.index,
         sample: 0,
@@ -546,7 +550,10 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
     let input_ids: Vec<&Vec<u32>> = good.iter().map(|(_, ids)| ids).collect();
     let skipped: Vec<Value> = bad
         .iter()
-        .map(|b| serde_json::json!({"id": b.id, "error": b.message}))
+        .map(|b| {
+            eprintln!("lmgen: warning: {} (skipped)", b.message);
+            serde_json::json!({"id": b.id, "error": b.message})
+        })
         .collect();
     let all = serde_json::json!({
         "model": a.model.model,

@@ -46,7 +46,6 @@ pub struct InputRecord {
 #[derive(Debug, Clone)]
 pub struct BadRecord {
     pub index: usize,
-    pub line: usize,
     /// The error record's id: the record's index for a line that could not be parsed,
     /// else the record's own id.
     pub id: Value,
@@ -61,12 +60,6 @@ pub enum Entry {
 }
 
 impl Entry {
-    pub fn index(&self) -> usize {
-        match self {
-            Entry::Ok(r) => r.index,
-            Entry::Bad(b) => b.index,
-        }
-    }
     pub fn id(&self) -> &Value {
         match self {
             Entry::Ok(r) => &r.id,
@@ -95,10 +88,8 @@ impl Input {
         if !skip_bad {
             return Err(UserError(message).into());
         }
-        eprintln!("lmgen: warning: {message} (skipped)");
         Ok(BadRecord {
             index: rec.index,
-            line: rec.line,
             id: rec.id.clone(),
             message,
         })
@@ -202,10 +193,8 @@ pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> anyh
                 if !skip_bad {
                     return Err(UserError(message).into());
                 }
-                eprintln!("lmgen: warning: {message} (skipped)");
                 entries.push(Entry::Bad(BadRecord {
                     index,
-                    line: line_no,
                     id: Value::from(index),
                     message,
                 }));

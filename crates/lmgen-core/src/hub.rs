@@ -78,6 +78,8 @@ fn location_of(p: &Path) -> Result<ModelLocation> {
 }
 
 /// The models file is TOML mapping alias → path, either at top level or under `[models]`.
+/// Unquoted aliases with dots (`galactica-6.7b = "..."`) parse as nested TOML keys; they are
+/// joined back with dots. An alias may also be a table with a `path` key.
 fn lookup_alias(file: &Path, alias: &str) -> Result<Option<PathBuf>> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
@@ -87,20 +89,31 @@ fn lookup_alias(file: &Path, alias: &str) -> Result<Option<PathBuf>> {
         Some(toml::Value::Table(t)) => t,
         _ => &table,
     };
-    match scope.get(alias) {
-        None => Ok(None),
-        Some(toml::Value::String(s)) => Ok(Some(PathBuf::from(s))),
-        Some(toml::Value::Table(t)) => match t.get("path") {
-            Some(toml::Value::String(s)) => Ok(Some(PathBuf::from(s))),
-            _ => Err(Error::bad_config(
-                file,
-                format!("alias '{alias}' needs a string 'path'"),
-            )),
-        },
-        Some(_) => Err(Error::bad_config(
-            file,
-            format!("alias '{alias}' must map to a path string"),
-        )),
+    let mut aliases = Vec::new();
+    flatten(scope, "", &mut aliases);
+    Ok(aliases
+        .into_iter()
+        .find(|(k, _)| k == alias)
+        .map(|(_, v)| PathBuf::from(v)))
+}
+
+fn flatten(t: &toml::Table, prefix: &str, out: &mut Vec<(String, String)>) {
+    for (k, v) in t {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::String(s) => out.push((key, s.clone())),
+            toml::Value::Table(inner) => {
+                if let Some(toml::Value::String(p)) = inner.get("path") {
+                    out.push((key.clone(), p.clone()));
+                }
+                flatten(inner, &key, out);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -166,11 +179,15 @@ mod tests {
         let f = tmp.path().join("models.toml");
         std::fs::write(
             &f,
-            "[models]\ngalactica-6.7b = \"gal\"\nbroken = \"nope\"\n",
+            "[models]\ngalactica-6.7b = \"gal\"\n\"opt-30b\" = { path = \"gal\" }\nbroken = \"nope\"\n",
         )
         .unwrap();
         assert_eq!(
             resolve("galactica-6.7b", Some(&f)).unwrap(),
+            ModelLocation::Dir(tmp.path().join("gal"))
+        );
+        assert_eq!(
+            resolve("opt-30b", Some(&f)).unwrap(),
             ModelLocation::Dir(tmp.path().join("gal"))
         );
         let e = resolve("broken", Some(&f)).unwrap_err().to_string();

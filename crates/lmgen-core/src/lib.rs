@@ -1,5 +1,6 @@
 //! lmgen-core: load Hugging Face causal language models and run generation, scoring and
 //! hidden-state extraction on them. No printing, no CLI concerns: see `lmgen-cli`.
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;

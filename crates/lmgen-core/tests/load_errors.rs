@@ -53,7 +53,7 @@ fn rewrite(
             n.to_string(),
             dtype,
             s.clone(),
-            vec![0u8; count * dtype.size()],
+            vec![0u8; count * dtype.bitsize() / 8],
         ));
     }
     let views: Vec<(String, TensorView)> = owned

@@ -117,11 +117,12 @@ fn smollm2_gguf_matches_transformers() {
             );
         }
         if o.token_ids == want {
-            assert_eq!(
-                o.text,
-                p["greedy"]["text"].as_str().unwrap(),
-                "prompt {i}: decoded text"
-            );
+            // The golden text was decoded keeping special tokens; ours skips them (as vLLM).
+            let golden = p["greedy"]["text"]
+                .as_str()
+                .unwrap()
+                .replace("<|im_end|>", "");
+            assert_eq!(o.text, golden, "prompt {i}: decoded text");
         }
     }
 }

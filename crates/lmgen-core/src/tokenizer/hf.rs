@@ -16,6 +16,9 @@ use tokenizers::{AddedToken, Tokenizer};
 use super::{bad, LmTokenizer};
 use crate::error::{Error, Result};
 
+/// Added tokens with the ids they were declared with.
+type AddedList = Vec<(u32, AddedToken)>;
+
 /// The tokenizer classes whose behaviour we reproduce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Class {
@@ -488,6 +491,68 @@ fn legacy_added_tokens_json(dir: &Path, named: &[String]) -> Result<Vec<(u32, Ad
     Ok(out)
 }
 
+/// Parse `tokenizer.json` and rebuild it as the class constructor does: a fresh tokenizer from
+/// vocab + merges with the class's pipeline (post-processor kept). Returns the tokenizer, the
+/// effective class (`Backend` for non-BPE models, kept as is) and tokenizer.json's added tokens
+/// (which the class gets back only through the config / legacy path).
+fn rebuild_for_class(
+    text: &str,
+    class: Class,
+    cfg: Option<&Map<String, Value>>,
+    path: &Path,
+) -> Result<(Tokenizer, Class, AddedList)> {
+    let mut json: Value =
+        serde_json::from_str(text).map_err(|e| bad(path, format!("invalid JSON: {e}")))?;
+    let obj = json
+        .as_object_mut()
+        .ok_or_else(|| bad(path, "expected a JSON object"))?;
+    let model_type = obj
+        .get("model")
+        .and_then(|m| m.get("type"))
+        .and_then(Value::as_str);
+    let is_bpe = model_type == Some("BPE")
+        || (model_type.is_none() && obj.get("model").and_then(|m| m.get("merges")).is_some());
+    let Some(p) = class_pipeline(class, cfg).filter(|_| is_bpe) else {
+        return Ok((tokenizer_from_json(json, path)?, Class::Backend, Vec::new()));
+    };
+    let mut added: Vec<(u32, AddedToken)> = Vec::new();
+    if let Some(Value::Array(items)) = obj.get("added_tokens") {
+        for it in items {
+            let id = it
+                .get("id")
+                .and_then(Value::as_u64)
+                .and_then(|x| u32::try_from(x).ok());
+            if let (Some(id), Some(t)) = (id, added_token_from_value(it, None)) {
+                added.push((id, t));
+            }
+        }
+    }
+    let model = obj.remove("model").unwrap_or(Value::Null);
+    let (vocab, merges) = match model {
+        Value::Object(mut m) => (
+            m.remove("vocab").unwrap_or_else(|| json!({})),
+            m.remove("merges").unwrap_or_else(|| json!([])),
+        ),
+        _ => (json!({}), json!([])),
+    };
+    obj.insert(
+        "model".into(),
+        bpe_model(vocab, merges, None, p.fuse_unk, p.byte_fallback),
+    );
+    obj.insert("normalizer".into(), p.normalizer);
+    obj.insert("pre_tokenizer".into(), p.pre_tokenizer);
+    obj.insert("decoder".into(), p.decoder);
+    obj.insert("added_tokens".into(), json!([]));
+    obj.insert("truncation".into(), Value::Null);
+    obj.insert("padding".into(), Value::Null);
+    if class == Class::GptNeoX {
+        // GPTNeoXTokenizer calls update_post_processor() (add_bos/add_eos are dropped when a
+        // tokenizer.json exists, so: no BOS/EOS).
+        obj.insert("post_processor".into(), Value::Null);
+    }
+    Ok((tokenizer_from_json(json, path)?, class, added))
+}
+
 pub(super) fn load_dir(dir: &Path) -> Result<LmTokenizer> {
     if !dir.is_dir() {
         return Err(Error::ModelNotFound(dir.display().to_string()));
@@ -518,60 +583,20 @@ pub(super) fn load_dir(dir: &Path) -> Result<LmTokenizer> {
     if tj_path.is_file() {
         let text = read_text(&tj_path)?;
         let class = resolve_class(hub_class, model_type, Some(&text));
-        let mut json: Value =
-            serde_json::from_str(&text).map_err(|e| bad(&tj_path, format!("invalid JSON: {e}")))?;
-        let obj = json
-            .as_object_mut()
-            .ok_or_else(|| bad(&tj_path, "expected a JSON object"))?;
-        let is_bpe = obj
-            .get("model")
-            .and_then(|m| m.get("type"))
-            .and_then(Value::as_str)
-            == Some("BPE")
-            || obj.get("model").and_then(|m| m.get("merges")).is_some();
-        let class = if is_bpe { class } else { Class::Backend };
-        // Legacy path: without `added_tokens_decoder` in the config, tokenizer.json's own added
-        // tokens are what the class gets.
-        let mut legacy_added: Vec<(u32, AddedToken)> = Vec::new();
-        if let Some(Value::Array(items)) = obj.get("added_tokens") {
-            for it in items {
-                let id = it
-                    .get("id")
-                    .and_then(Value::as_u64)
-                    .and_then(|x| u32::try_from(x).ok());
-                if let (Some(id), Some(t)) = (id, added_token_from_value(it, None)) {
-                    legacy_added.push((id, t));
-                }
-            }
-        }
-        if let Some(p) = class_pipeline(class, cfg.as_ref()) {
-            // The class constructor builds a fresh tokenizer from vocab + merges only.
-            let model = obj.get("model").cloned().unwrap_or(Value::Null);
-            let vocab = model.get("vocab").cloned().unwrap_or_else(|| json!({}));
-            let merges = model.get("merges").cloned().unwrap_or_else(|| json!([]));
-            obj.insert(
-                "model".into(),
-                bpe_model(vocab, merges, None, p.fuse_unk, p.byte_fallback),
-            );
-            obj.insert("normalizer".into(), p.normalizer);
-            obj.insert("pre_tokenizer".into(), p.pre_tokenizer);
-            obj.insert("decoder".into(), p.decoder);
-            obj.insert("added_tokens".into(), json!([]));
-            if class == Class::GptNeoX {
-                // GPTNeoXTokenizer calls update_post_processor() (add_bos/add_eos are dropped when
-                // a tokenizer.json exists, so: no BOS/EOS).
-                obj.insert("post_processor".into(), Value::Null);
-            }
-        }
-        obj.insert("truncation".into(), Value::Null);
-        obj.insert("padding".into(), Value::Null);
-        let mut tok = tokenizer_from_json(json, &tj_path)?;
-        let mut legacy = if class == Class::Backend {
-            Vec::new()
+        let (mut tok, class, legacy_added) = if class == Class::Backend {
+            // tokenizer.json as is.
+            let tok = serde_json::from_str::<Tokenizer>(&text).map_err(|e| bad(&tj_path, e))?;
+            (tok, class, Vec::new())
         } else {
-            legacy_added
+            rebuild_for_class(&text, class, cfg.as_ref(), &tj_path)?
         };
-        let named_strs: Vec<String> = Vec::new();
+        let mut legacy = legacy_added;
+        let named0 = collect_special(class, cfg.as_ref(), stm.as_ref(), Vec::new());
+        let named_strs: Vec<String> = named0
+            .named
+            .iter()
+            .filter_map(|(_, v)| token_content(v))
+            .collect();
         legacy.extend(legacy_added_tokens_json(dir, &named_strs)?);
         let sp = collect_special(class, cfg.as_ref(), stm.as_ref(), legacy);
         add_special_tokens(&mut tok, &sp, class, &tj_path)?;

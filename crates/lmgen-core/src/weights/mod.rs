@@ -149,9 +149,17 @@ impl WeightStore {
     }
 }
 
-fn synthetic_tensor(seed: u64, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+fn synthetic_tensor(
+    seed: u64,
+    name: &str,
+    shape: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     // FNV-1a of the name, mixed with the seed: each tensor has its own stream.
-    let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut state = name.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ seed, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
     let n: usize = shape.iter().product();
     let data: Vec<f32> = (0..n)
         .map(|_| {
