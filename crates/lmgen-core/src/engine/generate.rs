@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::SeqCache;
 use crate::model::{SeqStep, Want};
 use crate::sampling::{log_softmax_row, Sampler, SamplingParams};
+use crate::tokenizer::DecodeStream;
 use crate::Model;
 
 #[derive(Debug, Clone)]
@@ -59,7 +60,7 @@ pub struct StepStats {
     pub in_flight: usize,
 }
 
-struct Active {
+struct Active<'m> {
     req: GenRequest,
     cache: SeqCache,
     sampler: Sampler,
@@ -68,6 +69,8 @@ struct Active {
     logprobs: Vec<f32>,
     /// Tokens of `history` already in the cache.
     prefilled: usize,
+    /// Only when stop strings are set: incremental text, for matching them.
+    stream: Option<(DecodeStream<'m>, String)>,
 }
 
 pub struct Generator<'m> {
@@ -96,7 +99,7 @@ impl<'m> Generator<'m> {
     ) -> Result<()> {
         let model = self.model;
         let mut pending = requests.into_iter();
-        let mut active: Vec<Active> = Vec::new();
+        let mut active: Vec<Active<'m>> = Vec::new();
         let mut exhausted = false;
         loop {
             while !exhausted && active.len() < self.batch_size {
@@ -128,6 +131,12 @@ impl<'m> Generator<'m> {
                             generated: Vec::with_capacity(req.max_new_tokens),
                             logprobs: Vec::new(),
                             prefilled: 0,
+                            stream: (!req.stop.is_empty()).then(|| {
+                                (
+                                    model.tokenizer.decode_stream(&req.prompt_ids),
+                                    String::new(),
+                                )
+                            }),
                             req,
                         });
                     }
@@ -199,7 +208,7 @@ impl<'m> Generator<'m> {
                 stats.generated_tokens += 1;
                 let reason = if model.eos.contains(&tok) {
                     Some(FinishReason::Eos)
-                } else if !a.req.stop.is_empty() && self.hits_stop(a)? {
+                } else if Self::hits_stop(a, tok)? {
                     Some(FinishReason::Stop)
                 } else if a.generated.len() >= a.req.max_new_tokens
                     || !model.fits(a.history.len() + 1)
@@ -221,17 +230,22 @@ impl<'m> Generator<'m> {
         }
     }
 
-    fn hits_stop(&self, a: &Active) -> Result<bool> {
-        // Only the tail can contain a new match: decode a window long enough for the longest stop string.
+    /// Feed the new token to the sequence's text stream and look for a stop string in
+    /// the part of the text the new piece could have completed.
+    fn hits_stop(a: &mut Active, tok: u32) -> Result<bool> {
+        let Some((stream, text)) = a.stream.as_mut() else {
+            return Ok(false);
+        };
+        let Some(piece) = stream.step(tok)? else {
+            return Ok(false);
+        };
         let longest = a.req.stop.iter().map(|s| s.len()).max().unwrap_or(0);
-        let window = (longest + 8).min(a.generated.len());
-        let tail = &a.generated[a.generated.len() - window..];
-        let ctx_start = a.history.len() - window;
-        let text = self
-            .model
-            .tokenizer
-            .continuation(&a.history[ctx_start.saturating_sub(4)..ctx_start], tail)?;
-        Ok(a.req.stop.iter().any(|s| text.contains(s.as_str())))
+        let mut from = text.len().saturating_sub(longest);
+        text.push_str(&piece);
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        Ok(a.req.stop.iter().any(|s| text[from..].contains(s.as_str())))
     }
 
     fn finish_output(
