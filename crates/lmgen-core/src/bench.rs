@@ -181,12 +181,17 @@ fn matmul_params(d: &Decoder) -> usize {
     n
 }
 
+/// Benchmark a synthetic model of the shape `config` describes.
 pub fn run(name: &str, config: Value, opts: &BenchOptions) -> Result<BenchReport> {
-    let limits = measure_limits(opts.threads)?;
     let t = Instant::now();
     let dec = synthetic_decoder(config, 1234, &Device::Cpu, DType::F32)?;
-    let load_s = t.elapsed().as_secs_f64();
-    let mm = matmul_params(&dec);
+    run_decoder(name, &dec, t.elapsed().as_secs_f64(), opts)
+}
+
+/// Benchmark an already loaded decoder (`load_s`: how long loading took).
+pub fn run_decoder(name: &str, dec: &Decoder, load_s: f64, opts: &BenchOptions) -> Result<BenchReport> {
+    let limits = measure_limits(opts.threads)?;
+    let mm = matmul_params(dec);
     let params = mm + dec.weights.embed.elem_count() * usize::from(!dec.spec.tie_embeddings);
     let bytes_per_token = (mm * 4) as f64;
     let vocab = dec.spec.vocab_size as u32;
