@@ -85,57 +85,149 @@ pub fn synthetic_decoder(
 /// What this machine can do at best, measured now.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Limits {
-    /// Sustained memory read bandwidth over all threads, GB/s.
+    /// Sustained memory read bandwidth with `read_threads` threads, GB/s (best of ~1 s of
+    /// passes over a 1 GiB buffer, AVX2 loads where the CPU has them).
     pub read_gb_s: f64,
-    /// f32 GEMM throughput (1024³, candle's CPU kernel), GFLOP/s.
+    /// The same with one thread.
+    pub read_gb_s_1thread: f64,
+    pub read_threads: usize,
+    /// f32 GEMM throughput of candle's CPU matmul (the kernel lmgen uses), GFLOP/s: the best
+    /// of the shapes tried, which is `gemm_shape`.
     pub gemm_gflop_s: f64,
+    /// `[m, k, n]` of the best GEMM: (m×k)·(k×n).
+    pub gemm_shape: [usize; 3],
 }
 
+/// Size of the bandwidth buffer: far beyond any cache (this VM reports a 480 MiB L3).
+const BW_BYTES: usize = 1 << 30;
+
 pub fn measure_limits(threads: usize) -> Result<Limits> {
-    // Read bandwidth: sum a 512 MiB buffer split over the threads; best of 5.
-    let n: usize = 128 << 20;
-    let buf: Vec<f32> = (0..n).map(|i| (i & 7) as f32).collect();
     let threads = threads.max(1);
-    let mut best = f64::INFINITY;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let total: f32 = std::thread::scope(|s| {
-            let chunk = n.div_ceil(threads);
-            let hs: Vec<_> = buf
-                .chunks(chunk)
-                .map(|c| s.spawn(move || sum_f32(c)))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-        });
-        std::hint::black_box(total);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    let read_gb_s = (n * 4) as f64 / best / 1e9;
+    // Every page written (non-zero), so reads hit real memory, not the shared zero page.
+    let buf: Vec<f32> = vec![1.0f32; BW_BYTES / 4];
+    let read_gb_s = read_bandwidth(&buf, threads, 1.0);
+    let read_gb_s_1thread = if threads > 1 {
+        read_bandwidth(&buf, 1, 0.5)
+    } else {
+        read_gb_s
+    };
     drop(buf);
-    let m = 1024;
-    let a = Tensor::randn(0f32, 1.0, (m, m), &Device::Cpu)?;
-    let b = Tensor::randn(0f32, 1.0, (m, m), &Device::Cpu)?;
-    let mut best = f64::INFINITY;
-    for _ in 0..5 {
-        let t = Instant::now();
-        std::hint::black_box(a.matmul(&b.t()?)?);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
+    let (gemm_gflop_s, gemm_shape) = gemm_peak()?;
     Ok(Limits {
         read_gb_s,
-        gemm_gflop_s: 2.0 * (m * m * m) as f64 / best / 1e9,
+        read_gb_s_1thread,
+        read_threads: threads,
+        gemm_gflop_s,
+        gemm_shape,
     })
 }
 
+/// Best GB/s of repeated full passes over `buf` split over `threads` threads (the calling
+/// thread is one of them), for about `seconds` (at least 5 passes). Threads start once and
+/// meet at a barrier around each pass, so the timing holds no thread start-up.
+fn read_bandwidth(buf: &[f32], threads: usize, seconds: f64) -> f64 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Barrier;
+    let chunk = buf.len().div_ceil(threads).next_multiple_of(1024);
+    let parts: Vec<&[f32]> = buf.chunks(chunk).collect();
+    let barrier = Barrier::new(parts.len());
+    let stop = AtomicBool::new(false);
+    let mut best = f64::INFINITY;
+    std::thread::scope(|s| {
+        for part in &parts[1..] {
+            let (barrier, stop) = (&barrier, &stop);
+            s.spawn(move || loop {
+                barrier.wait();
+                if stop.load(Ordering::Acquire) {
+                    return;
+                }
+                std::hint::black_box(sum_f32(part));
+                barrier.wait();
+            });
+        }
+        let started = Instant::now();
+        let mut passes = 0;
+        loop {
+            barrier.wait();
+            let t = Instant::now();
+            std::hint::black_box(sum_f32(parts[0]));
+            barrier.wait();
+            best = best.min(t.elapsed().as_secs_f64());
+            passes += 1;
+            if (passes >= 5 && started.elapsed().as_secs_f64() >= seconds) || passes >= 200 {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Release);
+        barrier.wait();
+    });
+    std::mem::size_of_val(buf) as f64 / best / 1e9
+}
+
+/// Best of a few square f32 GEMMs through candle's matmul; (GFLOP/s, [m, k, n]).
+fn gemm_peak() -> Result<(f64, [usize; 3])> {
+    let mut best = (0.0, [0; 3]);
+    for m in [1024usize, 2048] {
+        let a = Tensor::randn(0f32, 1.0, (m, m), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (m, m), &Device::Cpu)?;
+        let mut t_best = f64::INFINITY;
+        for _ in 0..4 {
+            let t = Instant::now();
+            std::hint::black_box(a.matmul(&b)?);
+            t_best = t_best.min(t.elapsed().as_secs_f64());
+        }
+        let gflops = 2.0 * (m * m * m) as f64 / t_best / 1e9;
+        if gflops > best.0 {
+            best = (gflops, [m, m, m]);
+        }
+    }
+    Ok(best)
+}
+
+/// Sum of `xs`, written to be bound by memory loads: AVX2 with 8 independent 8-lane
+/// accumulators where the CPU has it (the binary targets baseline x86-64, so the compiler
+/// alone would use 4-lane SSE with a latency-bound chain), else 8 scalar accumulators.
 fn sum_f32(xs: &[f32]) -> f32 {
-    // 8 independent accumulators so the loop is bound by loads, not by add latency.
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // Safe: the CPU supports AVX2 (checked just above).
+            return unsafe { sum_f32_avx2(xs) };
+        }
+    }
+    sum_f32_scalar(xs)
+}
+
+fn sum_f32_scalar(xs: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    for c in xs.chunks_exact(8) {
+    let mut it = xs.chunks_exact(8);
+    for c in &mut it {
         for i in 0..8 {
             acc[i] += c[i];
         }
     }
-    acc.iter().sum()
+    acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn sum_f32_avx2(xs: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut it = xs.chunks_exact(64);
+    for c in &mut it {
+        let p = c.as_ptr();
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_add_ps(*a, _mm256_loadu_ps(p.add(8 * i)));
+        }
+    }
+    let mut lanes = [0f32; 8];
+    let mut total = acc[0];
+    for a in &acc[1..] {
+        total = _mm256_add_ps(total, *a);
+    }
+    _mm256_storeu_ps(lanes.as_mut_ptr(), total);
+    lanes.iter().sum::<f32>() + sum_f32_scalar(it.remainder())
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -158,6 +250,8 @@ pub struct BenchReport {
     pub prefill_gemm_ratio: f64,
     pub decode: Vec<DecodePoint>,
     pub peak_rss_bytes: Option<u64>,
+    /// Threads the run was asked to use (`BenchOptions::threads`).
+    pub threads: usize,
     pub limits: Limits,
 }
 
@@ -171,7 +265,7 @@ pub struct BenchOptions {
 /// Parameters in the matrices every token multiplies with (all linears + head).
 fn matmul_params(d: &Decoder) -> usize {
     let w = &d.weights;
-    let mut n = w.lm_head.elem_count();
+    let mut n = w.lm_head.weight.elem_count();
     for b in &w.blocks {
         n += b.qkv.weight.elem_count() + b.out.weight.elem_count();
         n += b.mlp_in.weight.elem_count() + b.mlp_out.weight.elem_count();
@@ -189,8 +283,17 @@ pub fn run(name: &str, config: Value, opts: &BenchOptions) -> Result<BenchReport
 }
 
 /// Benchmark an already loaded decoder (`load_s`: how long loading took).
-pub fn run_decoder(name: &str, dec: &Decoder, load_s: f64, opts: &BenchOptions) -> Result<BenchReport> {
+pub fn run_decoder(
+    name: &str,
+    dec: &Decoder,
+    load_s: f64,
+    opts: &BenchOptions,
+) -> Result<BenchReport> {
+    // The limits' 1 GiB buffer must not count in the model's peak RSS: keep the peak so far
+    // (loading), measure, then reset the kernel's high-water mark.
+    let rss_before = peak_rss();
     let limits = measure_limits(opts.threads)?;
+    reset_peak_rss();
     let mm = matmul_params(dec);
     let params = mm + dec.weights.embed.elem_count() * usize::from(!dec.spec.tie_embeddings);
     let bytes_per_token = (mm * 4) as f64;
@@ -275,9 +378,15 @@ pub fn run_decoder(name: &str, dec: &Decoder, load_s: f64, opts: &BenchOptions) 
         prefill_gflop_s: prefill_gflops,
         prefill_gemm_ratio: prefill_gflops / limits.gemm_gflop_s,
         decode,
-        peak_rss_bytes: peak_rss(),
+        peak_rss_bytes: peak_rss().max(rss_before),
+        threads: opts.threads,
         limits,
     })
+}
+
+/// Restart the peak-RSS count at the current RSS (Linux ≥ 4.0: `5` to `clear_refs`).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).

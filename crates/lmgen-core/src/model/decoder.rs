@@ -37,8 +37,8 @@ pub struct Weights {
     pub blocks: Vec<Block>,
     pub final_norm: Option<Norm>,
     pub project_out: Option<Linear>,
-    /// `[vocab, embed_dim]`; a clone of `embed` (same storage) when tied.
-    pub lm_head: Tensor,
+    /// `[vocab, embed_dim]`; shares `embed`'s storage when tied.
+    pub lm_head: Linear,
 }
 
 /// What the caller wants back for one sequence of a step.
@@ -169,7 +169,7 @@ impl Decoder {
             } else {
                 x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
             };
-            let all = sel.matmul(&w.lm_head.t()?)?.to_dtype(DType::F32)?;
+            let all = w.lm_head.forward(&sel)?.to_dtype(DType::F32)?;
             let mut r = 0;
             for s in seqs.iter() {
                 let k = match s.want {

@@ -1,6 +1,8 @@
 //! Model definition: the generic decoder, its layers, and the per-family mappings.
 pub mod decoder;
 pub mod families;
+pub mod kernels;
 pub mod layers;
+pub mod quant;
 
 pub use decoder::{Decoder, SeqStep, StepOutput, Want};

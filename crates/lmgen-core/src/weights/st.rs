@@ -243,9 +243,31 @@ impl TensorSource for SafetensorsFile {
         } else {
             t.to_dtype(dtype).map_err(wrap)?
         };
-        t.to_device(device).map_err(wrap)
+        let t = t.to_device(device).map_err(wrap)?;
+        // The tensor now owns a copy: let the kernel drop the file pages we read, so peak
+        // memory stays near one copy of the weights instead of two. Only whole pages
+        // inside this tensor's range are released; failure is harmless.
+        release_pages(&self.mmap, e.start, e.end);
+        Ok(t)
     }
 }
+
+#[cfg(unix)]
+fn release_pages(map: &memmap2::Mmap, start: usize, end: usize) {
+    const PAGE: usize = 4096;
+    let first = start.div_ceil(PAGE) * PAGE;
+    let last = end / PAGE * PAGE;
+    if last > first {
+        // SAFETY: the map is read-only and file-backed; DONTNEED only drops clean page-cache
+        // mappings, which are re-read from the file if touched again.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+        };
+    }
+}
+
+#[cfg(not(unix))]
+fn release_pages(_: &memmap2::Mmap, _: usize, _: usize) {}
 
 /// First line of a (possibly multi-line, backtrace-carrying) error message.
 pub(crate) fn one_line(s: &str) -> String {

@@ -2,6 +2,7 @@
 use super::{load_interleaved_blocks, BlockNames, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size", "n_embed"])?;
@@ -71,7 +72,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         blocks: load_interleaved_blocks(s, &l, "h", &names)?,
         final_norm: Some(l.norm("ln_f", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: l.head(s, &embed, "lm_head.weight")?,
+        lm_head: Linear::new(l.head(s, &embed, "lm_head.weight")?, None),
         embed,
     })
 }

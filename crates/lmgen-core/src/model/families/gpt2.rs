@@ -3,6 +3,7 @@ use super::{Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
 use crate::model::decoder::Block;
+use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let e = c.req_usize(&["n_embd", "hidden_size"])?;
@@ -82,7 +83,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         blocks,
         final_norm: Some(l.norm("ln_f", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: l.head(s, &embed, "lm_head.weight")?,
+        lm_head: Linear::new(l.head(s, &embed, "lm_head.weight")?, None),
         embed,
     })
 }

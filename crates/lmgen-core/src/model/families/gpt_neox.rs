@@ -3,6 +3,7 @@
 use super::{load_interleaved_blocks, BlockNames, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size"])?;
@@ -77,7 +78,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
             s.norm_eps,
         )?),
         project_out: None,
-        lm_head: l.head(s, &embed, "embed_out.weight")?,
+        lm_head: Linear::new(l.head(s, &embed, "embed_out.weight")?, None),
         embed,
     })
 }

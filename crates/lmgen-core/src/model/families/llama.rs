@@ -4,6 +4,7 @@ use super::{fuse, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
 use crate::model::decoder::Block;
+use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig, arch: &str) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size"])?;
@@ -119,7 +120,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         blocks,
         final_norm: Some(l.norm("model.norm", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: l.head(s, &embed, "lm_head.weight")?,
+        lm_head: Linear::new(l.head(s, &embed, "lm_head.weight")?, None),
         embed,
     })
 }
