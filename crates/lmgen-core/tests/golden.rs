@@ -277,3 +277,76 @@ fn every_golden_file_has_a_test() {
         );
     }
 }
+
+/// The half-precision compute path (what GPUs run) on the CPU: f16/bf16 weights and
+/// activations, attention softmax in f32. These fixtures have large activations, so errors
+/// are those of the formats: measured max |Δlogprob| ≈ 0.045 (f16) and 0.22 (bf16, 3 fewer
+/// mantissa bits). Greedy tokens (f16) must agree except at near-ties.
+#[test]
+fn half_precision_compute_tracks_transformers() {
+    use candle_core::DType::{BF16, F16};
+    for (name, dtype, tol) in [
+        ("llama", F16, 0.06),
+        ("opt", F16, 0.06),
+        ("bloom", BF16, 0.3),
+        ("neox", BF16, 0.3),
+        ("gpt2", BF16, 0.3),
+    ] {
+        let g = golden(name);
+        let model = load(
+            &ModelLocation::Dir(model_dir(name)),
+            &LoadOptions {
+                dtype,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let prompts: Vec<Vec<u32>> = g["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| ids(&p["input_ids"]))
+            .collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
+        for (i, (p, s)) in g["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(score_batch(&model, &refs).unwrap())
+            .enumerate()
+        {
+            for (j, (a, b)) in s
+                .logprobs
+                .iter()
+                .zip(floats(&p["prompt_logprobs"]))
+                .enumerate()
+            {
+                assert!(
+                    (a - b).abs() < tol,
+                    "{name} {dtype:?} prompt {i} token {j}: {a} vs {b}"
+                );
+            }
+        }
+        if dtype == F16 {
+            for (i, (p, (toks, _, _))) in g["prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(greedy(&model, &prompts, 10, 2, 2048))
+                .enumerate()
+            {
+                let want = ids(&p["greedy"]["token_ids"]);
+                let gaps = floats(&p["greedy"]["top2_gap"]);
+                if let Some(j) = (0..want.len().min(toks.len())).find(|&j| toks[j] != want[j]) {
+                    assert!(
+                        gaps[j] < 0.1,
+                        "{name} f16 prompt {i} step {j}: {} vs {} (gap {})",
+                        toks[j],
+                        want[j],
+                        gaps[j]
+                    );
+                }
+            }
+        }
+    }
+}

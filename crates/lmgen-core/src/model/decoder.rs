@@ -217,9 +217,10 @@ impl Decoder {
             i += t;
         }
         let n = positions.len();
+        let dtype = self.weights.embed.dtype();
         Ok(Some((
-            Tensor::from_vec(cos, (n, half), &self.device)?,
-            Tensor::from_vec(sin, (n, half), &self.device)?,
+            Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(dtype)?,
         )))
     }
 
@@ -309,15 +310,18 @@ impl Decoder {
                 .append(li, &k.narrow(1, start, t)?, &v.narrow(1, start, t)?)?;
             let total = past + t;
             let qs = q.narrow(1, start, t)?.reshape((nkv, group * t, hd))?;
-            let scores = (qs.matmul(&kk.t()?)? * scale)?.reshape((nh, t, total))?;
+            // Scores, mask and softmax in f32 whatever the compute dtype (bf16 on GPUs).
+            let scores =
+                (qs.matmul(&kk.t()?)?.to_dtype(DType::F32)? * scale)?.reshape((nh, t, total))?;
             let bias = if windowed {
                 win.as_ref().unwrap_or(full)
             } else {
                 full
             };
             let scores = scores.broadcast_add(bias)?;
-            let probs =
-                candle_nn::ops::softmax_last_dim(&scores)?.reshape((nkv, group * t, total))?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?
+                .to_dtype(vv.dtype())?
+                .reshape((nkv, group * t, total))?;
             outs.push(probs.matmul(&vv)?.reshape((nh, t, hd))?);
             start += t;
         }
