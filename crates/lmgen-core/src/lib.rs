@@ -8,6 +8,7 @@ pub mod hub;
 pub mod kv_cache;
 pub mod loader;
 pub mod model;
+pub mod plan;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
