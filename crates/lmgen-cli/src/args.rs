@@ -40,6 +40,55 @@ pub enum Command {
     Score(ScoreArgs),
     /// Hidden states of each input (safetensors output)
     Embed(EmbedArgs),
+    /// Speed on this machine (prefill, decode per batch size) next to its measured limits
+    #[command(after_help = bench_after_help())]
+    Bench(BenchArgs),
+}
+
+fn bench_after_help() -> String {
+    format!(
+        "\
+Give exactly one of MODEL (a real checkpoint, loaded and timed), --preset NAME (the shape of a
+well-known model with synthetic weights) or --config config.json (any shape, synthetic
+weights). Presets: {}.
+
+Measures: prefill of one --prompt-tokens prompt (best of 3) as tokens/s, GFLOP/s and its ratio
+to the GEMM peak of this machine; decode tokens/s at each batch size, and for batch 1 its
+ratio to the bandwidth bound (read bandwidth / bytes of f32 weights read per token); peak RSS;
+the machine's read bandwidth and candle f32 GEMM throughput, measured in the same run.",
+        lmgen_core::bench::PRESETS.join(", ")
+    )
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Model directory, Hugging Face model id, models-file alias, or .gguf file
+    #[arg(value_name = "MODEL")]
+    pub model: Option<String>,
+    /// Shape of a well-known model, with synthetic weights
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// config.json of any supported family, with synthetic weights
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// TOML file mapping aliases to model paths (default: $LMGEN_MODELS)
+    #[arg(long, value_name = "FILE")]
+    pub models_file: Option<PathBuf>,
+    /// CPU threads (default: the CPUs this process may use, capped by $SLURM_CPUS_PER_TASK)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+    /// Decode batch sizes, comma-separated
+    #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "1,4,16,64", value_parser = parse_positive)]
+    pub batch_sizes: Vec<usize>,
+    /// Length of the prefill prompt
+    #[arg(long, default_value_t = 128, value_name = "N", value_parser = parse_positive)]
+    pub prompt_tokens: usize,
+    /// Timed decode steps per batch size
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = parse_positive)]
+    pub decode_tokens: usize,
+    /// Print the report as JSON instead of a table
+    #[arg(long)]
+    pub json: bool,
 }
 
 const GENERATE_AFTER_HELP: &str = "\
@@ -253,7 +302,7 @@ fn parse_penalty(s: &str) -> Result<f32, String> {
     }
 }
 
-const SUBCOMMANDS: &[&str] = &["generate", "score", "embed", "help"];
+const SUBCOMMANDS: &[&str] = &["generate", "score", "embed", "bench", "help"];
 
 /// `lmgen MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE [options]` → `lmgen generate ...`.
 /// Returns a one-line message for a malformed short form.
@@ -266,7 +315,7 @@ pub fn rewrite_short_form(args: Vec<OsString>) -> Result<Vec<OsString>, String> 
     }
     if args.len() < 6 {
         return Err(format!(
-            "expected a subcommand (generate, score, embed) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
+            "expected a subcommand (generate, score, embed, bench) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
             args.len() - 1
         ));
     }

@@ -1,5 +1,6 @@
 //! `lmgen`: generate, score and embed with Hugging Face causal LMs (see shared/CLI.md).
 mod args;
+mod bench;
 mod commands;
 mod input;
 mod output;
@@ -45,12 +46,14 @@ fn main() {
         Command::Generate(a) => a.model.threads,
         Command::Score(a) => a.model.threads,
         Command::Embed(a) => a.model.threads,
+        Command::Bench(a) => a.threads,
     };
     util::configure_threads(threads.map(|n| n as usize));
     let result = match cli.command {
         Command::Generate(a) => commands::generate(a),
         Command::Score(a) => commands::score(a),
         Command::Embed(a) => commands::embed(a),
+        Command::Bench(a) => bench::bench(a),
     };
     if let Err(e) = result {
         die(util::exit_code(&e), &format!("{e:#}"));

@@ -118,8 +118,7 @@ pub fn plan(s: &ModelSpec, r: &PlanRequest) -> Plan {
     let mut devices = Vec::new();
     let mut next = 0usize;
     let n = s.num_layers;
-    for (i, d) in r.devices.iter().enumerate() {
-        let last_device = i + 1 == r.devices.len();
+    for d in &r.devices {
         let mut p = DevicePlan {
             device: d.name.clone(),
             budget: d.bytes,
@@ -133,9 +132,7 @@ pub fn plan(s: &ModelSpec, r: &PlanRequest) -> Plan {
         while next < n {
             // The head must follow the last block; reserve room for it when this block is the last.
             let extra = if next + 1 == n { head_bytes } else { 0 };
-            if p.total() + block_bytes + kv_per_block + extra > d.bytes
-                && !(last_device && next == p.blocks.0 && false)
-            {
+            if p.total() + block_bytes + kv_per_block + extra > d.bytes {
                 break;
             }
             p.weight_bytes += block_bytes;
