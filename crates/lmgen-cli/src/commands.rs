@@ -17,7 +17,14 @@ use std::collections::HashMap;
 
 fn load_model(m: &ModelArgs, device: Device, dtype: DType) -> anyhow::Result<Model> {
     let location = lmgen_core::hub::resolve(&m.model, m.models_file.as_deref())?;
-    Ok(load(&location, &LoadOptions { device, dtype })?)
+    Ok(load(
+        &location,
+        &LoadOptions {
+            device,
+            dtype,
+            block_devices: None,
+        },
+    )?)
 }
 
 /// Tokenizes prompts and checks them against the model.

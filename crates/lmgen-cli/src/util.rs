@@ -126,11 +126,15 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     }
 }
 
-/// The compute device and dtype. Default f32 (as `transformers`); on the CPU, f16/bf16 are
-/// accepted but computed in f32 (noted once on stderr).
+/// The compute device and dtype. Default f32 on the CPU and bf16 on GPUs; on the CPU,
+/// f16/bf16 are accepted but computed in f32 (noted once on stderr).
 pub fn device_and_dtype(m: &ModelArgs) -> anyhow::Result<(Device, DType)> {
     let device = parse_device(&m.device)?;
-    let requested = m.dtype.unwrap_or(DTypeArg::F32);
+    let requested = m.dtype.unwrap_or(if device.is_cpu() {
+        DTypeArg::F32
+    } else {
+        DTypeArg::Bf16
+    });
     let dtype = match (requested, device.is_cpu()) {
         (DTypeArg::F32, _) => DType::F32,
         (d, true) => {

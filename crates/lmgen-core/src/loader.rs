@@ -14,9 +14,13 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
+    /// Device of the embeddings (and of every layer unless `block_devices` is set).
     pub device: Device,
     /// Compute dtype (f32 on CPU).
     pub dtype: DType,
+    /// One device per block, to spread a model over several GPUs and the CPU
+    /// (see [`crate::plan`]); the head goes with the last block.
+    pub block_devices: Option<Vec<Device>>,
 }
 
 impl Default for LoadOptions {
@@ -24,6 +28,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: DType::F32,
+            block_devices: None,
         }
     }
 }
@@ -139,7 +144,17 @@ fn build(
     if spec.bos_token_id.is_none() {
         spec.bos_token_id = tokenizer.bos_token_id();
     }
-    let loader = Loader::new(&store, opts.device.clone(), opts.dtype);
+    let mut loader = Loader::new(&store, opts.device.clone(), opts.dtype);
+    if let Some(devices) = &opts.block_devices {
+        if devices.len() != spec.num_layers {
+            return Err(Error::BadRequest(format!(
+                "placement names {} devices for {} layers",
+                devices.len(),
+                spec.num_layers
+            )));
+        }
+        loader = loader.with_placement(devices.clone());
+    }
     let weights = families::load(&spec, &loader)?;
     Ok(Model {
         decoder: Decoder::new(spec, weights, opts.device.clone()),

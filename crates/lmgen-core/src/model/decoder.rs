@@ -132,12 +132,32 @@ impl Decoder {
                 Ok((full, windowed))
             })
             .collect::<Result<Vec<_>>>()?;
+        let (mut rope, mut biases) = (rope, biases);
         let mut hidden = want_hidden.then(Vec::new);
         for (li, block) in w.blocks.iter().enumerate() {
+            // Layers may live on different devices (--device auto): move the activations
+            // and this step's tables along with them.
+            let dev = block.ln1.weight.device();
+            if !dev.same_device(x.device()) {
+                x = x.to_device(dev)?;
+                rope = rope
+                    .map(|(c, s)| {
+                        Ok::<_, candle_core::Error>((c.to_device(dev)?, s.to_device(dev)?))
+                    })
+                    .transpose()?;
+                biases = biases
+                    .into_iter()
+                    .map(|(f, w)| Ok((f.to_device(dev)?, w.map(|w| w.to_device(dev)).transpose()?)))
+                    .collect::<Result<Vec<_>>>()?;
+            }
             if let Some(h) = hidden.as_mut() {
                 h.push(x.clone());
             }
             x = self.block(li, block, &x, seqs, rope.as_ref(), &biases)?;
+        }
+        let tail = w.lm_head.weight.device();
+        if !tail.same_device(x.device()) {
+            x = x.to_device(tail)?;
         }
         if let Some(norm) = &w.final_norm {
             x = norm.forward(&x)?;
@@ -167,7 +187,7 @@ impl Decoder {
             let sel = if rows.len() == n {
                 x.clone()
             } else {
-                x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
+                x.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?
             };
             let all = w.lm_head.forward(&sel)?.to_dtype(DType::F32)?;
             let mut r = 0;

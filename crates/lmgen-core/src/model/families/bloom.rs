@@ -70,9 +70,9 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         embed_norm: Some(l.norm("word_embeddings_layernorm", s.norm, e, s.norm_eps)?),
         project_in: None,
         blocks: load_interleaved_blocks(s, &l, "h", &names)?,
-        final_norm: Some(l.norm("ln_f", s.norm, e, s.norm_eps)?),
+        final_norm: Some(l.tail().norm("ln_f", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: Linear::new(l.head(s, &embed, "lm_head.weight")?, None),
+        lm_head: Linear::new(l.tail().head(s, &embed, "lm_head.weight")?, None),
         embed,
     })
 }

@@ -54,8 +54,7 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
 }
 
 pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
-    let l =
-        Loader::new(l.store, l.device.clone(), l.dtype).with_prefix("transformer.", "wte.weight");
+    let l = l.clone().with_prefix("transformer.", "wte.weight");
     // Causal-mask buffers saved by old transformers versions.
     l.ignore_buffers(&[".attn.bias", ".attn.masked_bias"]);
     let (e, inter) = (s.hidden_size, s.intermediate_size);
@@ -65,6 +64,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
     };
     let blocks = (0..s.num_layers)
         .map(|i| {
+            let l = l.block(i);
             let p = format!("h.{i}");
             Ok(Block {
                 ln1: l.norm(&format!("{p}.ln_1"), s.norm, e, s.norm_eps)?,
@@ -81,9 +81,9 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         embed_norm: None,
         project_in: None,
         blocks,
-        final_norm: Some(l.norm("ln_f", s.norm, e, s.norm_eps)?),
+        final_norm: Some(l.tail().norm("ln_f", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: Linear::new(l.head(s, &embed, "lm_head.weight")?, None),
+        lm_head: Linear::new(l.tail().head(s, &embed, "lm_head.weight")?, None),
         embed,
     })
 }

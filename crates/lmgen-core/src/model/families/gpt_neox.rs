@@ -71,14 +71,14 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         embed_norm: None,
         project_in: None,
         blocks: load_interleaved_blocks(s, l, "gpt_neox.layers", &names)?,
-        final_norm: Some(l.norm(
+        final_norm: Some(l.tail().norm(
             "gpt_neox.final_layer_norm",
             s.norm,
             s.hidden_size,
             s.norm_eps,
         )?),
         project_out: None,
-        lm_head: Linear::new(l.head(s, &embed, "embed_out.weight")?, None),
+        lm_head: Linear::new(l.tail().head(s, &embed, "embed_out.weight")?, None),
         embed,
     })
 }

@@ -89,6 +89,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
     let embed = l.abs("model.embed_tokens.weight", &[s.vocab_size, e])?;
     let blocks = (0..s.num_layers)
         .map(|i| {
+            let l = l.block(i);
             let p = format!("model.layers.{i}");
             let attn = |n: &str, out: usize, bias: bool| {
                 l.linear(&format!("{p}.self_attn.{n}"), out, e, bias)
@@ -118,9 +119,9 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         embed_norm: None,
         project_in: None,
         blocks,
-        final_norm: Some(l.norm("model.norm", s.norm, e, s.norm_eps)?),
+        final_norm: Some(l.tail().norm("model.norm", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: Linear::new(l.head(s, &embed, "lm_head.weight")?, None),
+        lm_head: Linear::new(l.tail().head(s, &embed, "lm_head.weight")?, None),
         embed,
     })
 }

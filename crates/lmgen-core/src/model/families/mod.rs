@@ -114,11 +114,15 @@ pub fn load(spec: &ModelSpec, l: &Loader) -> Result<Weights> {
 
 /// Reads canonical pieces out of a [`WeightStore`], resolving an optional base prefix
 /// (checkpoints differ on e.g. `transformer.h.0` vs `h.0`).
+#[derive(Clone)]
 pub struct Loader<'a> {
     pub store: &'a WeightStore,
+    /// Where tensors go (for blocks: the block's device, see [`Loader::block`]).
     pub device: Device,
     pub dtype: DType,
     prefix: String,
+    /// One device per block when layers are spread over several devices.
+    placement: Option<Vec<Device>>,
 }
 
 impl<'a> Loader<'a> {
@@ -128,7 +132,32 @@ impl<'a> Loader<'a> {
             device,
             dtype,
             prefix: String::new(),
+            placement: None,
         }
+    }
+
+    /// Spread blocks over devices (one entry per block); embeddings stay on `device`.
+    pub fn with_placement(mut self, devices: Vec<Device>) -> Self {
+        self.placement = Some(devices);
+        self
+    }
+
+    /// Loader for block `i`: its tensors go to that block's device.
+    pub fn block(&self, i: usize) -> Self {
+        let mut l = self.clone();
+        if let Some(d) = self.placement.as_ref().and_then(|p| p.get(i)) {
+            l.device = d.clone();
+        }
+        l
+    }
+
+    /// Loader for what follows the last block (final norm, projection, head).
+    pub fn tail(&self) -> Self {
+        self.block(
+            self.placement
+                .as_ref()
+                .map_or(0, |p| p.len().saturating_sub(1)),
+        )
     }
 
     /// Use `prefix` (e.g. `"transformer."`) if the checkpoint has `prefix + probe`, else no prefix.
@@ -207,7 +236,7 @@ impl<'a> Loader<'a> {
             if self.store.contains(head_name) {
                 self.store.ignore(head_name);
             }
-            Ok(embed.clone())
+            Ok(embed.to_device(&self.device)?)
         } else {
             self.abs(head_name, &shape)
         }
@@ -270,6 +299,7 @@ pub fn load_interleaved_blocks(
     );
     (0..spec.num_layers)
         .map(|i| {
+            let l = l.block(i);
             let p = format!("{layers}.{i}");
             Ok(Block {
                 ln1: l.norm(&format!("{p}.{}", n.ln1), spec.norm, e, spec.norm_eps)?,

@@ -66,14 +66,14 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         unreachable!("opt uses learned positions")
     };
     let embed = l.t("decoder.embed_tokens.weight", &[s.vocab_size, d])?;
-    let ln = |p: &str| l.norm(p, s.norm, e, s.norm_eps);
     let blocks = (0..s.num_layers)
         .map(|i| {
+            let l = l.block(i);
             let p = format!("decoder.layers.{i}");
             let proj = |n: &str| l.linear(&format!("{p}.self_attn.{n}"), e, e, s.qkv_bias);
             Ok(Block {
-                ln1: ln(&format!("{p}.self_attn_layer_norm"))?,
-                ln2: Some(ln(&format!("{p}.final_layer_norm"))?),
+                ln1: l.norm(&format!("{p}.self_attn_layer_norm"), s.norm, e, s.norm_eps)?,
+                ln2: Some(l.norm(&format!("{p}.final_layer_norm"), s.norm, e, s.norm_eps)?),
                 qkv: fuse(&[proj("q_proj")?, proj("k_proj")?, proj("v_proj")?])?,
                 out: proj("out_proj")?,
                 mlp_in: l.linear(&format!("{p}.fc1"), inter, e, s.mlp_bias)?,
@@ -84,7 +84,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
     let (project_in, project_out) = if d != e {
         (
             Some(l.linear("decoder.project_in", e, d, false)?),
-            Some(l.linear("decoder.project_out", d, e, false)?),
+            Some(l.tail().linear("decoder.project_out", d, e, false)?),
         )
     } else {
         (None, None)
@@ -95,12 +95,15 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         project_in,
         blocks,
         final_norm: if s.final_norm {
-            Some(ln("decoder.final_layer_norm")?)
+            Some(
+                l.tail()
+                    .norm("decoder.final_layer_norm", s.norm, e, s.norm_eps)?,
+            )
         } else {
             None
         },
         project_out,
-        lm_head: Linear::new(l.head(s, &embed, "lm_head.weight")?, None),
+        lm_head: Linear::new(l.tail().head(s, &embed, "lm_head.weight")?, None),
         embed,
     })
 }
