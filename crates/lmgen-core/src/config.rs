@@ -140,6 +140,43 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// The common case (pre-norm LayerNorm block, plain MLP, biases, final norm, untied,
+    /// 1/sqrt(head_dim) scaling filled in by the family) with the token ids from `c`;
+    /// family files override what differs with struct-update syntax.
+    pub fn defaults(family: Family, c: &RawConfig) -> Self {
+        Self {
+            family,
+            architecture: String::new(),
+            vocab_size: 0,
+            hidden_size: 0,
+            num_layers: 0,
+            num_heads: 0,
+            num_kv_heads: 0,
+            head_dim: 0,
+            intermediate_size: 0,
+            max_positions: 0,
+            norm: NormKind::LayerNorm,
+            norm_eps: 1e-5,
+            positions: Positions::Alibi,
+            residual: Residual::Sequential,
+            mlp: MlpKind::Plain,
+            activation: Activation::Gelu,
+            qkv_bias: true,
+            out_bias: true,
+            mlp_bias: true,
+            attn_scale: 1.0,
+            scale_by_inverse_layer: false,
+            sliding_window: None,
+            sliding_layers: vec![],
+            embed_norm: false,
+            final_norm: true,
+            tie_embeddings: false,
+            embed_dim: 0,
+            bos_token_id: c.token_id("bos_token_id"),
+            eos_token_ids: c.token_ids("eos_token_id"),
+        }
+    }
+
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
     }

@@ -1,7 +1,7 @@
 //! Scoring (prompt log-probabilities) and hidden-state extraction. Several inputs share a
 //! packed step; nothing is padded.
 use crate::error::{Error, Result};
-use crate::model::{SeqStep, Want};
+use crate::model::{SeqStep, StepOutput, Want};
 use crate::sampling::log_softmax_row;
 use crate::Model;
 use candle_core::{Tensor, D};
@@ -25,10 +25,13 @@ impl ScoreOutput {
     }
 }
 
-/// Score several token sequences in one packed step.
-pub fn score_batch(model: &Model, inputs: &[&[u32]]) -> Result<Vec<ScoreOutput>> {
+/// All tokens of every input through the model in one packed step, each with a fresh cache.
+fn full_pass(model: &Model, inputs: &[&[u32]], want: Want, hidden: bool) -> Result<StepOutput> {
     for ids in inputs {
         model.check_prompt(ids)?;
+        if ids.is_empty() {
+            return Err(Error::BadRequest("empty input".into()));
+        }
     }
     let mut caches: Vec<_> = inputs
         .iter()
@@ -40,10 +43,15 @@ pub fn score_batch(model: &Model, inputs: &[&[u32]]) -> Result<Vec<ScoreOutput>>
         .map(|(ids, cache)| SeqStep {
             tokens: ids,
             cache,
-            want: Want::All,
+            want,
         })
         .collect();
-    let out = model.decoder.step(&mut steps, false)?;
+    Ok(model.decoder.step(&mut steps, hidden)?)
+}
+
+/// Score several token sequences in one packed step.
+pub fn score_batch(model: &Model, inputs: &[&[u32]]) -> Result<Vec<ScoreOutput>> {
+    let out = full_pass(model, inputs, Want::All, false)?;
     let vocab = model.decoder.spec.vocab_size;
     inputs
         .iter()
@@ -74,28 +82,7 @@ pub fn embed_batch(
     layers: &[usize],
     pool: Pool,
 ) -> Result<Vec<Vec<Tensor>>> {
-    for ids in inputs {
-        model.check_prompt(ids)?;
-        if ids.is_empty() {
-            return Err(Error::BadRequest("empty input".into()));
-        }
-    }
-    let mut caches: Vec<_> = inputs
-        .iter()
-        .map(|ids| model.decoder.new_cache(ids.len()))
-        .collect();
-    let mut steps: Vec<SeqStep> = inputs
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(ids, cache)| SeqStep {
-            tokens: ids,
-            cache,
-            want: Want::Nothing,
-        })
-        .collect();
-    let hidden = model
-        .decoder
-        .step(&mut steps, true)?
+    let hidden = full_pass(model, inputs, Want::Nothing, true)?
         .hidden
         .unwrap_or_default();
     let mut start = 0;

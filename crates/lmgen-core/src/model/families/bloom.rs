@@ -13,8 +13,6 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let hd = e / nh;
     let post_ln_residual = c.bool_or("apply_residual_connection_post_layernorm", false)?;
     Ok(ModelSpec {
-        family: Family::Bloom,
-        architecture: String::new(),
         vocab_size: c.req_usize(&["vocab_size"])?,
         hidden_size: e,
         num_layers: c.req_usize(&["n_layer", "num_hidden_layers"])?,
@@ -26,7 +24,6 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         max_positions: c
             .usize_any(&["seq_length", "max_position_embeddings"])?
             .unwrap_or(2048),
-        norm: NormKind::LayerNorm,
         norm_eps: c.f64_any(&["layer_norm_epsilon"])?.unwrap_or(1e-5),
         positions: Positions::Alibi,
         residual: if post_ln_residual {
@@ -34,21 +31,13 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         } else {
             Residual::Sequential
         },
-        mlp: MlpKind::Plain,
         activation: Activation::GeluTanh,
-        qkv_bias: true,
-        out_bias: true,
-        mlp_bias: true,
         attn_scale: 1.0 / (hd as f64).sqrt(),
-        scale_by_inverse_layer: false,
-        sliding_window: None,
-        sliding_layers: vec![],
         embed_norm: true,
-        final_norm: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
         embed_dim: e,
-        bos_token_id: c.token_id("bos_token_id"),
-        eos_token_ids: c.token_ids("eos_token_id"),
+
+        ..ModelSpec::defaults(Family::Bloom, c)
     })
 }
 

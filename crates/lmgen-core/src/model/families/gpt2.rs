@@ -14,8 +14,6 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let hd = e / nh;
     let positions = c.req_usize(&["n_positions", "max_position_embeddings"])?;
     Ok(ModelSpec {
-        family: Family::Gpt2,
-        architecture: String::new(),
         vocab_size: c.req_usize(&["vocab_size"])?,
         hidden_size: e,
         num_layers: c.req_usize(&["n_layer", "num_hidden_layers"])?,
@@ -24,32 +22,22 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         head_dim: hd,
         intermediate_size: c.usize_any(&["n_inner"])?.unwrap_or(4 * e),
         max_positions: positions,
-        norm: NormKind::LayerNorm,
         norm_eps: c.f64_any(&["layer_norm_epsilon"])?.unwrap_or(1e-5),
         positions: Positions::Learned {
             offset: 0,
             table_size: positions,
         },
-        residual: Residual::Sequential,
-        mlp: MlpKind::Plain,
         activation: c.activation(&["activation_function"], "gelu_new")?,
-        qkv_bias: true,
-        out_bias: true,
-        mlp_bias: true,
         attn_scale: if c.bool_or("scale_attn_weights", true)? {
             1.0 / (hd as f64).sqrt()
         } else {
             1.0
         },
         scale_by_inverse_layer: c.bool_or("scale_attn_by_inverse_layer_idx", false)?,
-        sliding_window: None,
-        sliding_layers: vec![],
-        embed_norm: false,
-        final_norm: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
         embed_dim: e,
-        bos_token_id: c.token_id("bos_token_id"),
-        eos_token_ids: c.token_ids("eos_token_id"),
+
+        ..ModelSpec::defaults(Family::Gpt2, c)
     })
 }
 

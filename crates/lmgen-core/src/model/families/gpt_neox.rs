@@ -15,8 +15,6 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let max_positions = c.req_usize(&["max_position_embeddings"])?;
     let bias = c.bool_or("attention_bias", true)?;
     Ok(ModelSpec {
-        family: Family::GptNeox,
-        architecture: String::new(),
         vocab_size: c.req_usize(&["vocab_size"])?,
         hidden_size: e,
         num_layers: c.req_usize(&["num_hidden_layers"])?,
@@ -25,7 +23,6 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         head_dim: hd,
         intermediate_size: c.req_usize(&["intermediate_size"])?,
         max_positions,
-        norm: NormKind::LayerNorm,
         norm_eps: c.f64_any(&["layer_norm_eps"])?.unwrap_or(1e-5),
         positions: Positions::Rope(rope_spec(c, hd, 0.25, 10000.0, max_positions)?),
         residual: if c.bool_or("use_parallel_residual", true)? {
@@ -33,21 +30,14 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         } else {
             Residual::Sequential
         },
-        mlp: MlpKind::Plain,
         activation: c.activation(&["hidden_act"], "gelu")?,
         qkv_bias: bias,
         out_bias: bias,
-        mlp_bias: true,
         attn_scale: 1.0 / (hd as f64).sqrt(),
-        scale_by_inverse_layer: false,
-        sliding_window: None,
-        sliding_layers: vec![],
-        embed_norm: false,
-        final_norm: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
         embed_dim: e,
-        bos_token_id: c.token_id("bos_token_id"),
-        eos_token_ids: c.token_ids("eos_token_id"),
+
+        ..ModelSpec::defaults(Family::GptNeox, c)
     })
 }
 

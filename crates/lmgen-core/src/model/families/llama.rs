@@ -51,8 +51,6 @@ pub fn spec(c: &RawConfig, arch: &str) -> Result<ModelSpec> {
         })?;
     }
     Ok(ModelSpec {
-        family: Family::Llama,
-        architecture: String::new(),
         vocab_size: c.req_usize(&["vocab_size"])?,
         hidden_size: e,
         num_layers: layers,
@@ -64,22 +62,18 @@ pub fn spec(c: &RawConfig, arch: &str) -> Result<ModelSpec> {
         norm: NormKind::RmsNorm,
         norm_eps: c.f64_any(&["rms_norm_eps"])?.unwrap_or(1e-6),
         positions: Positions::Rope(rope_spec(c, hd, 1.0, 10000.0, max_positions)?),
-        residual: Residual::Sequential,
         mlp: MlpKind::Gated,
         activation: c.activation(&["hidden_act", "hidden_activation"], "silu")?,
         qkv_bias: qwen2 || attention_bias,
         out_bias: attention_bias,
         mlp_bias: c.bool_or("mlp_bias", false)?,
         attn_scale: 1.0 / (hd as f64).sqrt(),
-        scale_by_inverse_layer: false,
         sliding_window,
         sliding_layers,
-        embed_norm: false,
-        final_norm: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
         embed_dim: e,
-        bos_token_id: c.token_id("bos_token_id"),
-        eos_token_ids: c.token_ids("eos_token_id"),
+
+        ..ModelSpec::defaults(Family::Llama, c)
     })
 }
 

@@ -19,8 +19,6 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let pre = c.bool_or("do_layer_norm_before", true)?;
     let bias = c.bool_or("enable_bias", true)?;
     Ok(ModelSpec {
-        family: Family::Opt,
-        architecture: String::new(),
         vocab_size: c.req_usize(&["vocab_size"])?,
         hidden_size: e,
         num_layers: c.req_usize(&["num_hidden_layers"])?,
@@ -29,7 +27,6 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         head_dim: e / nh,
         intermediate_size: c.req_usize(&["ffn_dim"])?,
         max_positions: positions,
-        norm: NormKind::LayerNorm,
         norm_eps: 1e-5,
         positions: Positions::Learned {
             offset: 2,
@@ -40,21 +37,16 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         } else {
             Residual::PostNorm
         },
-        mlp: MlpKind::Plain,
         activation: c.activation(&["activation_function"], "relu")?,
         qkv_bias: bias,
         out_bias: bias,
         mlp_bias: bias,
         attn_scale: 1.0 / ((e / nh) as f64).sqrt(),
-        scale_by_inverse_layer: false,
-        sliding_window: None,
-        sliding_layers: vec![],
-        embed_norm: false,
         final_norm: pre && !c.bool_or("_remove_final_layer_norm", false)?,
         tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
         embed_dim: c.usize_any(&["word_embed_proj_dim"])?.unwrap_or(e),
-        bos_token_id: c.token_id("bos_token_id"),
-        eos_token_ids: c.token_ids("eos_token_id"),
+
+        ..ModelSpec::defaults(Family::Opt, c)
     })
 }
 
