@@ -121,6 +121,16 @@ pub struct ModelArgs {
     /// CPU threads (default: the CPUs this process may use, capped by $SLURM_CPUS_PER_TASK)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
+    /// Weight-only quantization at load (CPU): q8_0, q4_k (matrices whose width is not a
+    /// multiple of 256 take q8_0), q4_0, q4_1, q6_k
+    #[arg(long, value_name = "KIND", value_parser = parse_quant)]
+    pub quantize: Option<lmgen_core::model::quant::QuantKind>,
+}
+
+fn parse_quant(s: &str) -> Result<lmgen_core::model::quant::QuantKind, String> {
+    lmgen_core::model::quant::QuantKind::parse(s).ok_or_else(|| {
+        format!("unknown quantization '{s}' (expected q8_0, q4_k, q4_0, q4_1 or q6_k)")
+    })
 }
 
 #[derive(Args, Debug, Clone)]

@@ -23,6 +23,7 @@ fn load_model(m: &ModelArgs, device: Device, dtype: DType) -> anyhow::Result<Mod
             device,
             dtype,
             block_devices: None,
+            quantize: m.quantize,
         },
     )?)
 }

@@ -4,7 +4,8 @@
 //! cargo run --release -p lmgen-core --example quant_bench -- [kinds] [m,..]
 //! env: QB_COLD_MB=N  rotate through copies of each weight so that ≥ N MB are touched
 //!      between reuses (0 = one copy, possibly cache-resident); QB_ROUNDS (default 5);
-//!      QB_SHAPES="n x k,..." (default 49152x576,1536x576,576x1536,4096x4096).
+//!      QB_SHAPES="n x k,..." (default 49152x576,1536x576,576x1536,4096x4096);
+//!      QB_PREFILL=1: large m, comparing candle's f32 matmul, candle's QMatMul and ours.
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use lmgen_core::model::kernels::matmul_wt_small;
@@ -52,6 +53,7 @@ fn main() {
         .unwrap_or(vec![(49152, 576), (1536, 576), (576, 1536), (4096, 4096)]);
     let cold_mb = env("QB_COLD_MB", 0);
     let rounds = env("QB_ROUNDS", 5);
+    let prefill = env("QB_PREFILL", 0) == 1;
     let dev = Device::Cpu;
     println!(
         "threads {} cold_mb {cold_mb} rounds {rounds}",
@@ -92,11 +94,19 @@ fn main() {
                     .unwrap()
                 })
                 .collect();
+            if prefill {
+                bench_prefill(&w, n, k, &qs[0], &cq[0], &ms, rounds);
+                continue;
+            }
             for &m in &ms {
                 let x: Vec<f32> = (0..m * k)
                     .map(|i| (i * 7919 % 1000) as f32 / 1000.0 - 0.5)
                     .collect();
                 let xt = Tensor::from_slice(&x, (m, k), &dev).unwrap();
+                // warm up every copy (candle repacks lazily on first use)
+                for c in &cq {
+                    black_box(c.forward(&xt).unwrap());
+                }
                 // agreement check
                 let a = matmul_wt_small(&x, m, k, &w, n, None);
                 let b = q.matmul(&x, m);
@@ -161,5 +171,57 @@ fn main() {
                 );
             }
         }
+    }
+}
+
+fn bench_prefill(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    q: &QMatrix,
+    cq: &QMatMul,
+    ms: &[usize],
+    rounds: usize,
+) {
+    let dev = Device::Cpu;
+    let wt = Tensor::from_slice(w, (n, k), &dev).unwrap();
+    for &m in ms {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| (i * 7919 % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let xt = Tensor::from_slice(&x, (m, k), &dev).unwrap();
+        black_box(cq.forward(&xt).unwrap());
+        let calls = ((0.05 * 100e9 / (2 * m * n * k) as f64) as usize).clamp(1, 100);
+        let mut best = [f64::MAX; 3];
+        for _ in 0..rounds {
+            for (v, b) in best.iter_mut().enumerate() {
+                let t = Instant::now();
+                for _ in 0..calls {
+                    match v {
+                        0 => {
+                            black_box(xt.matmul(&wt.t().unwrap()).unwrap());
+                        }
+                        1 => {
+                            black_box(cq.forward(&xt).unwrap());
+                        }
+                        _ => {
+                            black_box(q.matmul(&x, m));
+                        }
+                    }
+                }
+                *b = b.min(t.elapsed().as_secs_f64() / calls as f64);
+            }
+        }
+        let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
+        println!(
+            "{n:>6}x{k:<5} {:<5} m={m:<4} candle f32 {:8.3} ms ({:6.1} GF/s) | candle q {:8.3} ms ({:6.1}) | ours {:8.3} ms ({:6.1})",
+            q.kind().name(),
+            best[0] * 1e3,
+            gf(best[0]),
+            best[1] * 1e3,
+            gf(best[1]),
+            best[2] * 1e3,
+            gf(best[2]),
+        );
     }
 }

@@ -91,6 +91,9 @@ pub struct Limits {
     /// The same with one thread.
     pub read_gb_s_1thread: f64,
     pub read_threads: usize,
+    /// Whether the buffer was advised onto transparent huge pages (Linux): with 4 KiB pages
+    /// the hardware prefetchers stop at every page and a core reads less.
+    pub read_huge_pages: bool,
     /// f32 GEMM throughput of candle's CPU matmul (the kernel lmgen uses), GFLOP/s: the best
     /// of the shapes tried, which is `gemm_shape`.
     pub gemm_gflop_s: f64,
@@ -103,11 +106,13 @@ const BW_BYTES: usize = 1 << 30;
 
 pub fn measure_limits(threads: usize) -> Result<Limits> {
     let threads = threads.max(1);
+    let mut buf = BwBuffer::new(BW_BYTES);
+    let read_huge_pages = buf.huge;
     // Every page written (non-zero), so reads hit real memory, not the shared zero page.
-    let buf: Vec<f32> = vec![1.0f32; BW_BYTES / 4];
-    let read_gb_s = read_bandwidth(&buf, threads, 1.0);
+    let xs = buf.fill(1.0);
+    let read_gb_s = read_bandwidth(xs, threads, 1.0);
     let read_gb_s_1thread = if threads > 1 {
-        read_bandwidth(&buf, 1, 0.5)
+        read_bandwidth(xs, 1, 0.5)
     } else {
         read_gb_s
     };
@@ -117,9 +122,61 @@ pub fn measure_limits(threads: usize) -> Result<Limits> {
         read_gb_s,
         read_gb_s_1thread,
         read_threads: threads,
+        read_huge_pages,
         gemm_gflop_s,
         gemm_shape,
     })
+}
+
+/// A 2 MiB-aligned f32 buffer, advised onto transparent huge pages where Linux allows it
+/// (`madvise` mode is common), so the bandwidth measured is the memory's, not the TLB's.
+struct BwBuffer {
+    ptr: *mut f32,
+    layout: std::alloc::Layout,
+    huge: bool,
+}
+
+impl BwBuffer {
+    fn new(bytes: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(bytes, 2 << 20)
+            .expect("valid layout for the bandwidth buffer");
+        // Safe: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) } as *mut f32;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        #[cfg(target_os = "linux")]
+        let huge = {
+            extern "C" {
+                fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+            }
+            const MADV_HUGEPAGE: i32 = 14;
+            // Safe: the range is exactly our allocation; advice only, no effect on contents.
+            unsafe { madvise(ptr.cast(), bytes, MADV_HUGEPAGE) == 0 }
+        };
+        #[cfg(not(target_os = "linux"))]
+        let huge = false;
+        Self { ptr, layout, huge }
+    }
+
+    /// Write `v` everywhere; the buffer is readable only after this.
+    fn fill(&mut self, v: f32) -> &[f32] {
+        let n = self.layout.size() / 4;
+        // Safe: `ptr` holds `n` f32-aligned slots owned by `self`; written as MaybeUninit,
+        // then every slot is initialized.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.cast::<std::mem::MaybeUninit<f32>>(), n)
+                .fill(std::mem::MaybeUninit::new(v));
+            std::slice::from_raw_parts(self.ptr, n)
+        }
+    }
+}
+
+impl Drop for BwBuffer {
+    fn drop(&mut self) {
+        // Safe: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.cast(), self.layout) }
+    }
 }
 
 /// Best GB/s of repeated full passes over `buf` split over `threads` threads (the calling
@@ -265,13 +322,13 @@ pub struct BenchOptions {
 /// Parameters in the matrices every token multiplies with (all linears + head).
 fn matmul_params(d: &Decoder) -> usize {
     let w = &d.weights;
-    let mut n = w.lm_head.weight.elem_count();
+    let mut n = w.lm_head.param_count();
     for b in &w.blocks {
-        n += b.qkv.weight.elem_count() + b.out.weight.elem_count();
-        n += b.mlp_in.weight.elem_count() + b.mlp_out.weight.elem_count();
+        n += b.qkv.param_count() + b.out.param_count();
+        n += b.mlp_in.param_count() + b.mlp_out.param_count();
     }
-    n += w.project_in.as_ref().map_or(0, |p| p.weight.elem_count());
-    n += w.project_out.as_ref().map_or(0, |p| p.weight.elem_count());
+    n += w.project_in.as_ref().map_or(0, |p| p.param_count());
+    n += w.project_out.as_ref().map_or(0, |p| p.param_count());
     n
 }
 

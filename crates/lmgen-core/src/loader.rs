@@ -4,6 +4,7 @@ use crate::config::{ModelSpec, Positions, RawConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::hub::ModelLocation;
 use crate::model::families::{self, Loader};
+use crate::model::quant::QuantKind;
 use crate::model::Decoder;
 use crate::tokenizer::LmTokenizer;
 use crate::weights::{
@@ -21,6 +22,8 @@ pub struct LoadOptions {
     /// One device per block, to spread a model over several GPUs and the CPU
     /// (see [`crate::plan`]); the head goes with the last block.
     pub block_devices: Option<Vec<Device>>,
+    /// Weight-only quantization applied after loading (CPU).
+    pub quantize: Option<QuantKind>,
 }
 
 impl Default for LoadOptions {
@@ -29,6 +32,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             block_devices: None,
+            quantize: None,
         }
     }
 }
@@ -155,7 +159,15 @@ fn build(
         }
         loader = loader.with_placement(devices.clone());
     }
-    let weights = families::load(&spec, &loader)?;
+    let mut weights = families::load(&spec, &loader)?;
+    if let Some(kind) = opts.quantize {
+        if !opts.device.is_cpu() || opts.block_devices.is_some() {
+            return Err(Error::BadRequest(format!(
+                "--quantize {kind} is supported on the CPU only"
+            )));
+        }
+        weights.quantize(kind)?;
+    }
     Ok(Model {
         decoder: Decoder::new(spec, weights, opts.device.clone()),
         tokenizer,

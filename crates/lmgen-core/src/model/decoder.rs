@@ -7,6 +7,7 @@
 //! decode tokens alike) share a step without padding, so no prompt's numbers depend on its
 //! neighbours.
 use super::layers::{activate, Linear, Norm};
+use super::quant::QuantKind;
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual};
 use crate::kv_cache::SeqCache;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -39,6 +40,41 @@ pub struct Weights {
     pub project_out: Option<Linear>,
     /// `[vocab, embed_dim]`; shares `embed`'s storage when tied.
     pub lm_head: Linear,
+}
+
+impl Weights {
+    /// Weight-only quantization of every block projection and the head (CPU, f32 weights).
+    /// A matrix that cannot take `kind` (columns not a multiple of its block size) falls back
+    /// to Q8_0, else stays f32. Returns how many matrices got each kind.
+    pub fn quantize(&mut self, kind: QuantKind) -> Result<Vec<(String, usize)>> {
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        let mut tally = |name: &str| match counts.iter_mut().find(|(n, _)| n == name) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((name.to_string(), 1)),
+        };
+        let mut linears: Vec<&mut Linear> = Vec::new();
+        for b in &mut self.blocks {
+            linears.extend([&mut b.qkv, &mut b.out, &mut b.mlp_in, &mut b.mlp_out]);
+        }
+        linears.push(&mut self.lm_head);
+        for l in linears {
+            let q = match l.quantize(kind)? {
+                Some(q) => Some((q, kind)),
+                None if kind != QuantKind::Q8_0 => {
+                    l.quantize(QuantKind::Q8_0)?.map(|q| (q, QuantKind::Q8_0))
+                }
+                None => None,
+            };
+            match q {
+                Some((q, k)) => {
+                    *l = q;
+                    tally(k.name());
+                }
+                None => tally("f32"),
+            }
+        }
+        Ok(counts)
+    }
 }
 
 /// What the caller wants back for one sequence of a step.
@@ -155,9 +191,9 @@ impl Decoder {
             }
             x = self.block(li, block, &x, seqs, rope.as_ref(), &biases)?;
         }
-        let tail = w.lm_head.weight.device();
+        let tail = w.lm_head.device();
         if !tail.same_device(x.device()) {
-            x = x.to_device(tail)?;
+            x = x.to_device(&tail)?;
         }
         if let Some(norm) = &w.final_norm {
             x = norm.forward(&x)?;

@@ -1,72 +1,145 @@
-//! Building blocks: linear (dense for now; quantized variants plug in here), norms, activations.
+//! Building blocks: linear (dense or weight-only quantized), norms, activations.
 use super::kernels;
+use super::quant::{QMatrix, QuantKind};
 use crate::config::{Activation, NormKind};
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, D};
+use std::sync::Arc;
 
-/// `y = x Wᵀ + b` with `W` stored `[out, in]` as in PyTorch.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// `[out, in]` as in PyTorch, any device and dtype.
+    Dense(Tensor),
+    /// Weight-only quantized rows (CPU), ggml block layout.
+    Quant(Arc<QMatrix>),
+}
+
+/// `y = x Wᵀ + b`. The decoder does not know which kind of weight it has.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// The dense weight (always the case while loading; quantization comes after).
+    pub fn dense(&self) -> Result<&Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w),
+            Weight::Quant(_) => candle_core::bail!("expected a dense weight"),
+        }
     }
 
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.weight {
+            Weight::Dense(w) => w.dims()[0],
+            Weight::Quant(q) => q.rows(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.weight {
+            Weight::Dense(w) => w.device().clone(),
+            Weight::Quant(_) => Device::Cpu,
+        }
+    }
+
+    pub fn param_count(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.elem_count(),
+            Weight::Quant(q) => q.rows() * q.cols(),
+        }
+    }
+
+    /// Bytes of weight data read per use (what bounds decode speed).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Quant(q) => q.storage_bytes(),
+        }
+    }
+
+    /// Weight-only quantization of a dense f32 CPU weight. `None` when this matrix cannot take
+    /// `kind` (e.g. columns not a multiple of the block size); the caller may try another.
+    pub fn quantize(&self, kind: QuantKind) -> Result<Option<Linear>> {
+        let Weight::Dense(w) = &self.weight else {
+            return Ok(None);
+        };
+        let (rows, cols) = w.dims2()?;
+        if !w.device().is_cpu() {
+            return Ok(None);
+        }
+        let data: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(QMatrix::quantize(&data, rows, cols, kind)
+            .ok()
+            .map(|q| Linear {
+                weight: Weight::Quant(Arc::new(q)),
+                bias: self.bias.clone(),
+            }))
     }
 
     /// `x`: `[n, in]` → `[n, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = self.forward_small(x)? {
-            return Ok(y);
-        }
-        let y = x.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+        let (m, k) = x.dims2()?;
+        let n = self.out_dim();
+        match &self.weight {
+            Weight::Quant(q) => {
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                // Always the integer kernel (activations quantized per 32-value block, as
+                // llama.cpp): one numeric path whatever the number of rows, so a sequence's
+                // results do not depend on what shares its step.
+                let y = with_f32(&x, |xv| q.matmul(xv, m))?.ok_or_else(|| {
+                    candle_core::Error::Msg("quantized linear needs CPU input".into())
+                })?;
+                let y = Tensor::from_vec(y, (m, n), x.device())?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            Weight::Dense(w) => {
+                if m <= kernels::SMALL_M
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && w.dtype() == DType::F32
+                {
+                    // Streaming kernel for decode steps (see kernels.rs).
+                    let x = x.contiguous()?;
+                    let bias = match &self.bias {
+                        Some(b) => with_f32(b, |bv| bv.to_vec())?,
+                        None => None,
+                    };
+                    let y = with_f32(&x, |xv| {
+                        with_f32(w, |wv| {
+                            kernels::matmul_wt_small(xv, m, k, wv, n, bias.as_deref())
+                        })
+                    })?;
+                    if let Some(Some(y)) = y.transpose()? {
+                        return Tensor::from_vec(y, (m, n), x.device());
+                    }
+                }
+                let y = x.matmul(&w.t()?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
         }
     }
 }
 
-impl Linear {
-    /// The streaming kernel for few-row inputs on the CPU in f32 (decode steps).
-    fn forward_small(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let (m, k) = x.dims2()?;
-        if m > kernels::SMALL_M
-            || !x.device().is_cpu()
-            || x.dtype() != DType::F32
-            || self.weight.dtype() != DType::F32
-        {
-            return Ok(None);
-        }
-        let x = x.contiguous()?;
-        let n = self.out_dim();
-        let y = {
-            let (xs, xl) = x.storage_and_layout();
-            let (ws, wl) = self.weight.storage_and_layout();
-            let (Some(xo), Some(wo)) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
-                return Ok(None);
-            };
-            let (Storage::Cpu(CpuStorage::F32(xv)), Storage::Cpu(CpuStorage::F32(wv))) =
-                (&*xs, &*ws)
-            else {
-                return Ok(None);
-            };
-            let bias_guard = self.bias.as_ref().map(|b| b.storage_and_layout());
-            let bias = match &bias_guard {
-                Some((bs, bl)) => match (&**bs, bl.contiguous_offsets()) {
-                    (Storage::Cpu(CpuStorage::F32(bv)), Some((b0, b1))) => Some(&bv[b0..b1]),
-                    _ => return Ok(None),
-                },
-                None => None,
-            };
-            kernels::matmul_wt_small(&xv[xo.0..xo.1], m, k, &wv[wo.0..wo.1], n, bias)
-        };
-        Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+/// Run `f` on the f32 data of a contiguous CPU tensor; `None` for other storage.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(Some(f(&v[a..b]))),
+        _ => Ok(None),
     }
 }
 

@@ -245,7 +245,10 @@ impl<'a> Loader<'a> {
 
 /// Concatenate linears along the output dimension (fused QKV, fused gate/up).
 pub fn fuse(parts: &[Linear]) -> Result<Linear> {
-    let ws: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+    let ws = parts
+        .iter()
+        .map(|p| p.dense())
+        .collect::<candle_core::Result<Vec<&Tensor>>>()?;
     let weight = Tensor::cat(&ws, 0)?;
     let bias = if parts.iter().all(|p| p.bias.is_some()) {
         let bs: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
@@ -259,14 +262,14 @@ pub fn fuse(parts: &[Linear]) -> Result<Linear> {
 /// Fused QKV stored per head as `[heads, 3, head_dim]` rows (GPT-NeoX, BLOOM) →
 /// canonical `[q heads; k heads; v heads]`.
 pub fn deinterleave_qkv(l: Linear, heads: usize, head_dim: usize) -> Result<Linear> {
-    let inp = l.weight.dim(1)?;
+    let inp = l.dense()?.dim(1)?;
     let reorder = |t: &Tensor, cols: usize| -> Result<Tensor> {
         Ok(t.reshape((heads, 3, head_dim, cols))?
             .transpose(0, 1)?
             .contiguous()?
             .reshape((3 * heads * head_dim, cols))?)
     };
-    let weight = reorder(&l.weight, inp)?;
+    let weight = reorder(l.dense()?, inp)?;
     let bias = match &l.bias {
         Some(b) => Some(reorder(&b.reshape((3 * heads * head_dim, 1))?, 1)?.flatten_all()?),
         None => None,
