@@ -125,6 +125,10 @@ pub struct ModelArgs {
     /// multiple of 256 take q8_0), q4_0, q4_1, q6_k
     #[arg(long, value_name = "KIND", value_parser = parse_quant)]
     pub quantize: Option<lmgen_core::model::quant::QuantKind>,
+    /// Dequantize the quantized matrices of a GGUF file at load (what transformers computes)
+    /// instead of running them in their stored format (what llama.cpp does; the default)
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 fn parse_quant(s: &str) -> Result<lmgen_core::model::quant::QuantKind, String> {

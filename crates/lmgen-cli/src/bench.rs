@@ -60,8 +60,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             &LoadOptions {
                 device: Device::Cpu,
                 dtype: DType::F32,
-                block_devices: None,
-                quantize: None,
+                ..Default::default()
             },
         )?;
         let load_s = t.elapsed().as_secs_f64();

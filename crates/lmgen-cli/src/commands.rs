@@ -24,6 +24,7 @@ fn load_model(m: &ModelArgs, device: Device, dtype: DType) -> anyhow::Result<Mod
             dtype,
             block_devices: None,
             quantize: m.quantize,
+            keep_quantized: !m.dequantize,
         },
     )?)
 }

@@ -24,6 +24,9 @@ pub struct LoadOptions {
     pub block_devices: Option<Vec<Device>>,
     /// Weight-only quantization applied after loading (CPU).
     pub quantize: Option<QuantKind>,
+    /// Keep matrices a GGUF file stores quantized in that form (CPU), as llama.cpp does,
+    /// instead of dequantizing them to `dtype` (as transformers does).
+    pub keep_quantized: bool,
 }
 
 impl Default for LoadOptions {
@@ -33,6 +36,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             block_devices: None,
             quantize: None,
+            keep_quantized: true,
         }
     }
 }
@@ -148,7 +152,8 @@ fn build(
     if spec.bos_token_id.is_none() {
         spec.bos_token_id = tokenizer.bos_token_id();
     }
-    let mut loader = Loader::new(&store, opts.device.clone(), opts.dtype);
+    let mut loader =
+        Loader::new(&store, opts.device.clone(), opts.dtype).keep_quantized(opts.keep_quantized);
     if let Some(devices) = &opts.block_devices {
         if devices.len() != spec.num_layers {
             return Err(Error::BadRequest(format!(

@@ -45,7 +45,12 @@ fn smollm2_gguf_matches_transformers() {
         &std::fs::read_to_string(root().join("tests/fixtures/golden/smollm2.json")).unwrap(),
     )
     .unwrap();
-    let model = load(&ModelLocation::Gguf(gguf), &LoadOptions::default()).unwrap();
+    // Dequantized to f32 as transformers does, for parity.
+    let opts = LoadOptions {
+        keep_quantized: false,
+        ..Default::default()
+    };
+    let model = load(&ModelLocation::Gguf(gguf), &opts).unwrap();
     let prompts = golden["prompts"].as_array().unwrap();
     for p in prompts {
         assert_eq!(
@@ -141,6 +146,7 @@ fn smollm2_quantized_perplexity_close_to_f32() {
             &ModelLocation::Gguf(gguf.clone()),
             &LoadOptions {
                 quantize: q,
+                keep_quantized: false,
                 ..Default::default()
             },
         )
@@ -153,4 +159,46 @@ fn smollm2_quantized_perplexity_close_to_f32() {
         let p = ppl(Some(q));
         assert!((p / base - 1.0).abs() < 0.05, "{q}: ppl {p} vs f32 {base}");
     }
+}
+
+/// By default a GGUF file runs in its stored quantization (Q4_1 blocks, Q8_0 head), as
+/// llama.cpp does; its perplexity stays close to the dequantized (transformers) numbers.
+#[test]
+fn smollm2_gguf_runs_quantized_close_to_dequantized() {
+    use lmgen_core::engine::score_batch;
+    use lmgen_core::model::layers::Weight;
+    let Some(gguf) = fetch() else { return };
+    let text = "The capital of France is Paris. It is known for the Eiffel Tower, museums such as the Louvre, \
+        and its cafés along the river Seine.";
+    let ppl = |keep: bool| {
+        let opts = LoadOptions {
+            keep_quantized: keep,
+            ..Default::default()
+        };
+        let m = load(&ModelLocation::Gguf(gguf.clone()), &opts).unwrap();
+        let kinds: Vec<String> = [
+            &m.decoder.weights.blocks[0].qkv,
+            &m.decoder.weights.blocks[0].mlp_out,
+            &m.decoder.weights.lm_head,
+        ]
+        .iter()
+        .map(|l| match &l.weight {
+            Weight::Quant(q) => q.kind().name().to_string(),
+            Weight::Dense(_) => "f32".to_string(),
+        })
+        .collect();
+        let ids = m.tokenizer.encode(text).unwrap();
+        (
+            score_batch(&m, &[&ids]).unwrap().remove(0).perplexity(),
+            kinds,
+        )
+    };
+    let (exact, kinds) = ppl(false);
+    assert_eq!(kinds, ["f32", "f32", "f32"]);
+    let (quant, kinds) = ppl(true);
+    assert_eq!(kinds, ["q4_1", "q4_1", "q8_0"]);
+    assert!(
+        (quant / exact - 1.0).abs() < 0.05,
+        "quantized ppl {quant} vs dequantized {exact}"
+    );
 }

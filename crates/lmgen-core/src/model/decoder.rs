@@ -6,7 +6,7 @@
 //! that sequence's own KV cache. Sequences of different lengths (prefill chunks and single
 //! decode tokens alike) share a step without padding, so no prompt's numbers depend on its
 //! neighbours.
-use super::layers::{activate, Linear, Norm};
+use super::layers::{activate, Linear, Norm, Weight};
 use super::quant::QuantKind;
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual};
 use crate::kv_cache::SeqCache;
@@ -58,6 +58,10 @@ impl Weights {
         }
         linears.push(&mut self.lm_head);
         for l in linears {
+            if let Weight::Quant(q) = &l.weight {
+                tally(q.kind().name()); // kept from the checkpoint
+                continue;
+            }
             let q = match l.quantize(kind)? {
                 Some(q) => Some((q, kind)),
                 None if kind != QuantKind::Q8_0 => {

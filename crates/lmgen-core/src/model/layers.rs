@@ -36,6 +36,16 @@ impl Linear {
         }
     }
 
+    /// The weight as a dense f32 tensor (dequantized if needed).
+    pub fn to_dense(&self) -> Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Quant(q) => {
+                Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)
+            }
+        }
+    }
+
     pub fn out_dim(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => w.dims()[0],

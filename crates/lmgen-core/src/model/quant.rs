@@ -1,28 +1,65 @@
 //! Weight-only quantized linear layers for CPU inference: `y[m, n] = x[m, k] · W[n, k]ᵀ`
-//! with `W` in one of ggml's block formats (GGUF tensors are taken as they are) and `x`, `y`
-//! in f32.
+//! with `W` in one of ggml's block formats (GGUF tensor data is taken as is) and `x`, `y`
+//! in f32, for any `m`.
 //!
-//! Decode (`m <= SMALL_M`): the activation rows are quantized once per call to 8-bit blocks
-//! (32 values with an f32 scale for Q8_0/Q4_0/Q4_1; ggml's Q8_K 256-value blocks for
-//! Q4_K/Q6_K), then every weight byte is streamed from memory once and dotted with all `m`
-//! activation rows in integer arithmetic, with software prefetch (these kernels do enough
-//! work per cache line that out-of-order execution alone keeps too few lines in flight).
-//! Rows of `W` are split across rayon. The ISA is picked at run time: AVX-512 VNNI
-//! (`vpdpbusd`), else AVX2+FMA+F16C (`maddubs`/`madd`), else a scalar path computing the
-//! same integer block sums.
+//! Each call quantizes the activation rows once to 8-bit blocks (32 values with an f32
+//! scale for Q8_0/Q4_0/Q4_1; ggml's Q8_K 256-value blocks for Q4_K/Q6_K), then streams every
+//! weight byte from memory once and dots it with all `m` activation rows in integer
+//! arithmetic; tiles of `W` are split across rayon (small matmuls run on the calling
+//! thread). The ISA is picked at run time: AVX-512 F/BW/VL+VNNI (`vpdpbusd`), else
+//! AVX2+FMA+F16C (`maddubs`/`madd`), else a scalar path computing the same integer block
+//! sums (`LMGEN_QUANT_ISA=avx2|scalar` caps the choice).
 //!
-//! Layout: Q8_0/Q4_0/Q4_1 are kept as 8-row tiles (the same bytes as ggml, regrouped when
-//! the matrix is built, rows padded to a multiple of 8): per tile and block the 8 rows'
-//! f16 scales (and Q4_1 minimums), then the quants in 8-byte chunks, chunk-major, row
-//! within. One vector load then covers 8 rows (AVX-512) or 4 rows (AVX2), a broadcast of 8
-//! activation bytes serves all of them, and the per-block scales are applied as vectors
-//! instead of one scalar broadcast per row and block. Q4_K/Q6_K keep ggml's row layout.
-//! `to_ggml_bytes` gives the ggml bytes back.
+//! Layout: the matrix is kept as 8-row tiles holding exactly ggml's bytes, regrouped when
+//! it is built (rows padded to a multiple of 8): per tile and block, the 8 rows' scales
+//! side by side, then the quants in 8-byte chunks, chunk-major, row within (details at
+//! `tile_header`). One vector load then covers 8 rows (AVX-512) or 4 rows (AVX2), one
+//! broadcast of 8 activation bytes serves all of them, and the per-block scales are applied
+//! as vectors. `to_ggml_bytes` gives ggml's layout back.
 //!
-//! Prefill (`m > SMALL_M`): blocks of `W` rows are dequantized to f32 and multiplied with
-//! candle's GEMM.
+//! MEASURED (this crate's `examples/quant_bench.rs`; 2-core VM, Xeon with AVX-512 VNNI,
+//! shared with other builds, so ±20 %; best of 7, alternating; "cold" = rotating through
+//! 1 GB of copies of each weight so every call streams from DRAM; speed-up vs the f32
+//! streaming kernel `kernels::matmul_wt_small` on the same matrix; GF/s = 2·m·n·k / time):
 //!
-//! MEASURED: see the table below `SMALL_M`.
+//! ```text
+//! cold, 2 threads          m   f32 kernel   candle QMatMul      this module
+//! 49152x576  Q8_0          1    7.82 ms      7.53 ms  x1.04     1.65 ms  x4.7 (18 GB/s)
+//! 49152x576  Q8_0         16   23.1  ms     45.3  ms  x0.51     7.89 ms  x2.9 (115 GF/s)
+//! 49152x576  Q4_1          1   10.1  ms     13.9  ms  x0.73     1.43 ms  x7.0
+//! 49152x576  Q4_1         16   23.6  ms    202    ms  x0.12     6.55 ms  x3.6
+//! 4096x4096  Q8_0          1    7.19 ms      2.47 ms  x2.9      1.30 ms  x5.5 (14 GB/s)
+//! 4096x4096  Q8_0         16   24.4  ms      8.65 ms  x2.8      4.06 ms  x6.0 (132 GF/s)
+//! 4096x4096  Q4_0          1    7.00 ms      4.68 ms  x1.5      0.75 ms  x9.3
+//! 4096x4096  Q4_1          1    3.93 ms     10.4  ms  x0.38     0.92 ms  x4.3
+//! 4096x4096  Q4_1         16    9.95 ms    116    ms  x0.09     2.63 ms  x3.8 (204 GF/s)
+//! 4096x4096  Q4_K          1    5.10 ms      2.31 ms  x2.2      0.82 ms  x6.2 (11.5 GB/s)
+//! 4096x4096  Q4_K         16   16.6  ms      5.12 ms  x3.2      2.78 ms  x6.0 (193 GF/s)
+//! 4096x4096  Q6_K          1    5.08 ms      3.42 ms  x1.5      1.22 ms  x4.2
+//! 4096x4096  Q6_K         16    9.31 ms      3.38 ms  x2.8      2.65 ms  x3.5 (203 GF/s)
+//! hot (in L2), 1 thread
+//! 1536x576   Q8_0          1    0.119 ms     0.080 ms (22 GF/s) 0.019 ms (93 GF/s)
+//! 1536x576   Q8_0         16    0.459 ms     1.31  ms (22 GF/s) 0.163 ms (174 GF/s)
+//! 1536x576   Q4_1         16    0.527 ms     8.54  ms (3.3)     0.160 ms (177 GF/s)
+//! 576x1536   Q4_K          1    0.119 ms     0.018 ms (96 GF/s) 0.020 ms (87 GF/s)
+//! 576x1536   Q4_K         16    0.722 ms     0.193 ms (147)     0.179 ms (159 GF/s)
+//! 576x1536   Q6_K          1    0.119 ms     0.040 ms (44)      0.027 ms (66 GF/s)
+//! 576x1536   Q6_K         16    0.546 ms     0.208 ms (136)     0.224 ms (126 GF/s)
+//! prefill, hot, 2 threads  m   candle f32 matmul  candle QMatMul  this module
+//! 4096x4096  Q8_0         64   27.7 ms            11.2 ms         9.8 ms
+//! 4096x4096  Q8_0        256   86.6 ms            33.4 ms         35.4 ms
+//! 4096x4096  Q4_K         64   27.0 ms             9.5 ms         10.4 ms
+//! 4096x4096  Q4_K        256   87.0 ms            31.2 ms         40.8 ms
+//! ```
+//!
+//! candle's generic x86 path (everything with `k % 256 != 0`, all Q4_0/Q4_1) runs one
+//! scalar-scaled block at a time (~20 GF/s; Q4_1 has no SIMD at all, ~4 GF/s); its
+//! repacked AVX-512 path (Q8_0/Q4_K/Q6_K with `k % 256 == 0`) is about as fast as the
+//! tiles here when hot but keeps a second, larger copy of the weights (f32 scales, Q6_K
+//! quants as bytes) next to the ggml one. Tried and dropped: dequantizing blocks of rows
+//! and using candle's f32 GEMM for large `m` (4096x4096, m = 128: Q8_0 71 ms vs 22 ms
+//! here; Q4_1 67 vs 26 ms), and the ggml row layout with one scalar scale per block and
+//! row (AVX2, cold: Q8_0 ~6-8 GB/s, Q4_1 ~2.5-5 GB/s; hot m = 16: ~60 GF/s).
 #![allow(clippy::needless_range_loop)] // index loops over rows / lanes read clearer in the kernels
 
 use candle_core::quantized::k_quants::{
@@ -34,7 +71,7 @@ use std::str::FromStr;
 
 const QK: usize = 32;
 const QK_K: usize = 256;
-/// Rows per interleaved tile (Q8_0/Q4_0/Q4_1).
+/// Rows per tile.
 const TILE: usize = 8;
 
 /// A ggml block format.
@@ -249,27 +286,19 @@ impl QMatrix {
 
     /// The row-major `[rows, cols]` f32 matrix.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        self.dequantize_rows(0, self.rows, &mut out);
-        out
-    }
-
-    /// Rows `r0..r1` into `out` (`(r1 - r0) * cols` values), in parallel.
-    fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
         let (kind, cols) = (self.kind, self.cols);
-        let rb = kind.row_bytes(cols);
-        let per = (16384 / cols).max(1);
-        out[..(r1 - r0) * cols]
-            .par_chunks_mut(per * cols)
-            .enumerate()
-            .for_each(|(i, o)| {
-                let first = r0 + i * per;
-                let mut buf = vec![0u8; rb];
-                for (j, orow) in o.chunks_exact_mut(cols).enumerate() {
-                    unpack_row(kind, &self.data, cols, first + j, &mut buf);
-                    dequantize_bytes(kind, &buf, orow);
-                }
-            });
+        let mut out = vec![0f32; self.rows * cols];
+        if cols == 0 {
+            return out;
+        }
+        out.par_chunks_mut(cols).enumerate().for_each_init(
+            || vec![0u8; kind.row_bytes(cols)],
+            |buf, (r, orow)| {
+                unpack_row(kind, &self.data, cols, r, buf);
+                dequantize_bytes(kind, buf, orow);
+            },
+        );
+        out
     }
 
     /// `y[m, rows] = x[m, cols] · Wᵀ` (`x` row-major `[m, cols]`), any `m`.
@@ -299,35 +328,49 @@ impl QMatrix {
         let per = (tiles / (threads * 8)).clamp(1, 128);
         let mut yt = vec![0f32; pr * m];
         let data = &self.data;
-        yt.par_chunks_mut(per * TILE * m)
-            .enumerate()
-            .for_each(|(ti, out)| {
-                let r0 = ti * per * TILE;
-                for j in 0..out.len() / (TILE * m) {
-                    let tile = &data[(r0 + j * TILE) * rb..(r0 + (j + 1) * TILE) * rb];
-                    let o = &mut out[j * TILE * m..(j + 1) * TILE * m];
-                    let mut t = 0;
-                    while t < m {
-                        let mt = (m - t).min(max_mt);
-                        tile_kernel(kind, lv, tile, &act, t, mt, o, m);
-                        t += mt;
-                    }
+        let run = |ti: usize, out: &mut [f32]| {
+            let r0 = ti * per * TILE;
+            for j in 0..out.len() / (TILE * m) {
+                let tile = &data[(r0 + j * TILE) * rb..(r0 + (j + 1) * TILE) * rb];
+                let o = &mut out[j * TILE * m..(j + 1) * TILE * m];
+                let mut t = 0;
+                while t < m {
+                    let mt = (m - t).min(max_mt);
+                    tile_kernel(kind, lv, tile, &act, t, mt, o, m);
+                    t += mt;
                 }
-            });
+            }
+        };
+        let seq = data.len() * m < SEQ_BYTES;
+        if seq {
+            // A few microseconds of work: handing it to the pool costs as much.
+            yt.chunks_mut(per * TILE * m)
+                .enumerate()
+                .for_each(|(ti, out)| run(ti, out));
+        } else {
+            yt.par_chunks_mut(per * TILE * m)
+                .enumerate()
+                .for_each(|(ti, out)| run(ti, out));
+        }
         if m == 1 {
             yt.truncate(n);
             return yt;
         }
         // [rows, m] -> [m, rows], 16 output rows per task (contiguous reads of yt)
         let mut y = vec![0f32; m * n];
-        y.par_chunks_mut(16 * n).enumerate().for_each(|(ci, yc)| {
+        let transpose = |(ci, yc): (usize, &mut [f32])| {
             let (i0, rows) = (ci * 16, yc.len() / n);
             for j in 0..n {
                 for (ii, v) in yt[j * m + i0..j * m + i0 + rows].iter().enumerate() {
                     yc[ii * n + j] = *v;
                 }
             }
-        });
+        };
+        if seq {
+            y.chunks_mut(16 * n).enumerate().for_each(transpose);
+        } else {
+            y.par_chunks_mut(16 * n).enumerate().for_each(transpose);
+        }
         y
     }
 }
@@ -371,7 +414,7 @@ fn dequantize_bytes(kind: QuantKind, src: &[u8], dst: &mut [f32]) {
 }
 
 // ---------------------------------------------------------------------------------------
-// 8-row tiles (Q8_0, Q4_0, Q4_1, Q4_K): per tile and block, `TILE × block_bytes` bytes
+// 8-row tiles: per tile and block, `TILE × block_bytes` bytes
 // holding the same information as the 8 rows' ggml blocks:
 //
 // * Q8_0/Q4_0/Q4_1: the 8 rows' f16 `d` (16 bytes), for Q4_1 the 8 f16 `m` (16 bytes), then
@@ -665,6 +708,12 @@ impl QAct {
     }
 }
 
+/// Below this many weight bytes × activation rows a matmul runs on the calling thread:
+/// handing ~20 µs of work to the rayon pool cost as much as it saved (on the 2-core test
+/// machine a 192x576 Q4_1 matmul took 8 µs through the pool, 3 µs inline; 576x576 13 vs
+/// 6 µs).
+const SEQ_BYTES: usize = 512 << 10;
+
 /// Software prefetch distance in bytes of W. The row-at-a-time kernels this replaced did
 /// so much work per cache line that out-of-order execution kept too few lines in flight
 /// (prefetch took them from ~6 to ~12 GB/s); the tile kernels gain little from it, but it
@@ -777,6 +826,9 @@ fn tile_kernel(
     assert_eq!(tile.len(), TILE * kind.row_bytes(act.k));
     assert!(out.len() >= TILE * m);
     assert!(act.qs.len() >= m * act.k && act.d.len() >= m * act.nb);
+    if kind.block_size() == QK {
+        assert!(act.s.len() >= m * act.nb);
+    }
     macro_rules! go {
         ($isa:ident, $f:ident, $($n:literal)+) => {
             match mt {
@@ -1987,6 +2039,30 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap();
             assert_eq!(q.dequantize(), want, "{kind}");
+        }
+    }
+
+    /// Shapes large enough for the rayon paths (kernel tasks and activation quantization).
+    #[test]
+    fn parallel_paths() {
+        for (kind, n, k, m) in [
+            (QuantKind::Q8_0, 1030, 512, 1),
+            (QuantKind::Q4K, 301, 2048, 20),
+        ] {
+            let q = QMatrix::quantize(&randv(n * k, 31), n, k, kind).unwrap();
+            assert!(q.storage_bytes() * m >= SEQ_BYTES && m * k >= 32768 || m == 1);
+            let x = randv(m * k, 32);
+            let want = ref_matmul(&x, m, k, &q.dequantize(), n);
+            let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max).max(1.0);
+            for lv in levels() {
+                let got = q.matmul_at(&x, m, lv);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 0.02 * scale,
+                        "{kind} {lv:?} [{i}]: {g} vs {e}"
+                    );
+                }
+            }
         }
     }
 

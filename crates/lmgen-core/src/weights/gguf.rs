@@ -6,6 +6,7 @@
 use super::st::one_line;
 use super::{TensorMeta, TensorSource};
 use crate::error::{Error, Result};
+use crate::model::quant::{QMatrix, QuantKind};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
@@ -478,6 +479,61 @@ impl TensorSource for GgufFile {
             t.to_dtype(dtype).map_err(wrap)?
         };
         t.to_device(device).map_err(wrap)
+    }
+
+    /// Matrices stored in a block format our kernels run (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are
+    /// handed over as they are (rows un-permuted for Q/K), so GGUF files keep their quantization.
+    fn load_quantized(&self, name: &str) -> Result<Option<QMatrix>> {
+        let Some(m) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        let kind = match m.ggml {
+            GgmlDType::Q8_0 => QuantKind::Q8_0,
+            GgmlDType::Q4_0 => QuantKind::Q4_0,
+            GgmlDType::Q4_1 => QuantKind::Q4_1,
+            GgmlDType::Q4K => QuantKind::Q4K,
+            GgmlDType::Q6K => QuantKind::Q6K,
+            _ => return Ok(None),
+        };
+        let [rows, cols] = m.shape[..] else {
+            return Ok(None);
+        };
+        let info = self.content.tensor_infos.get(&m.gguf).ok_or_else(|| {
+            Error::bad_weights(
+                &self.path,
+                format!("tensor '{}' vanished from the header", m.gguf),
+            )
+        })?;
+        let rb = kind.row_bytes(cols);
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let bytes = self.mmap.get(start..start + rows * rb).ok_or_else(|| {
+            Error::bad_weights(
+                &self.path,
+                format!("tensor '{}' lies outside the file", m.gguf),
+            )
+        })?;
+        let data: std::borrow::Cow<[u8]> = match m.unpermute_heads {
+            None => bytes.into(),
+            Some(h) => {
+                // Same row order as `unpermute`: new row (a, b, c) of shape (h, 2, half) is
+                // old row (a, c, b) of shape (h, half, 2).
+                let per_head = rows / h;
+                let half = per_head / 2;
+                let mut out = Vec::with_capacity(bytes.len());
+                for a in 0..h {
+                    for b in 0..2 {
+                        for c in 0..half {
+                            let old = a * per_head + c * 2 + b;
+                            out.extend_from_slice(&bytes[old * rb..(old + 1) * rb]);
+                        }
+                    }
+                }
+                out.into()
+            }
+        };
+        QMatrix::from_ggml_bytes(kind, rows, cols, &data)
+            .map(Some)
+            .map_err(|e| Error::bad_weights(&self.path, format!("tensor '{}': {e}", m.gguf)))
     }
 }
 

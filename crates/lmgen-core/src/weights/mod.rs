@@ -1,6 +1,7 @@
 //! Checkpoint readers. Every format exposes the same [`TensorSource`] interface; the
 //! [`WeightStore`] merges shards and does strict accounting (every tensor used exactly once).
 use crate::error::{Error, Result};
+use crate::model::quant::QMatrix;
 use candle_core::{DType, Device, Tensor};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,6 +26,10 @@ pub trait TensorSource {
     fn metas(&self) -> Result<Vec<(String, TensorMeta)>>;
     /// Load one tensor, converted to `dtype`, on `device`.
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
+    /// The tensor in its stored quantized form, for formats that have one (GGUF).
+    fn load_quantized(&self, _name: &str) -> Result<Option<QMatrix>> {
+        Ok(None)
+    }
 }
 
 /// All tensors of a checkpoint, possibly spread over several files, with use tracking.
@@ -126,6 +131,21 @@ impl WeightStore {
         }
         self.used.borrow_mut().insert(name.to_string());
         self.sources[*i].load(name, dtype, device)
+    }
+
+    /// `name` as stored quantized (marked used), or `None` when it is not stored quantized.
+    pub fn get_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
+        let Some((i, meta)) = self.index.get(name) else {
+            return Ok(None);
+        };
+        if meta.shape != shape {
+            return Ok(None); // `get` reports the mismatch
+        }
+        let q = self.sources[*i].load_quantized(name)?;
+        if q.is_some() {
+            self.used.borrow_mut().insert(name.to_string());
+        }
+        Ok(q)
     }
 
     /// Declare a tensor as deliberately unused (e.g. a tied `lm_head.weight` copy).

@@ -2,7 +2,6 @@
 use super::{load_interleaved_blocks, BlockNames, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
-use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size", "n_embed"])?;
@@ -61,7 +60,12 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         blocks: load_interleaved_blocks(s, &l, "h", &names)?,
         final_norm: Some(l.tail().norm("ln_f", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: Linear::new(l.tail().head(s, &embed, "lm_head.weight")?, None),
+        lm_head: l.tail().head(
+            s,
+            &embed,
+            &l.name("word_embeddings.weight"),
+            "lm_head.weight",
+        )?,
         embed,
     })
 }

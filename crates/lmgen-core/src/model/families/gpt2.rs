@@ -3,7 +3,6 @@ use super::{Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
 use crate::model::decoder::Block;
-use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let e = c.req_usize(&["n_embd", "hidden_size"])?;
@@ -71,7 +70,9 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         blocks,
         final_norm: Some(l.tail().norm("ln_f", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: Linear::new(l.tail().head(s, &embed, "lm_head.weight")?, None),
+        lm_head: l
+            .tail()
+            .head(s, &embed, &l.name("wte.weight"), "lm_head.weight")?,
         embed,
     })
 }

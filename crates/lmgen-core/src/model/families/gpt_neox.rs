@@ -3,7 +3,6 @@
 use super::{load_interleaved_blocks, BlockNames, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
-use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size"])?;
@@ -68,7 +67,9 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
             s.norm_eps,
         )?),
         project_out: None,
-        lm_head: Linear::new(l.tail().head(s, &embed, "embed_out.weight")?, None),
+        lm_head: l
+            .tail()
+            .head(s, &embed, "gpt_neox.embed_in.weight", "embed_out.weight")?,
         embed,
     })
 }

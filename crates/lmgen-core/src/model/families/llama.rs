@@ -4,7 +4,6 @@ use super::{fuse, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
 use crate::model::decoder::Block;
-use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig, arch: &str) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size"])?;
@@ -115,7 +114,9 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         blocks,
         final_norm: Some(l.tail().norm("model.norm", s.norm, e, s.norm_eps)?),
         project_out: None,
-        lm_head: Linear::new(l.tail().head(s, &embed, "lm_head.weight")?, None),
+        lm_head: l
+            .tail()
+            .head(s, &embed, "model.embed_tokens.weight", "lm_head.weight")?,
         embed,
     })
 }

@@ -2,11 +2,13 @@
 //! names to the canonical [`Weights`] layout (with load-time transforms such as GPT-2's
 //! Conv1D transpose or the per-head de-interleaving of fused QKV).
 use super::decoder::{Block, Weights};
-use super::layers::{Linear, Norm};
+use super::layers::{Linear, Norm, Weight};
+use super::quant::QMatrix;
 use crate::config::{Family, ModelSpec, NormKind, RawConfig};
 use crate::error::{Error, Result};
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 pub mod bloom;
 pub mod gpt2;
@@ -123,6 +125,7 @@ pub struct Loader<'a> {
     prefix: String,
     /// One device per block when layers are spread over several devices.
     placement: Option<Vec<Device>>,
+    keep_quantized: bool,
 }
 
 impl<'a> Loader<'a> {
@@ -133,6 +136,7 @@ impl<'a> Loader<'a> {
             dtype,
             prefix: String::new(),
             placement: None,
+            keep_quantized: false,
         }
     }
 
@@ -184,13 +188,33 @@ impl<'a> Loader<'a> {
     }
 
     pub fn linear(&self, p: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let w = self.t(&format!("{p}.weight"), &[out, inp])?;
         let b = if bias {
             Some(self.t(&format!("{p}.bias"), &[out])?)
         } else {
             None
         };
+        if let Some(q) = self.quantized(&self.name(&format!("{p}.weight")), &[out, inp])? {
+            return Ok(Linear {
+                weight: Weight::Quant(Arc::new(q)),
+                bias: b,
+            });
+        }
+        let w = self.t(&format!("{p}.weight"), &[out, inp])?;
         Ok(Linear::new(w, b))
+    }
+
+    /// The stored quantized form of a matrix, when the checkpoint has one and we keep it.
+    fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
+        if !self.keep_quantized || !self.device.is_cpu() {
+            return Ok(None);
+        }
+        self.store.get_quantized(name, shape)
+    }
+
+    /// Keep matrices that the checkpoint stores quantized (GGUF) in that form.
+    pub fn keep_quantized(mut self, keep: bool) -> Self {
+        self.keep_quantized = keep;
+        self
     }
 
     /// GPT-2 `Conv1D`: weight stored `[in, out]`.
@@ -229,34 +253,74 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// Output head: `head_name` when untied (or present as an alias of the tied embedding).
-    pub fn head(&self, spec: &ModelSpec, embed: &Tensor, head_name: &str) -> Result<Tensor> {
+    /// Output head: `head_name` when untied (or present as an alias of the tied embedding),
+    /// else the embedding `embed` (stored as `embed_name`; its quantized form when kept).
+    pub fn head(
+        &self,
+        spec: &ModelSpec,
+        embed: &Tensor,
+        embed_name: &str,
+        head_name: &str,
+    ) -> Result<Linear> {
         let shape = [spec.vocab_size, spec.embed_dim];
         if spec.tie_embeddings {
             if self.store.contains(head_name) {
                 self.store.ignore(head_name);
             }
-            Ok(embed.to_device(&self.device)?)
+            if let Some(q) = self.quantized(embed_name, &shape)? {
+                return Ok(Linear {
+                    weight: Weight::Quant(Arc::new(q)),
+                    bias: None,
+                });
+            }
+            Ok(Linear::new(embed.to_device(&self.device)?, None))
         } else {
-            self.abs(head_name, &shape)
+            if let Some(q) = self.quantized(head_name, &shape)? {
+                return Ok(Linear {
+                    weight: Weight::Quant(Arc::new(q)),
+                    bias: None,
+                });
+            }
+            Ok(Linear::new(self.abs(head_name, &shape)?, None))
         }
     }
 }
 
-/// Concatenate linears along the output dimension (fused QKV, fused gate/up).
+/// Concatenate linears along the output dimension (fused QKV, fused gate/up). Quantized
+/// parts of one kind stay quantized; a mix is dequantized.
 pub fn fuse(parts: &[Linear]) -> Result<Linear> {
-    let ws = parts
-        .iter()
-        .map(|p| p.dense())
-        .collect::<candle_core::Result<Vec<&Tensor>>>()?;
-    let weight = Tensor::cat(&ws, 0)?;
     let bias = if parts.iter().all(|p| p.bias.is_some()) {
         let bs: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         Some(Tensor::cat(&bs, 0)?)
     } else {
         None
     };
-    Ok(Linear::new(weight, bias))
+    let quant: Vec<&QMatrix> = parts
+        .iter()
+        .filter_map(|p| match &p.weight {
+            Weight::Quant(q) => Some(q.as_ref()),
+            Weight::Dense(_) => None,
+        })
+        .collect();
+    if quant.len() == parts.len()
+        && quant
+            .iter()
+            .all(|q| q.kind() == quant[0].kind() && q.cols() == quant[0].cols())
+    {
+        let data: Vec<u8> = quant.iter().flat_map(|q| q.to_ggml_bytes()).collect();
+        let rows = quant.iter().map(|q| q.rows()).sum();
+        let q = QMatrix::from_ggml_bytes(quant[0].kind(), rows, quant[0].cols(), &data)
+            .map_err(candle_core::Error::Msg)?;
+        return Ok(Linear {
+            weight: Weight::Quant(Arc::new(q)),
+            bias,
+        });
+    }
+    let ws = parts
+        .iter()
+        .map(|p| p.to_dense())
+        .collect::<candle_core::Result<Vec<Tensor>>>()?;
+    Ok(Linear::new(Tensor::cat(&ws, 0)?, bias))
 }
 
 /// Fused QKV stored per head as `[heads, 3, head_dim]` rows (GPT-NeoX, BLOOM) →

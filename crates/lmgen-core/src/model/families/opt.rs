@@ -4,7 +4,6 @@ use super::{fuse, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
 use crate::model::decoder::Block;
-use crate::model::layers::Linear;
 
 pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size"])?;
@@ -95,7 +94,12 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
             None
         },
         project_out,
-        lm_head: Linear::new(l.tail().head(s, &embed, "lm_head.weight")?, None),
+        lm_head: l.tail().head(
+            s,
+            &embed,
+            &l.name("decoder.embed_tokens.weight"),
+            "lm_head.weight",
+        )?,
         embed,
     })
 }
