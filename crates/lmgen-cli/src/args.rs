@@ -43,6 +43,42 @@ pub enum Command {
     /// Speed on this machine (prefill, decode per batch size) next to its measured limits
     #[command(after_help = bench_after_help())]
     Bench(BenchArgs),
+    /// Where each layer would go and how much memory each device needs, without loading weights
+    Plan(PlanArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// Model directory, Hugging Face model id, models-file alias, or .gguf file (only its config is read)
+    #[arg(value_name = "MODEL")]
+    pub model: Option<String>,
+    /// Shape of a well-known model instead of MODEL (see `lmgen bench --help` for the list)
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// TOML file mapping aliases to model paths (default: $LMGEN_MODELS)
+    #[arg(long, value_name = "FILE")]
+    pub models_file: Option<PathBuf>,
+    /// auto (all GPUs nvidia-smi reports, then CPU memory), cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: String,
+    /// Budgets in placement order, e.g. cuda:0=70GiB,cuda:1=70GiB,cpu=100GiB (overrides detection)
+    #[arg(long, value_name = "LIST")]
+    pub max_memory: Option<String>,
+    /// Weight storage: f32, bf16, f16 (default: bf16 with GPUs, else f32)
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+    /// Weight-only quantization: q8_0, q4_k, q4_0, q4_1, q6_k
+    #[arg(long, value_name = "KIND")]
+    pub quantize: Option<String>,
+    /// Sequences in flight (KV cache is reserved for each)
+    #[arg(long, default_value_t = 4, value_name = "B")]
+    pub batch_size: usize,
+    /// Tokens per sequence, prompt + generation
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    pub context: usize,
+    /// Print the plan as JSON
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn bench_after_help() -> String {
@@ -316,7 +352,7 @@ fn parse_penalty(s: &str) -> Result<f32, String> {
     }
 }
 
-const SUBCOMMANDS: &[&str] = &["generate", "score", "embed", "bench", "help"];
+const SUBCOMMANDS: &[&str] = &["generate", "score", "embed", "bench", "plan", "help"];
 
 /// `lmgen MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE [options]` → `lmgen generate ...`.
 /// Returns a one-line message for a malformed short form.
@@ -329,7 +365,7 @@ pub fn rewrite_short_form(args: Vec<OsString>) -> Result<Vec<OsString>, String> 
     }
     if args.len() < 6 {
         return Err(format!(
-            "expected a subcommand (generate, score, embed, bench) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
+            "expected a subcommand (generate, score, embed, bench, plan) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
             args.len() - 1
         ));
     }

@@ -4,6 +4,7 @@ mod bench;
 mod commands;
 mod input;
 mod output;
+mod plan;
 mod progress;
 mod util;
 
@@ -47,6 +48,7 @@ fn main() {
         Command::Score(a) => a.model.threads,
         Command::Embed(a) => a.model.threads,
         Command::Bench(a) => a.threads,
+        Command::Plan(_) => None,
     };
     util::configure_threads(threads.map(|n| n as usize));
     let result = match cli.command {
@@ -54,6 +56,7 @@ fn main() {
         Command::Score(a) => commands::score(a),
         Command::Embed(a) => commands::embed(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Plan(a) => plan::plan(a),
     };
     if let Err(e) = result {
         die(util::exit_code(&e), &format!("{e:#}"));

@@ -35,7 +35,14 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 
 /// Collapse a (possibly multi-line) message into one line.
 pub fn one_line(msg: &str) -> String {
-    msg.split_whitespace().collect::<Vec<_>>().join(" ")
+    // Errors from candle may carry a backtrace ("   0: frame ..."): drop it.
+    let body: Vec<&str> = msg
+        .lines()
+        .take_while(|l| !l.trim_start().starts_with("0: "))
+        .collect();
+    let text = body.join(" ");
+    let text = text.split(" 0: ").next().unwrap_or("");
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// An I/O error without the "(os error N)" suffix.

@@ -95,6 +95,27 @@ impl Model {
     }
 }
 
+/// The model's normalized description from its config alone (no weights read).
+pub fn read_spec(location: &ModelLocation) -> Result<ModelSpec> {
+    let cfg = match location {
+        ModelLocation::Dir(dir) => {
+            let p = dir.join("config.json");
+            if !p.is_file() {
+                return Err(Error::ModelNotFound(format!(
+                    "{}: no config.json",
+                    dir.display()
+                )));
+            }
+            RawConfig::from_file(&p)?
+        }
+        ModelLocation::Gguf(file) => {
+            RawConfig::from_value(file, GgufFile::open(file)?.config_json()?)
+        }
+    };
+    let (family, arch) = families::detect(&cfg)?;
+    families::spec(family, &arch, &cfg)
+}
+
 pub fn load(location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {
     match location {
         ModelLocation::Dir(dir) => load_dir(dir, location, opts),

@@ -105,8 +105,8 @@ pub fn plan(s: &ModelSpec, r: &PlanRequest) -> Plan {
     let wb = bytes_per_param(&r.weight_format).unwrap_or(4.0);
     let (block_p, embed_p, head_p) = param_counts(s);
     let block_bytes = (block_p as f64 * wb) as u64;
-    // Embeddings are gathered, not multiplied: kept at activation precision unless quantized formats apply.
-    let embed_bytes = (embed_p as f64 * wb.max(r.act_bytes as f64 / 2.0)) as u64;
+    // Embeddings are gathered, not multiplied: they stay dense at the compute precision.
+    let embed_bytes = embed_p * r.act_bytes as u64;
     let head_bytes = (head_p as f64 * wb) as u64;
     let kv_per_block = 2 * (s.kv_dim() * r.act_bytes * r.context * r.batch) as u64;
     // Live activations of one step: hidden states, fused projections, attention scores (f32).

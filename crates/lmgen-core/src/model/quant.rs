@@ -718,8 +718,10 @@ const SEQ_BYTES: usize = 512 << 10;
 /// so much work per cache line that out-of-order execution kept too few lines in flight
 /// (prefetch took them from ~6 to ~12 GB/s); the tile kernels gain little from it, but it
 /// costs one load-port slot per line.
+#[cfg(target_arch = "x86_64")]
 const PF_DIST: usize = 1024;
 
+#[cfg(target_arch = "x86_64")]
 fn pf_dist() -> usize {
     PF_DIST
 }
@@ -829,6 +831,7 @@ fn tile_kernel(
     if kind.block_size() == QK {
         assert!(act.s.len() >= m * act.nb);
     }
+    #[allow(unused_macros)] // only the x86 arms use it
     macro_rules! go {
         ($isa:ident, $f:ident, $($n:literal)+) => {
             match mt {

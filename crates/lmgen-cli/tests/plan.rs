@@ -1,0 +1,81 @@
+//! `lmgen plan` from a config alone.
+use std::process::Command;
+
+fn plan(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_lmgen"))
+        .arg("plan")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+#[test]
+fn bloom_176b_needs_4bit_on_one_h200() {
+    let (code, out, _) = plan(&["--preset", "bloom-176b", "--max-memory", "cuda:0=139GiB"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("fits: no") && out.contains("--quantize q4_k would need"),
+        "{out}"
+    );
+    let (code, out, _) = plan(&[
+        "--preset",
+        "bloom-176b",
+        "--max-memory",
+        "cuda:0=139GiB",
+        "--quantize",
+        "q4_k",
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["fits"], true);
+    assert_eq!(v["devices"][0]["blocks"], serde_json::json!([0, 70]));
+}
+
+#[test]
+fn layers_spill_from_gpus_to_cpu_and_a_model_dir_needs_only_its_config() {
+    let (code, out, _) = plan(&[
+        "--preset",
+        "opt-30b",
+        "--max-memory",
+        "cuda:0=24GiB,cuda:1=24GiB,cpu=100GiB",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("cuda:1")
+            && out.contains("cpu")
+            && out.contains("+head")
+            && out.contains("fits: yes"),
+        "{out}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/llama/config.json"
+    );
+    std::fs::copy(cfg, dir.path().join("config.json")).unwrap();
+    let (code, out, err) = plan(&[dir.path().to_str().unwrap(), "--device", "cpu"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("LlamaForCausalLM") && out.contains("fits: yes"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_plan_arguments_exit_2() {
+    for args in [
+        &["--preset", "nope"][..],
+        &["--preset", "gpt2", "--max-memory", "gpu=1GB"],
+        &["--preset", "gpt2", "--quantize", "q3_x"],
+    ] {
+        let (code, _, err) = plan(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
