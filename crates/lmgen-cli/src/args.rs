@@ -165,6 +165,9 @@ pub struct ModelArgs {
     /// instead of running them in their stored format (what llama.cpp does; the default)
     #[arg(long)]
     pub dequantize: bool,
+    /// With --device auto: memory budgets in placement order, e.g. cuda:0=70GiB,cpu=100GiB
+    #[arg(long, value_name = "LIST")]
+    pub max_memory: Option<String>,
 }
 
 fn parse_quant(s: &str) -> Result<lmgen_core::model::quant::QuantKind, String> {

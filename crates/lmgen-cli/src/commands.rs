@@ -17,12 +17,19 @@ use std::collections::HashMap;
 
 fn load_model(m: &ModelArgs, device: Device, dtype: DType) -> anyhow::Result<Model> {
     let location = lmgen_core::hub::resolve(&m.model, m.models_file.as_deref())?;
+    // `--device auto` on a CUDA build: spread the layers over the GPUs (then CPU memory)
+    // when one GPU is not enough, as `lmgen plan` shows.
+    let (device, block_devices) = if m.device == "auto" && !device.is_cpu() {
+        crate::plan::auto_placement(&location, m, dtype)?.unwrap_or((device, None))
+    } else {
+        (device, None)
+    };
     Ok(load(
         &location,
         &LoadOptions {
             device,
             dtype,
-            block_devices: None,
+            block_devices,
             quantize: m.quantize,
             keep_quantized: !m.dequantize,
         },

@@ -140,3 +140,71 @@ fn detect_devices(device: &str) -> anyhow::Result<Vec<DeviceBudget>> {
     });
     Ok(out)
 }
+
+/// Layer placement for `--device auto` when the model does not fit on the first GPU alone:
+/// the embedding device and one device per block, following [`plan::plan`]. `None` when the
+/// first GPU holds everything (or there is nothing to spread over).
+pub fn auto_placement(
+    location: &lmgen_core::hub::ModelLocation,
+    m: &crate::args::ModelArgs,
+    dtype: candle_core::DType,
+) -> anyhow::Result<Option<(candle_core::Device, Option<Vec<candle_core::Device>>)>> {
+    use candle_core::Device;
+    let spec = lmgen_core::loader::read_spec(location)?;
+    let devices = match &m.max_memory {
+        Some(s) => plan::parse_max_memory(s).map_err(|e| user_err!("--max-memory: {e}"))?,
+        None => detect_devices("auto")?,
+    };
+    if devices.len() < 2 {
+        return Ok(None);
+    }
+    let format = match (m.quantize, dtype) {
+        (Some(q), _) => q.name().to_string(),
+        (None, candle_core::DType::F32) => "f32".to_string(),
+        (None, _) => "bf16".to_string(),
+    };
+    let req = PlanRequest {
+        weight_format: format,
+        act_bytes: dtype.size_in_bytes(),
+        batch: 8,
+        context: spec.max_positions.min(4096),
+        step_tokens: 2048,
+        devices,
+    };
+    let p = plan::plan(&spec, &req);
+    if !p.fits {
+        return Err(user_err!(
+            "the model does not fit the devices: {} (see `lmgen plan`)",
+            p.advice.join("; ")
+        ));
+    }
+    if p.devices.len() == 1 {
+        return Ok(None);
+    }
+    let open = |name: &str| -> anyhow::Result<Device> {
+        Ok(match name.strip_prefix("cuda:") {
+            Some(i) => Device::new_cuda(i.parse()?)?,
+            None if name == "cuda" => Device::new_cuda(0)?,
+            None => Device::Cpu,
+        })
+    };
+    let mut blocks = Vec::with_capacity(spec.num_layers);
+    for d in &p.devices {
+        let dev = open(&d.device)?;
+        blocks.extend(std::iter::repeat_n(dev, d.blocks.1 - d.blocks.0));
+    }
+    eprintln!(
+        "lmgen: placing layers: {}",
+        p.devices
+            .iter()
+            .map(|d| format!(
+                "{} {}-{}",
+                d.device,
+                d.blocks.0,
+                d.blocks.1.saturating_sub(1)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(Some((open(&p.devices[0].device)?, Some(blocks))))
+}
