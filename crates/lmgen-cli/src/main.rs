@@ -1,4 +1,5 @@
 //! `lmgen`: generate, score and embed with Hugging Face causal LMs (see shared/CLI.md).
+mod alloc;
 mod args;
 mod bench;
 mod commands;
@@ -11,6 +12,9 @@ mod util;
 use args::{Cli, Command};
 use clap::error::ErrorKind;
 use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: alloc::HugePageAlloc = alloc::HugePageAlloc;
 
 fn die(code: i32, msg: &str) -> ! {
     eprintln!("lmgen: error: {}", util::one_line(msg));
