@@ -6,6 +6,17 @@ use std::alloc::{GlobalAlloc, Layout, System};
 
 pub struct HugePageAlloc;
 
+static ALLOCATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Heap allocations (including reallocations) so far, for `lmgen bench`.
+pub fn allocations() -> u64 {
+    ALLOCATIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn count() {
+    ALLOCATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 const HUGE_PAGE: usize = 2 << 20;
 /// Blocks at least this large are advised (glibc serves them with fresh `mmap`s).
 const THRESHOLD: usize = 4 << 20;
@@ -49,6 +60,7 @@ fn advise(_: *mut u8, _: usize) {}
 // the memory.
 unsafe impl GlobalAlloc for HugePageAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count();
         let p = unsafe { System.alloc(layout) };
         if layout.size() >= THRESHOLD && !p.is_null() {
             advise(p, layout.size());
@@ -57,6 +69,7 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count();
         let p = unsafe { System.alloc_zeroed(layout) };
         if layout.size() >= THRESHOLD && !p.is_null() {
             advise(p, layout.size());
@@ -69,6 +82,7 @@ unsafe impl GlobalAlloc for HugePageAlloc {
     }
 
     unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count();
         let q = unsafe { System.realloc(p, layout, new_size) };
         if new_size >= THRESHOLD && !q.is_null() {
             advise(q, new_size);

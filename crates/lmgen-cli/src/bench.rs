@@ -1,8 +1,9 @@
 //! `lmgen bench`: engine speed on a real or synthetic model next to the machine's limits.
 use crate::args::BenchArgs;
+use crate::args::DTypeArg;
 use crate::user_err;
 use crate::util::{default_threads, io_msg};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use lmgen_core::bench::{self, BenchOptions, BenchReport, PRESETS};
 use lmgen_core::loader::{load, LoadOptions};
 use std::fmt::Write as _;
@@ -28,11 +29,20 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             PRESETS.join(", ")
         ));
     }
+    let device = crate::util::parse_device(&a.device)?;
+    let dtype = match (a.dtype, device.is_cpu()) {
+        (Some(DTypeArg::F16), false) => DType::F16,
+        (Some(DTypeArg::Bf16), false) | (None, false) => DType::BF16,
+        _ => DType::F32,
+    };
     let opts = BenchOptions {
         prompt_tokens: a.prompt_tokens,
         decode_tokens: a.decode_tokens,
         batch_sizes: a.batch_sizes.clone(),
         threads: threads_in_force(&a),
+        device: device.clone(),
+        dtype,
+        alloc_counter: Some(crate::alloc::allocations),
     };
     let (report, kind) = if let Some(name) = &a.preset {
         let Some(config) = bench::preset(name) else {
@@ -58,8 +68,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         let model = load(
             &location,
             &LoadOptions {
-                device: Device::Cpu,
-                dtype: DType::F32,
+                device,
+                dtype,
                 ..Default::default()
             },
         )?;
@@ -102,21 +112,25 @@ fn si(x: f64, unit: &str) -> String {
 
 /// The human-readable report.
 pub fn table(r: &BenchReport, kind: &str) -> String {
-    let l = &r.limits;
     let mut s = String::new();
     let _ = writeln!(s, "model             {} ({kind})", r.model);
     let _ = writeln!(s, "params            {}", si(r.params as f64, ""));
     let _ = writeln!(
         s,
-        "weight bytes      {} (f32)",
-        si(r.weight_bytes as f64, "B")
+        "weight bytes      {} ({} on {})",
+        si(r.weight_bytes as f64, "B"),
+        r.dtype,
+        r.device
     );
     let _ = writeln!(s, "load time         {:.2} s", r.load_s);
     let _ = writeln!(s, "threads           {}", r.threads);
+    let peak = r
+        .prefill_gemm_ratio
+        .map_or(String::new(), |x| format!(" = {x:.2} of GEMM peak"));
     let _ = writeln!(
         s,
-        "prefill           {} tokens: {:.1} tok/s, {:.1} GFLOP/s = {:.2} of GEMM peak",
-        r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_gflop_s, r.prefill_gemm_ratio
+        "prefill           {} tokens: {:.1} tok/s, {:.1} GFLOP/s{peak}",
+        r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_gflop_s
     );
     let _ = writeln!(s, "decode            batch      tok/s   vs bandwidth bound");
     for d in &r.decode {
@@ -127,8 +141,12 @@ pub fn table(r: &BenchReport, kind: &str) -> String {
             ),
             None => String::new(),
         };
+        let allocs = match (d.allocations_first_step, d.allocations_last_step) {
+            (Some(a), Some(b)) => format!("   allocations/step {a} first, {b} last"),
+            _ => String::new(),
+        };
         let row = format!(
-            "                  {:>5} {:>10.1}   {ratio}",
+            "                  {:>5} {:>10.1}   {ratio}{allocs}",
             d.batch, d.tokens_per_s
         );
         let _ = writeln!(s, "{}", row.trim_end());
@@ -137,6 +155,7 @@ pub fn table(r: &BenchReport, kind: &str) -> String {
         .peak_rss_bytes
         .map_or("unknown".to_string(), |b| si(b as f64, "B"));
     let _ = writeln!(s, "peak RSS          {rss}");
+    let Some(l) = &r.limits else { return s };
     let read = if l.read_threads > 1 {
         format!(
             "{:.1} GB/s ({} threads), {:.1} GB/s (1 thread)",

@@ -291,6 +291,9 @@ unsafe fn sum_f32_avx2(xs: &[f32]) -> f32 {
 pub struct DecodePoint {
     pub batch: usize,
     pub tokens_per_s: f64,
+    /// Heap allocations of the first and of the last timed decode step.
+    pub allocations_first_step: Option<u64>,
+    pub allocations_last_step: Option<u64>,
     /// Batch 1 only: achieved / (bandwidth ÷ bytes read per token).
     pub bandwidth_ratio: Option<f64>,
 }
@@ -304,12 +307,17 @@ pub struct BenchReport {
     pub prompt_tokens: usize,
     pub prefill_tokens_per_s: f64,
     pub prefill_gflop_s: f64,
-    pub prefill_gemm_ratio: f64,
+    /// Achieved / measured GEMM peak (CPU runs).
+    pub prefill_gemm_ratio: Option<f64>,
     pub decode: Vec<DecodePoint>,
     pub peak_rss_bytes: Option<u64>,
     /// Threads the run was asked to use (`BenchOptions::threads`).
     pub threads: usize,
-    pub limits: Limits,
+    /// `cpu`, `cuda:0`, ...
+    pub device: String,
+    pub dtype: String,
+    /// Machine limits, measured on CPU runs.
+    pub limits: Option<Limits>,
 }
 
 pub struct BenchOptions {
@@ -317,6 +325,12 @@ pub struct BenchOptions {
     pub decode_tokens: usize,
     pub batch_sizes: Vec<usize>,
     pub threads: usize,
+    /// Where synthetic models are built (`run`); a loaded decoder keeps its own.
+    pub device: Device,
+    pub dtype: DType,
+    /// Heap allocations so far (from the binary's allocator), to show that a decode step
+    /// allocates the same amount however far generation has gone.
+    pub alloc_counter: Option<fn() -> u64>,
 }
 
 /// Parameters in the matrices every token multiplies with (all linears + head).
@@ -332,10 +346,24 @@ fn matmul_params(d: &Decoder) -> usize {
     n
 }
 
+/// Stored bytes of the matrices every token multiplies with.
+fn matmul_bytes(d: &Decoder) -> usize {
+    let w = &d.weights;
+    let mut n = w.lm_head.weight_bytes();
+    for b in &w.blocks {
+        n += b.qkv.weight_bytes()
+            + b.out.weight_bytes()
+            + b.mlp_in.weight_bytes()
+            + b.mlp_out.weight_bytes();
+    }
+    n + w.project_in.as_ref().map_or(0, |p| p.weight_bytes())
+        + w.project_out.as_ref().map_or(0, |p| p.weight_bytes())
+}
+
 /// Benchmark a synthetic model of the shape `config` describes.
 pub fn run(name: &str, config: Value, opts: &BenchOptions) -> Result<BenchReport> {
     let t = Instant::now();
-    let dec = synthetic_decoder(config, 1234, &Device::Cpu, DType::F32)?;
+    let dec = synthetic_decoder(config, 1234, &opts.device, opts.dtype)?;
     run_decoder(name, &dec, t.elapsed().as_secs_f64(), opts)
 }
 
@@ -349,11 +377,17 @@ pub fn run_decoder(
     // The limits' 1 GiB buffer must not count in the model's peak RSS: keep the peak so far
     // (loading), measure, then reset the kernel's high-water mark.
     let rss_before = peak_rss();
-    let limits = measure_limits(opts.threads)?;
+    let cpu = dec.device.is_cpu();
+    let limits = if cpu {
+        Some(measure_limits(opts.threads)?)
+    } else {
+        None
+    };
     reset_peak_rss();
     let mm = matmul_params(dec);
     let params = mm + dec.weights.embed.elem_count() * usize::from(!dec.spec.tie_embeddings);
-    let bytes_per_token = (mm * 4) as f64;
+    // Bytes every decode step reads: the stored size of every matrix (f32, half or quantized).
+    let bytes_per_token = matmul_bytes(dec) as f64;
     let vocab = dec.spec.vocab_size as u32;
     let prompt: Vec<u32> = (0..opts.prompt_tokens as u32)
         .map(|i| (i * 7919 + 13) % vocab)
@@ -392,7 +426,9 @@ pub fn run_decoder(
             .collect();
         // Short prompts, then timed decode steps.
         let mut time = 0.0;
+        let (mut first_allocs, mut last_allocs) = (None, None);
         for step in 0..=opts.decode_tokens {
+            let allocs0 = opts.alloc_counter.map(|f| f());
             let t = Instant::now();
             let out = {
                 let mut steps: Vec<SeqStep> = caches
@@ -415,28 +451,45 @@ pub fn run_decoder(
             }
             if step > 0 {
                 time += t.elapsed().as_secs_f64();
+                let allocs = opts.alloc_counter.zip(allocs0).map(|(f, a0)| f() - a0);
+                if step == 1 {
+                    first_allocs = allocs;
+                }
+                last_allocs = allocs;
             }
         }
         let tps = (b * opts.decode_tokens) as f64 / time;
-        let ratio = (b == 1).then(|| tps / (limits.read_gb_s * 1e9 / bytes_per_token));
+        let ratio = limits
+            .filter(|_| b == 1)
+            .map(|l| tps / (l.read_gb_s * 1e9 / bytes_per_token));
         decode.push(DecodePoint {
             batch: b,
             tokens_per_s: tps,
+            allocations_first_step: first_allocs,
+            allocations_last_step: last_allocs,
             bandwidth_ratio: ratio,
         });
     }
     Ok(BenchReport {
         model: name.to_string(),
         params,
-        weight_bytes: params * 4,
+        weight_bytes: matmul_bytes(dec)
+            + dec.weights.embed.elem_count()
+                * dec.weights.embed.dtype().size_in_bytes()
+                * usize::from(!dec.spec.tie_embeddings),
         load_s,
         prompt_tokens: prompt.len(),
         prefill_tokens_per_s: prefill_tps,
         prefill_gflop_s: prefill_gflops,
-        prefill_gemm_ratio: prefill_gflops / limits.gemm_gflop_s,
+        prefill_gemm_ratio: limits.map(|l| prefill_gflops / l.gemm_gflop_s),
         decode,
         peak_rss_bytes: peak_rss().max(rss_before),
         threads: opts.threads,
+        device: format!("{:?}", dec.device.location())
+            .to_lowercase()
+            .replace("cuda { gpu_id: ", "cuda:")
+            .replace(" }", ""),
+        dtype: format!("{:?}", dec.weights.embed.dtype()).to_lowercase(),
         limits,
     })
 }
