@@ -152,58 +152,56 @@ impl<'m> Generator<'m> {
             // Decode tokens first (one per running sequence), then prompt chunks while the
             // step's token budget lasts; a long prompt is prefilled over several steps.
             let mut budget = self.max_step_tokens.max(1);
-            let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (active index, start, len)
-            for (i, a) in active.iter().enumerate() {
+            // Per active sequence: the (start, len) of `history` it feeds this step, if any.
+            let mut plan: Vec<Option<(usize, usize)>> = vec![None; active.len()];
+            for (p, a) in plan.iter_mut().zip(&active) {
                 if a.prefilled == a.history.len() {
-                    plan.push((i, a.history.len() - 1, 1));
+                    *p = Some((a.history.len() - 1, 1));
                     budget = budget.saturating_sub(1);
                 }
             }
-            for (i, a) in active.iter().enumerate() {
-                if a.prefilled < a.history.len() && budget > 0 {
+            for (p, a) in plan.iter_mut().zip(&active) {
+                if p.is_none() && budget > 0 {
                     let len = (a.history.len() - a.prefilled).min(budget);
-                    plan.push((i, a.prefilled, len));
+                    *p = Some((a.prefilled, len));
                     budget -= len;
                     stats.prompt_tokens += len;
                 }
             }
-            plan.sort_unstable();
             let out = {
-                let mut steps: Vec<SeqStep> = Vec::with_capacity(plan.len());
-                let mut rest: &mut [Active] = &mut active;
-                let mut base = 0;
-                for &(i, start, len) in &plan {
-                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
-                    let (a, tail) = tail.split_first_mut().unwrap_or_else(|| unreachable!());
-                    rest = tail;
-                    base = i + 1;
-                    let done = start + len == a.history.len();
-                    steps.push(SeqStep {
-                        tokens: &a.history[start..start + len],
-                        cache: &mut a.cache,
-                        want: if done { Want::Last } else { Want::Nothing },
-                    });
-                }
+                let mut steps: Vec<SeqStep> = active
+                    .iter_mut()
+                    .zip(&plan)
+                    .filter_map(|(a, p)| {
+                        let (start, len) = (*p)?;
+                        let done = start + len == a.history.len();
+                        Some(SeqStep {
+                            tokens: &a.history[start..start + len],
+                            cache: &mut a.cache,
+                            want: if done { Want::Last } else { Want::Nothing },
+                        })
+                    })
+                    .collect();
                 model.decoder.step(&mut steps, false)?
             };
             let mut finished = Vec::new();
-            for (&(i, start, len), logits) in plan.iter().zip(out.logits) {
+            let mut logits_of_step = out.logits.into_iter();
+            for (i, p) in plan.iter().enumerate() {
+                let Some((start, len)) = *p else { continue };
                 let a = &mut active[i];
                 a.prefilled = a.prefilled.max(start + len);
-                let Some(logits) = logits else { continue };
+                let Some(logits) = logits_of_step.next().flatten() else {
+                    continue;
+                };
                 let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
                 // Padded vocab rows beyond the tokenizer never get sampled.
                 row.truncate(model.decoder.spec.vocab_size);
-                if a.req.logprobs {
-                    let lp = log_softmax_row(&row);
-                    let tok = a.sampler.sample(&mut row, &a.history);
+                let lp = a.req.logprobs.then(|| log_softmax_row(&row));
+                let tok = a.sampler.sample(&mut row, &a.history);
+                if let Some(lp) = lp {
                     a.logprobs.push(lp[tok as usize]);
-                    a.generated.push(tok);
-                } else {
-                    let tok = a.sampler.sample(&mut row, &a.history);
-                    a.generated.push(tok);
                 }
-                let tok = *a.generated.last().unwrap_or(&0);
+                a.generated.push(tok);
                 a.history.push(tok);
                 stats.generated_tokens += 1;
                 let reason = if model.eos.contains(&tok) {
