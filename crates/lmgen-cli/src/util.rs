@@ -40,7 +40,10 @@ pub fn one_line(msg: &str) -> String {
         .lines()
         .take_while(|l| !l.trim_start().starts_with("0: "))
         .collect();
-    body.join(" ").split_whitespace().collect::<Vec<_>>().join(" ")
+    body.join(" ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// An I/O error without the "(os error N)" suffix.
