@@ -478,7 +478,12 @@ impl TensorSource for GgufFile {
         } else {
             t.to_dtype(dtype).map_err(wrap)?
         };
-        t.to_device(device).map_err(wrap)
+        let t = t.to_device(device).map_err(wrap)?;
+        // As for safetensors: the copy is made, drop the file pages read for it.
+        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let len = m.ggml.type_size() * m.shape.iter().product::<usize>() / m.ggml.block_size();
+        super::st::release_pages(&self.mmap, start, start + len);
+        Ok(t)
     }
 
     /// Matrices stored in a block format our kernels run (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are
@@ -531,9 +536,11 @@ impl TensorSource for GgufFile {
                 out.into()
             }
         };
-        QMatrix::from_ggml_bytes(kind, rows, cols, &data)
-            .map(Some)
-            .map_err(|e| Error::bad_weights(&self.path, format!("tensor '{}': {e}", m.gguf)))
+        let q = QMatrix::from_ggml_bytes(kind, rows, cols, &data)
+            .map_err(|e| Error::bad_weights(&self.path, format!("tensor '{}': {e}", m.gguf)))?;
+        drop(data);
+        super::st::release_pages(&self.mmap, start, start + rows * rb);
+        Ok(Some(q))
     }
 }
 

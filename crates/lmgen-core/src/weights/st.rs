@@ -253,7 +253,7 @@ impl TensorSource for SafetensorsFile {
 }
 
 #[cfg(unix)]
-fn release_pages(map: &memmap2::Mmap, start: usize, end: usize) {
+pub(crate) fn release_pages(map: &memmap2::Mmap, start: usize, end: usize) {
     const PAGE: usize = 4096;
     let first = start.div_ceil(PAGE) * PAGE;
     let last = end / PAGE * PAGE;
@@ -267,7 +267,7 @@ fn release_pages(map: &memmap2::Mmap, start: usize, end: usize) {
 }
 
 #[cfg(not(unix))]
-fn release_pages(_: &memmap2::Mmap, _: usize, _: usize) {}
+pub(crate) fn release_pages(_: &memmap2::Mmap, _: usize, _: usize) {}
 
 /// First line of a (possibly multi-line, backtrace-carrying) error message.
 pub(crate) fn one_line(s: &str) -> String {
