@@ -5,7 +5,9 @@
 # 75 new tokens each, once greedy and once with temperature 0.95; plus batch-1 decode speed.
 # Model: SmolLM2-135M-Instruct. Its Q4_1 GGUF (scripts/fetch-smollm2.sh) is converted once
 # with llama.cpp's llama-quantize to F32 (and F16) GGUF; lmgen, transformers and llama.cpp all
-# read that F32 file, so every system computes in f32 with the same weight values.
+# read that F32 file (transformers through a safetensors directory it saves from it once),
+# so every system computes in f32 with the same weight values. lmgen and llama.cpp also run
+# the original Q4_1 file, which both keep quantized in memory (llama.cpp also F16, batch-1).
 #
 #   lmgen        release binary, `lmgen generate --batch-size 4` (wall time includes loading);
 #                load time and batch-1 decode from `lmgen bench MODEL`.
@@ -21,16 +23,19 @@
 # gives medians, the per-run numbers are in OUT/runs.jsonl and below the table.
 #
 # Usage: benches/compare.sh [--only lmgen,transformers,llama.cpp] [--reps N] [--threads N]
-#                           [--reuse OLD_OUT_DIR]
+#                           [--reuse OLD_OUT_DIR] | --report OUT_DIR
 #   --reuse takes the rows of the systems not run now from an earlier run's output directory
 #   (e.g. rerun only lmgen after a change: --only lmgen --reuse target/bench-compare/<old>).
+#   --report OUT_DIR only prints the report of an earlier run again (benches/report.py).
 # Before each system's turn the script waits (up to IDLE_WAIT seconds, default 600) until the
-# rest of the machine uses less than 0.25 CPU, and records that background load with every run
-# (bg_cpus): OpenMP (torch) and llama.cpp's spinning thread pools slow down far more than
-# lmgen's when another process takes a core, so runs next to a busy neighbour are not comparable.
+# rest of the machine uses less than 0.25 CPU (bg_cpus), and it measures the CPU other
+# processes took during the turn (other_cpus); a turn with other_cpus >= 0.25 is run again
+# (TRIES, default 3). OpenMP (torch) and llama.cpp's spinning thread pools slow down far more
+# than lmgen's when another process takes a core: runs next to a busy neighbour are not
+# comparable.
 # Environment: PYTHON (default python3; needs benches/requirements.txt), LMGEN_CACHE (default
 # ~/.cache/lmgen), OUT (default target/bench-compare/<date>), LMGEN_BIN (skip the cargo build),
-# IDLE_WAIT (seconds, 0 = do not wait).
+# IDLE_WAIT (seconds, 0 = do not wait), TRIES.
 # Prints Markdown (versions, machine, tables) on stdout and keeps it in OUT/report.md.
 set -euo pipefail
 
@@ -48,6 +53,7 @@ while [ $# -gt 0 ]; do
     --reps) reps="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --reuse) reuse="$2"; shift 2 ;;
+    --report) "${PYTHON:-python3}" "$here/report.py" "$2"; exit ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "compare.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -88,6 +94,16 @@ for t in F32 F16; do
   fi
 done
 
+# transformers reads a Hugging Face directory (safetensors, f32) saved once from the F32 GGUF
+# by transformers itself: the same weights, through transformers' usual loading path.
+hfdir="$gdir/hf-f32"
+if want transformers && [ ! -s "$hfdir/model.safetensors" ]; then
+  log "saving the F32 GGUF as a transformers directory (safetensors)"
+  rm -rf "$hfdir.tmp"
+  "$py" "$here/hf_generate.py" --model "$f32" --save-hf "$hfdir.tmp" > "$out/hf-convert.log" 2>&1
+  rm -rf "$hfdir"; mv "$hfdir.tmp" "$hfdir"
+fi
+
 # ---- versions and machine ----------------------------------------------------------------
 lmgen_rev=$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(cd "$repo" && git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
@@ -107,14 +123,26 @@ cpus=$(nproc)
 } > "$out/env.md"
 
 # ---- the runs ----------------------------------------------------------------------------
-# CPUs busy on the whole machine over the next second (from /proc/stat).
-busy_cpus() {
-  local a b
-  a=($(head -1 /proc/stat)); sleep 1; b=($(head -1 /proc/stat))
-  awk -v c="$cpus" -v bu=$(( (b[1]+b[2]+b[3]+b[6]+b[7]+b[8]) - (a[1]+a[2]+a[3]+a[6]+a[7]+a[8]) )) \
-      -v id=$(( (b[4]+b[5]) - (a[4]+a[5]) )) 'BEGIN { printf "%.2f", (bu + id > 0) ? c * bu / (bu + id) : 0 }'
+# Jiffies of the whole machine: "busy idle" (from /proc/stat).
+cpu_jiffies() {
+  local a
+  a=($(head -1 /proc/stat))
+  echo "$((a[1] + a[2] + a[3] + a[6] + a[7] + a[8])) $((a[4] + a[5]))"
 }
-# Wait until the machine is idle (see above); sets $bg to the background load found.
+# CPUs busy on the whole machine over the next second.
+busy_cpus() {
+  local b0 i0 b1 i1
+  read -r b0 i0 < <(cpu_jiffies); sleep 1; read -r b1 i1 < <(cpu_jiffies)
+  awk -v c="$cpus" -v b=$((b1 - b0)) -v t=$((b1 - b0 + i1 - i0)) \
+    'BEGIN { printf "%.2f", (t > 0 ? c * b / t : 0) }'
+}
+# Jiffies used by this script's finished child processes (cutime + cstime).
+own_jiffies() {
+  local f
+  f=($(sed 's/^.*) //' /proc/$$/stat))
+  echo $((f[13] + f[14]))
+}
+# Wait until the machine is idle (see the top); sets $bg to the background load found.
 wait_idle() {
   local waited=0
   bg=$(busy_cpus)
@@ -125,31 +153,63 @@ wait_idle() {
   awk -v x="$bg" 'BEGIN { exit !(x >= 0.25) }' && log "warning: running next to a background load of $bg CPUs"
   return 0
 }
-# Append a run's JSON object (stdin or $1) to runs.jsonl with the background load.
-stamp() { sed "s/}\$/,\"bg_cpus\":$bg}/" >> "$runs"; }
-record() { echo "$1" | stamp; }
+# One system's turn: wait for idle, run, and measure the CPU that other processes used
+# meanwhile (other_cpus); a turn that shared the machine is run again (up to TRIES times,
+# default 3; the last try is kept whatever it saw). Rows go to runs.jsonl with bg_cpus and
+# other_cpus.
+turn() {
+  local system=$1 rep=$2 try b0 i0 o0 b1 i1 o1 other
+  for try in $(seq 1 "${TRIES:-3}"); do
+    wait_idle
+    log "rep $rep/$reps: $system$([ "$try" -gt 1 ] && echo " (try $try)")"
+    : > "$turn_file"
+    read -r b0 i0 < <(cpu_jiffies); o0=$(own_jiffies)
+    case "$system" in
+      lmgen) run_lmgen "$rep" ;;
+      transformers) run_transformers "$rep" ;;
+      llama.cpp) run_llama "$rep" ;;
+    esac
+    read -r b1 i1 < <(cpu_jiffies); o1=$(own_jiffies)
+    other=$(awk -v c="$cpus" -v b=$((b1 - b0 - (o1 - o0))) -v t=$((b1 - b0 + i1 - i0)) \
+      'BEGIN { x = (t > 0 ? c * b / t : 0); printf "%.2f", (x < 0 ? 0 : x) }')
+    if awk -v x="$other" 'BEGIN { exit !(x < 0.25) }' || [ "$try" = "${TRIES:-3}" ]; then
+      sed "s/}\$/,\"bg_cpus\":$bg,\"other_cpus\":$other}/" "$turn_file" >> "$runs"
+      return 0
+    fi
+    log "rep $rep/$reps: $system shared the machine with other work ($other CPUs); again"
+  done
+}
+turn_file="$out/turn.jsonl"
+stamp() { cat >> "$turn_file"; }
+record() { echo "$1" >> "$turn_file"; }
 
 run_lmgen() {
-  local rep=$1 name temp t0 t1 n
-  for name in greedy temp; do
-    temp=0; [ "$name" = temp ] && temp=$temperature
-    t0=$(now)
-    "$lmgen" generate "$f32" --input "$prompts" --output "$out/lmgen-$name-$rep.jsonl" \
-      --overwrite --max-new-tokens $new_tokens --temperature "$temp" --seed 1 \
-      --batch-size 4 --threads "$threads" 2> "$out/lmgen-$name-$rep.log"
-    t1=$(now)
-    n=$("$py" -c 'import json,sys; print(sum(len(json.loads(l)["token_ids"]) for l in open(sys.argv[1]) if l.strip()))' "$out/lmgen-$name-$rep.jsonl")
-    record "{\"system\":\"lmgen\",\"weights\":\"F32\",\"rep\":$rep,\"job\":\"$name\",\"wall_s\":$(elapsed "$t0" "$t1"),\"new_tokens\":$n}"
-  done
-  "$lmgen" bench "$f32" --threads "$threads" --json --prompt-tokens 24 --decode-tokens 64 \
-    --batch-sizes 1 > "$out/lmgen-bench-$rep.json" 2> "$out/lmgen-bench-$rep.log"
-  "$py" - "$out/lmgen-bench-$rep.json" "$rep" <<'EOF' | stamp
+  local rep=$1 w g name temp t0 t1 n
+  for w in F32 Q4_1; do
+    g=$f32; [ "$w" = Q4_1 ] && g=$q4
+    for name in greedy temp; do
+      temp=0; [ "$name" = temp ] && temp=$temperature
+      t0=$(now)
+      "$lmgen" generate "$g" --input "$prompts" --output "$out/lmgen-$w-$name-$rep.jsonl" \
+        --overwrite --max-new-tokens $new_tokens --temperature "$temp" --seed 1 \
+        --batch-size 4 --threads "$threads" 2> "$out/lmgen-$w-$name-$rep.log"
+      t1=$(now)
+      n=$("$py" -c 'import json,sys; print(sum(len(json.loads(l)["token_ids"]) for l in open(sys.argv[1]) if l.strip()))' "$out/lmgen-$w-$name-$rep.jsonl")
+      record "{\"system\":\"lmgen\",\"weights\":\"$w\",\"rep\":$rep,\"job\":\"$name\",\"wall_s\":$(elapsed "$t0" "$t1"),\"new_tokens\":$n}"
+    done
+    "$lmgen" bench "$g" --threads "$threads" --json --prompt-tokens 24 --decode-tokens 64 \
+      --batch-sizes 1 > "$out/lmgen-$w-bench-$rep.json" 2> "$out/lmgen-$w-bench-$rep.log"
+    "$py" - "$out/lmgen-$w-bench-$rep.json" "$rep" "$w" <<'EOF' | stamp
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(json.dumps({"system": "lmgen", "weights": "F32", "rep": int(sys.argv[2]), "job": "decode1",
-                  "load_s": r["load_s"], "decode1_tok_s": r["decode"][0]["tokens_per_s"],
-                  "read_gb_s": r["limits"]["read_gb_s"], "gemm_gflop_s": r["limits"]["gemm_gflop_s"]}))
+o = {"system": "lmgen", "weights": sys.argv[3], "rep": int(sys.argv[2]), "job": "decode1",
+     "load_s": r["load_s"], "decode1_tok_s": r["decode"][0]["tokens_per_s"],
+     "weight_bytes": r.get("weight_bytes")}
+if r.get("limits"):
+    o.update(read_gb_s=r["limits"]["read_gb_s"], gemm_gflop_s=r["limits"]["gemm_gflop_s"])
+print(json.dumps(o))
 EOF
+  done
 }
 
 run_transformers() {
@@ -159,7 +219,7 @@ run_transformers() {
     local extra=(--prompts "$prompts" --max-new-tokens $new_tokens --temperature "$temp")
     [ "$name" = decode1 ] && extra=(--decode1 64)
     t0=$(now)
-    "$py" "$here/hf_generate.py" --gguf "$f32" --threads "$threads" "${extra[@]}" \
+    "$py" "$here/hf_generate.py" --model "$hfdir" --threads "$threads" "${extra[@]}" \
       > "$out/hf-$name-$rep.json" 2> "$out/hf-$name-$rep.log"
     t1=$(now)
     "$py" - "$out/hf-$name-$rep.json" "$rep" "$name" "$(elapsed "$t0" "$t1")" <<'EOF' | stamp
@@ -177,21 +237,37 @@ EOF
 }
 
 run_llama() {
-  local rep=$1 t0 t1 g
-  t0=$(now)
-  "$llama_bin/llama-batched-bench" -m "$f32" -c 1024 -npp 24 -ntg $new_tokens -npl 4 \
-    -t "$threads" -tb "$threads" --output-format jsonl \
-    > "$out/llama-batched-$rep.txt" 2> "$out/llama-batched-$rep.log"
-  t1=$(now)
-  "$py" - "$out/llama-batched-$rep.txt" "$rep" "$(elapsed "$t0" "$t1")" <<'EOF' | stamp
+  local rep=$1 t0 t1 g w attempt
+  for w in F32 Q4_1; do
+    g=$f32; [ "$w" = Q4_1 ] && g=$q4
+    # With a quantized model on a CPU that reports AMX, the default build's AMX matmul
+    # (used for batches, through weight repacking) can crash: then run without repacking
+    # and say so in the row.
+    local extra=() note=""
+    for attempt in 1 2; do
+      t0=$(now)
+      if "$llama_bin/llama-batched-bench" -m "$g" -c 1024 -npp 24 -ntg $new_tokens -npl 4 \
+        -t "$threads" -tb "$threads" --output-format jsonl "${extra[@]}" \
+        > "$out/llama-$w-batched-$rep.txt" 2> "$out/llama-$w-batched-$rep.log"; then
+        break
+      fi
+      [ "$attempt" = 2 ] && { log "llama-batched-bench failed on $w (see $out/llama-$w-batched-$rep.log)"; exit 1; }
+      log "llama-batched-bench crashed on $w; again with --no-repack"
+      extra=(--no-repack); note="no-repack (default crashed)"
+    done
+    t1=$(now)
+    "$py" - "$out/llama-$w-batched-$rep.txt" "$rep" "$(elapsed "$t0" "$t1")" "$w" "$note" <<'EOF' | stamp
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 r = [x for x in rows if "pl" in x or "npl" in x][-1]
-t = float(r["t"])
-print(json.dumps({"system": "llama.cpp", "weights": "F32", "rep": int(sys.argv[2]), "job": "batched",
-                  "wall_s": float(sys.argv[3]), "gen_s": t, "new_tokens": 4 * 75,
-                  "t_pp": r.get("t_pp"), "t_tg": r.get("t_tg")}))
+o = {"system": "llama.cpp", "weights": sys.argv[4], "rep": int(sys.argv[2]), "job": "batched",
+     "wall_s": float(sys.argv[3]), "gen_s": float(r["t"]), "new_tokens": 4 * 75,
+     "t_pp": r.get("t_pp"), "t_tg": r.get("t_tg")}
+if sys.argv[5]:
+    o["note"] = sys.argv[5]
+print(json.dumps(o))
 EOF
+  done
   for g in "$f32" "$f16" "$q4"; do
     "$llama_bin/llama-bench" -m "$g" -n 64 -p 0 -t "$threads" -r 3 -o json \
       > "$out/llama-bench-$rep-$(basename "$g").json" 2> "$out/llama-bench-$rep.log"
@@ -205,12 +281,12 @@ EOF
   done
 }
 
-bg=0
 for rep in $(seq 1 "$reps"); do
-  if want lmgen; then wait_idle; log "rep $rep/$reps: lmgen"; run_lmgen "$rep"; fi
-  if want transformers; then wait_idle; log "rep $rep/$reps: transformers"; run_transformers "$rep"; fi
-  if want llama.cpp; then wait_idle; log "rep $rep/$reps: llama.cpp"; run_llama "$rep"; fi
+  for system in lmgen transformers llama.cpp; do
+    if want "$system"; then turn "$system" "$rep"; fi
+  done
 done
+rm -f "$turn_file"
 if [ -n "$reuse" ]; then
   "$py" - "$reuse/runs.jsonl" "$only" >> "$runs" <<'EOF'
 import json, sys
@@ -219,100 +295,15 @@ for l in open(sys.argv[1]):
     if l.strip() and json.loads(l)["system"] not in keep:
         print(l.strip())
 EOF
+  for system in transformers llama.cpp; do  # their raw outputs too (the report reads some)
+    if ! want "$system"; then
+      cp "$reuse"/"$([ "$system" = transformers ] && echo hf || echo llama)"-* "$out"/ 2>/dev/null || true
+    fi
+  done
   echo "- rows of systems other than $only reused from $reuse" >> "$out/env.md"
 fi
 
 # ---- the report --------------------------------------------------------------------------
-"$py" - "$runs" "$out/env.md" "$threads" > "$out/report.md" <<'EOF'
-import json, statistics, sys
-runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-env = open(sys.argv[2]).read()
-threads = sys.argv[3]
-
-def pick(system, weights, job, key):
-    return [r[key] for r in runs if r["system"] == system and r["weights"] == weights
-            and r["job"] == job and r.get(key) is not None]
-
-def med(xs):
-    return statistics.median(xs) if xs else None
-
-def f(x, d=1):
-    return "—" if x is None else f"{x:.{d}f}"
-
-rows = {}
-def row(label, system, weights, greedy_job, temp_job):
-    r = {}
-    r["load"] = med(pick(system, weights, "decode1", "load_s") or pick(system, weights, greedy_job, "load_s"))
-    for tag, job in (("g", greedy_job), ("t", temp_job)):
-        if job is None:
-            continue
-        walls = pick(system, weights, job, "wall_s")
-        toks = pick(system, weights, job, "new_tokens")
-        r[tag + "wall"] = med(walls)
-        r[tag + "tokens"] = med(toks)
-        gens = pick(system, weights, job, "gen_s")
-        if gens:
-            tps = [n / g for n, g in zip(toks, gens)]
-        elif walls and r["load"] is not None:
-            tps = [n / (w - r["load"]) for n, w in zip(toks, walls)]
-        else:
-            tps = []
-        r[tag + "tps"] = med(tps)
-    r["d1"] = med(pick(system, weights, "decode1", "decode1_tok_s"))
-    rows[label] = r
-
-row("lmgen (F32)", "lmgen", "F32", "greedy", "temp")
-row("transformers (F32)", "transformers", "F32", "greedy", "temp")
-row("llama.cpp (F32)", "llama.cpp", "F32", "batched", None)
-row("llama.cpp (F16)", "llama.cpp", "F16", None, None)
-row("llama.cpp (Q4_1)", "llama.cpp", "Q4_1", None, None)
-rows = {k: v for k, v in rows.items() if any(x is not None for x in v.values())}
-
-out = ["## Setup", "", env.rstrip(), "",
-       f"## Results (SmolLM2-135M-Instruct, {threads} threads, median of the runs)", "",
-       "| system | load s | 4×75 greedy: wall s | tokens | gen tok/s | 4×75 T=0.95: wall s | tokens | gen tok/s | batch-1 decode tok/s |",
-       "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-for k, r in rows.items():
-    tw = "(no sampling)" if k.startswith("llama.cpp (F32)") else "—"
-    out.append(f"| {k} | {f(r.get('load'), 2)} | {f(r.get('gwall'), 2)} | {f(r.get('gtokens'), 0)} | "
-               f"{f(r.get('gtps'))} | {f(r.get('twall'), 2) if r.get('twall') else tw} | "
-               f"{f(r.get('ttokens'), 0)} | {f(r.get('ttps'))} | {f(r.get('d1'))} |")
-out += ["",
-        "wall: the whole process, model load included (transformers: also `import torch`); "
-        "gen tok/s: generated tokens / (wall − load) for lmgen, / generate() time for "
-        "transformers, / llama-batched-bench's T (prefill + decode) for llama.cpp, which always "
-        "generates 4×75 and does not sample. lmgen's load s and batch-1 decode come from "
-        "`lmgen bench MODEL` (64 steps after a 24-token prompt), transformers' from 64 KV-cached "
-        "steps, llama.cpp's from `llama-bench -n 64 -p 0`.", ""]
-
-L = rows.get("lmgen (F32)")
-def ratio(a, b):
-    return None if a is None or b in (None, 0) else a / b
-if L:
-    out += ["### Ratios (lmgen ÷ other; > 1 means lmgen is faster)", "",
-            "| vs | greedy gen tok/s | greedy wall (other ÷ lmgen) | T=0.95 gen tok/s | batch-1 decode |",
-            "|---|---:|---:|---:|---:|"]
-    for k, r in rows.items():
-        if k == "lmgen (F32)":
-            continue
-        out.append(f"| {k} | {f(ratio(L.get('gtps'), r.get('gtps')), 2)} | "
-                   f"{f(ratio(r.get('gwall'), L.get('gwall')), 2)} | "
-                   f"{f(ratio(L.get('ttps'), r.get('ttps')), 2)} | {f(ratio(L.get('d1'), r.get('d1')), 2)} |")
-    lim = [(r["read_gb_s"], r["gemm_gflop_s"]) for r in runs if r["system"] == "lmgen" and "read_gb_s" in r]
-    if lim:
-        out += ["", "Machine limits measured by `lmgen bench` during the lmgen runs: read bandwidth "
-                + ", ".join(f"{a:.1f}" for a, _ in lim) + f" GB/s ({threads} threads); candle f32 GEMM "
-                + ", ".join(f"{b:.0f}" for _, b in lim) + " GFLOP/s."]
-
-out += ["", "### Every run", "",
-        "bg CPUs: load of the rest of the machine just before the system's turn (0 = idle).", "",
-        "| rep | system | weights | job | wall s | load s | tokens | gen s | decode-1 tok/s | bg CPUs |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
-for r in sorted(runs, key=lambda r: (r["rep"], r["system"], r["weights"], r["job"])):
-    out.append(f"| {r['rep']} | {r['system']} | {r['weights']} | {r['job']} | {f(r.get('wall_s'), 2)} | "
-               f"{f(r.get('load_s'), 2)} | {r.get('new_tokens', '—')} | {f(r.get('gen_s'), 2)} | "
-               f"{f(r.get('decode1_tok_s'))} | {f(r.get('bg_cpus'), 2)} |")
-print("\n".join(out))
-EOF
+"$py" "$here/report.py" "$out" > "$out/report.md"
 cat "$out/report.md"
 log "report: $out/report.md (raw: $runs)"

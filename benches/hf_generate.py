@@ -1,12 +1,15 @@
 """The transformers side of benches/compare.sh: one job, timed, as one JSON line on stdout.
 
-  python benches/hf_generate.py --gguf DIR/model.gguf --prompts benches/prompts.txt \
+  python benches/hf_generate.py --model HF_DIR --prompts benches/prompts.txt \
       --threads 2 --max-new-tokens 75 --temperature 0.95      # batch job (all prompts at once)
-  python benches/hf_generate.py --gguf DIR/model.gguf --threads 2 --decode1 64
+  python benches/hf_generate.py --model HF_DIR --threads 2 --decode1 64
+  python benches/hf_generate.py --model model.gguf --save-hf HF_DIR   # convert once
 
-fp32 on the CPU, the model and tokenizer read from the GGUF file (dequantized by
-transformers), batch with left padding, `model.generate`. `--decode1 N` instead times N
+fp32 on the CPU, batch with left padding, `model.generate`. `--decode1 N` instead times N
 single-token steps of one sequence with its KV cache (batch-1 decode), after a short prompt.
+--model is a Hugging Face directory or a .gguf file (dequantized by transformers on every
+load, which is slow: compare.sh converts the GGUF once with --save-hf and times the
+directory, transformers' usual path).
 """
 import argparse
 import json
@@ -24,9 +27,10 @@ t_import = time.perf_counter() - t_start
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--save-hf")
     ap.add_argument("--prompts")
-    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-new-tokens", type=int, default=75)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=1)
@@ -36,14 +40,27 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    d, f = os.path.split(os.path.abspath(args.gguf))
+    if args.model.endswith(".gguf"):
+        d, f = os.path.split(os.path.abspath(args.model))
+        where = dict(pretrained_model_name_or_path=d, gguf_file=f)
+    else:
+        where = dict(pretrained_model_name_or_path=args.model)
     t = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    tok = AutoTokenizer.from_pretrained(**where)
     model = AutoModelForCausalLM.from_pretrained(
-        d, gguf_file=f, dtype=torch.float32, attn_implementation=args.attn
+        **where, dtype=torch.float32, attn_implementation=args.attn
     )
     model.eval()
     load_s = time.perf_counter() - t
+    if args.save_hf:
+        # transformers marks a GGUF-loaded model as quantized (not serializable); its weights
+        # are plain f32 tensors by now, so drop that mark and save them as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(args.save_hf)
+        tok.save_pretrained(args.save_hf)
+        return
     out = {
         "import_s": t_import,
         "load_s": load_s,
