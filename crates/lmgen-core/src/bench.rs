@@ -506,3 +506,23 @@ pub fn peak_rss() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_sums_agree() {
+        // Small integers: every partial sum is exact in f32, whatever the order.
+        for n in [0, 7, 64, 1000, 4099] {
+            let xs: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+            let want: f32 = xs.iter().sum();
+            assert_eq!(sum_f32(&xs), want, "n = {n}");
+            assert_eq!(sum_f32_scalar(&xs), want, "n = {n}");
+        }
+        let mut buf = BwBuffer::new(4 << 20);
+        let xs = buf.fill(2.0);
+        assert_eq!(xs.len(), 1 << 20);
+        assert!(read_bandwidth(xs, 2, 0.0) > 0.0);
+    }
+}

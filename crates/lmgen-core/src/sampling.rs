@@ -90,6 +90,23 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / p.temperature;
+        if p.top_k.is_none() && p.top_p.is_none_or(|t| t >= 1.0) {
+            // Plain temperature sampling needs no sort (a full-vocabulary sort per token
+            // was measured to cost ~25 % of decode time on a 49k-token vocabulary).
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let total: f64 = logits
+                .iter()
+                .map(|&l| (((l - max) * inv_t) as f64).exp())
+                .sum();
+            let mut target = self.rng.random::<f64>() * total;
+            for (i, &l) in logits.iter().enumerate() {
+                target -= (((l - max) * inv_t) as f64).exp();
+                if target < 0.0 {
+                    return i as u32;
+                }
+            }
+            return argmax(logits);
+        }
         let c = &mut self.scratch;
         c.clear();
         c.extend(
