@@ -247,6 +247,8 @@ family_tests! {
     neox_seq => "neox-seq",
     bloom => "bloom",
     bloom_6heads => "bloom-6heads",
+    bloom_postln => "bloom-postln",
+    gpt2_noscale => "gpt2-noscale",
     llama => "llama",
     llama_mqa_tied => "llama-mqa-tied",
     llama_rope_linear => "llama-rope-linear",
