@@ -490,6 +490,8 @@ FIXTURES = [
          cfg=dict(word_embed_proj_dim=16), axes="word_embed_proj_dim=16 != hidden 32 (project_in/out)"),
     dict(name="opt-nobias-gelu", family="opt", tok="opt", fmt="safetensors", dtype="float16",
          cfg=dict(enable_bias=False, activation_function="gelu"), axes="enable_bias=False, gelu"),
+    dict(name="opt-noaffine", family="opt", tok="opt", fmt="safetensors", dtype="float32",
+         cfg=dict(layer_norm_elementwise_affine=False), axes="layer_norm_elementwise_affine=False (no norm weights)"),
     dict(name="opt-slowtok", family="opt", tok="opt-slow", fmt="bin-sharded", dtype="float32",
          config_style="legacy",
          axes="slow tokenizer files only (vocab.json+merges.txt); sharded .bin with model.decoder.* + lm_head.weight"),

@@ -116,6 +116,8 @@ pub struct ModelSpec {
     pub max_positions: usize,
     pub norm: NormKind,
     pub norm_eps: f64,
+    /// Norms carry learned scale/shift (OPT `layer_norm_elementwise_affine`).
+    pub norm_affine: bool,
     pub positions: Positions,
     pub residual: Residual,
     pub mlp: MlpKind,
@@ -157,6 +159,7 @@ impl ModelSpec {
             max_positions: 0,
             norm: NormKind::LayerNorm,
             norm_eps: 1e-5,
+            norm_affine: true,
             positions: Positions::Alibi,
             residual: Residual::Sequential,
             mlp: MlpKind::Plain,

@@ -243,6 +243,7 @@ family_tests! {
     opt_proj => "opt-proj",
     opt_nobias_gelu => "opt-nobias-gelu",
     opt_slowtok => "opt-slowtok",
+    opt_noaffine => "opt-noaffine",
     neox => "neox",
     neox_seq => "neox-seq",
     bloom => "bloom",

@@ -41,7 +41,8 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
 }
 
 pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
-    let l = Loader::new(l.store, l.device.clone(), l.dtype)
+    let l = l
+        .clone()
         .with_prefix("transformer.", "word_embeddings.weight");
     let names = BlockNames {
         ln1: "input_layernorm",

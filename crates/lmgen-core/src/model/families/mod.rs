@@ -126,6 +126,8 @@ pub struct Loader<'a> {
     /// One device per block when layers are spread over several devices.
     placement: Option<Vec<Device>>,
     keep_quantized: bool,
+    /// Norms have learned weights (and biases) in the checkpoint.
+    affine_norms: bool,
 }
 
 impl<'a> Loader<'a> {
@@ -137,6 +139,7 @@ impl<'a> Loader<'a> {
             prefix: String::new(),
             placement: None,
             keep_quantized: false,
+            affine_norms: true,
         }
     }
 
@@ -211,6 +214,12 @@ impl<'a> Loader<'a> {
         self.store.get_quantized(name, shape)
     }
 
+    /// Norms without learned parameters (`false`): unit scale, zero shift.
+    pub fn affine_norms(mut self, affine: bool) -> Self {
+        self.affine_norms = affine;
+        self
+    }
+
     /// Keep matrices that the checkpoint stores quantized (GGUF) in that form.
     pub fn keep_quantized(mut self, keep: bool) -> Self {
         self.keep_quantized = keep;
@@ -227,6 +236,19 @@ impl<'a> Loader<'a> {
     }
 
     pub fn norm(&self, p: &str, kind: NormKind, dim: usize, eps: f64) -> Result<Norm> {
+        if !self.affine_norms {
+            // No learned scale/shift (OPT `layer_norm_elementwise_affine=false`).
+            let weight = Tensor::ones(dim, self.dtype, &self.device)?;
+            let bias = (kind == NormKind::LayerNorm)
+                .then(|| weight.zeros_like())
+                .transpose()?;
+            return Ok(Norm {
+                kind,
+                weight,
+                bias,
+                eps: eps as f32,
+            });
+        }
         let weight = self.t(&format!("{p}.weight"), &[dim])?;
         let bias = match kind {
             NormKind::LayerNorm => Some(self.t(&format!("{p}.bias"), &[dim])?),

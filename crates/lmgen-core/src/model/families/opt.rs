@@ -11,9 +11,6 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
     c.check(e % nh == 0, || {
         format!("hidden_size {e} not divisible by num_attention_heads {nh}")
     })?;
-    c.check(c.bool_or("layer_norm_elementwise_affine", true)?, || {
-        "layer_norm_elementwise_affine=false is not supported".into()
-    })?;
     let positions = c.req_usize(&["max_position_embeddings"])?;
     let pre = c.bool_or("do_layer_norm_before", true)?;
     let bias = c.bool_or("enable_bias", true)?;
@@ -45,12 +42,15 @@ pub fn spec(c: &RawConfig) -> Result<ModelSpec> {
         tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
         embed_dim: c.usize_any(&["word_embed_proj_dim"])?.unwrap_or(e),
 
+        norm_affine: c.bool_or("layer_norm_elementwise_affine", true)?,
         ..ModelSpec::defaults(Family::Opt, c)
     })
 }
 
 pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
-    let l = Loader::new(l.store, l.device.clone(), l.dtype)
+    let l = l
+        .clone()
+        .affine_norms(s.norm_affine)
         .with_prefix("model.", "decoder.embed_tokens.weight");
     let (e, inter, d) = (s.hidden_size, s.intermediate_size, s.embed_dim);
     let Positions::Learned { table_size, .. } = s.positions else {
