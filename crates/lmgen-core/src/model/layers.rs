@@ -104,9 +104,11 @@ impl Linear {
                 // Always the integer kernel (activations quantized per 32-value block, as
                 // llama.cpp): one numeric path whatever the number of rows, so a sequence's
                 // results do not depend on what shares its step.
-                let y = with_f32(&x, |xv| q.matmul(xv, m))?.ok_or_else(|| {
-                    candle_core::Error::Msg("quantized linear needs CPU input".into())
-                })?;
+                let y = F32View::of(&x)
+                    .map(|xv| q.matmul(xv.slice(), m))
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg("quantized linear needs CPU input".into())
+                    })?;
                 let y = Tensor::from_vec(y, (m, n), x.device())?;
                 match &self.bias {
                     Some(b) => y.broadcast_add(b),
@@ -121,16 +123,30 @@ impl Linear {
                 {
                     // Streaming kernel for decode steps (see kernels.rs).
                     let x = x.contiguous()?;
-                    let bias = match &self.bias {
-                        Some(b) => with_f32(b, |bv| bv.to_vec())?,
-                        None => None,
+                    // Borrow the data in place: no copy of weights or bias per step.
+                    let y = {
+                        let bias = self.bias.as_ref().map(F32View::of);
+                        match (F32View::of(&x), F32View::of(w), bias) {
+                            (Some(xv), Some(wv), None) => Some(kernels::matmul_wt_small(
+                                xv.slice(),
+                                m,
+                                k,
+                                wv.slice(),
+                                n,
+                                None,
+                            )),
+                            (Some(xv), Some(wv), Some(Some(bv))) => Some(kernels::matmul_wt_small(
+                                xv.slice(),
+                                m,
+                                k,
+                                wv.slice(),
+                                n,
+                                Some(bv.slice()),
+                            )),
+                            _ => None,
+                        }
                     };
-                    let y = with_f32(&x, |xv| {
-                        with_f32(w, |wv| {
-                            kernels::matmul_wt_small(xv, m, k, wv, n, bias.as_deref())
-                        })
-                    })?;
-                    if let Some(Some(y)) = y.transpose()? {
+                    if let Some(y) = y {
                         return Tensor::from_vec(y, (m, n), x.device());
                     }
                 }
@@ -144,12 +160,26 @@ impl Linear {
     }
 }
 
-/// Run `f` on the f32 data of a contiguous CPU tensor; `None` for other storage.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<Option<R>> {
-    let (storage, layout) = t.storage_and_layout();
-    match (&*storage, layout.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(Some(f(&v[a..b]))),
-        _ => Ok(None),
+/// The f32 data of a contiguous CPU tensor, borrowed for as long as the view lives.
+struct F32View<G> {
+    storage: G,
+    range: (usize, usize),
+}
+
+impl F32View<()> {
+    fn of(t: &Tensor) -> Option<F32View<impl std::ops::Deref<Target = Storage> + '_>> {
+        let (storage, layout) = t.storage_and_layout();
+        let range = layout.contiguous_offsets()?;
+        matches!(&*storage, Storage::Cpu(CpuStorage::F32(_))).then_some(F32View { storage, range })
+    }
+}
+
+impl<G: std::ops::Deref<Target = Storage>> F32View<G> {
+    fn slice(&self) -> &[f32] {
+        match &*self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.range.0..self.range.1],
+            _ => &[],
+        }
     }
 }
 
