@@ -1,10 +1,11 @@
 //! `lmgen bench`: speed of the engine on any model shape, with synthetic (seeded random)
 //! weights, next to the limits of this machine measured in the same run.
 use crate::config::RawConfig;
-use crate::error::{Error, Result};
-use crate::kv_cache::SeqCache;
+use crate::engine::{RunSeq, Runner, SeqKv};
+use crate::error::Result;
+use crate::kv::BlockTable;
 use crate::model::families::{self, Loader};
-use crate::model::{Decoder, SeqStep, Want};
+use crate::model::{Decoder, Want};
 use crate::sampling::argmax;
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
@@ -396,12 +397,14 @@ pub fn run_decoder(
     // Prefill: one prompt, best of 3.
     let mut best = f64::INFINITY;
     for _ in 0..3 {
-        let mut cache = dec.new_cache(prompt.len());
+        let mut runner = Runner::new(dec, BlockTable::blocks_for(prompt.len()), false, true);
+        let mut kv = SeqKv::default();
+        runner.reserve(&mut kv, prompt.len());
         let t = Instant::now();
-        dec.step(
-            &mut [SeqStep {
+        runner.step(
+            &mut [RunSeq {
                 tokens: &prompt,
-                cache: &mut cache,
+                kv: &mut kv,
                 want: Want::Last,
             }],
             false,
@@ -413,9 +416,9 @@ pub fn run_decoder(
 
     let mut decode = Vec::new();
     for &b in &opts.batch_sizes {
-        let mut caches: Vec<SeqCache> = (0..b)
-            .map(|_| dec.new_cache(16 + opts.decode_tokens))
-            .collect();
+        let per_seq = BlockTable::blocks_for(16 + opts.decode_tokens + 1);
+        let mut runner = Runner::new(dec, b * per_seq, false, true);
+        let mut kvs: Vec<SeqKv> = (0..b).map(|_| SeqKv::default()).collect();
         let mut last: Vec<Vec<u32>> = (0..b)
             .map(|i| {
                 prompt[..16.min(prompt.len())]
@@ -424,30 +427,33 @@ pub fn run_decoder(
                     .collect()
             })
             .collect();
+        let vocab = vocab as usize;
         // Short prompts, then timed decode steps.
         let mut time = 0.0;
         let (mut first_allocs, mut last_allocs) = (None, None);
         for step in 0..=opts.decode_tokens {
+            for (kv, toks) in kvs.iter_mut().zip(&last) {
+                let total = kv.len() + toks.len();
+                runner.reserve(kv, total);
+            }
             let allocs0 = opts.alloc_counter.map(|f| f());
             let t = Instant::now();
-            let out = {
-                let mut steps: Vec<SeqStep> = caches
+            {
+                let mut steps: Vec<RunSeq> = kvs
                     .iter_mut()
                     .zip(&last)
-                    .map(|(c, toks)| SeqStep {
+                    .map(|(kv, toks)| RunSeq {
                         tokens: toks,
-                        cache: c,
+                        kv,
                         want: Want::Last,
                     })
                     .collect();
-                dec.step(&mut steps, false)?
-            };
-            for (l, logits) in last.iter_mut().zip(out.logits) {
-                let row: Vec<f32> = logits
-                    .ok_or_else(|| Error::BadRequest("no logits".into()))?
-                    .flatten_all()?
-                    .to_vec1()?;
-                *l = vec![argmax(&row)];
+                runner.step(&mut steps, false)?;
+            }
+            for (i, l) in last.iter_mut().enumerate() {
+                let tok = argmax(&runner.logits(i)[..vocab]);
+                l.clear();
+                l.push(tok);
             }
             if step > 0 {
                 time += t.elapsed().as_secs_f64();

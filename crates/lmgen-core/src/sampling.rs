@@ -170,6 +170,18 @@ pub fn log_softmax_row(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&l| l - lse).collect()
 }
 
+/// Natural-log probability of `tok` under `logits` (log-softmax in f64 accumulation).
+pub fn logprob_of(logits: &[f32], tok: u32) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = (logits
+        .iter()
+        .map(|&l| ((l - max) as f64).exp())
+        .sum::<f64>())
+    .ln() as f32
+        + max;
+    logits[tok as usize] - lse
+}
+
 /// splitmix64-style mixing of a seed with a stream number.
 fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b

@@ -3,12 +3,14 @@
 //! A finished sequence leaves at once (its cache is dropped) and the next request takes
 //! its place. Every request samples from its own seeded stream, so results do not depend
 //! on which requests share a batch.
+use super::runner::{RunSeq, Runner, SeqKv};
 use crate::error::{Error, Result};
-use crate::kv_cache::SeqCache;
-use crate::model::{SeqStep, Want};
-use crate::sampling::{log_softmax_row, Sampler, SamplingParams};
+use crate::kv::{BlockTable, BLOCK_SIZE};
+use crate::model::Want;
+use crate::sampling::{logprob_of, Sampler, SamplingParams};
 use crate::tokenizer::DecodeStream;
 use crate::Model;
+use std::collections::VecDeque;
 
 #[derive(Debug, Clone)]
 pub struct GenRequest {
@@ -21,6 +23,8 @@ pub struct GenRequest {
     pub params: SamplingParams,
     pub stop: Vec<String>,
     pub logprobs: bool,
+    /// Keep generating past EOS tokens until `max_new_tokens` (benchmarks, as vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,15 +66,23 @@ pub struct StepStats {
 
 struct Active<'m> {
     req: GenRequest,
-    cache: SeqCache,
+    kv: SeqKv,
     sampler: Sampler,
+    /// Prompt and generated tokens; keys and values exist for `kv.len()` of them.
     history: Vec<u32>,
     generated: Vec<u32>,
     logprobs: Vec<f32>,
-    /// Tokens of `history` already in the cache.
-    prefilled: usize,
     /// Only when stop strings are set: incremental text, for matching them.
     stream: Option<(DecodeStream<'m>, String)>,
+    /// Admission order (the youngest is preempted first).
+    admitted: u64,
+}
+
+impl Active<'_> {
+    /// The prompt (and what was generated before a preemption) is computed.
+    fn prefilled(&self) -> bool {
+        self.kv.len() == self.history.len()
+    }
 }
 
 pub struct Generator<'m> {
@@ -78,6 +90,23 @@ pub struct Generator<'m> {
     pub batch_size: usize,
     /// Most tokens processed in one step (bounds activation memory for long prompts).
     pub max_step_tokens: usize,
+    /// Bytes for the paged KV pool; `None`: what fits beside the weights (see `plan`).
+    pub kv_memory: Option<usize>,
+    /// Reuse the KV blocks of identical prompt prefixes across requests (vLLM's prefix cache).
+    pub prefix_cache: bool,
+    /// Use the CPU step executor over the paged pool where the model allows it (`false`: the
+    /// tensor path, the reference the paged path is tested against).
+    pub paged: bool,
+}
+
+/// Counters of a run (for tests and reports).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunStats {
+    /// Sequences preempted (blocks freed, recomputed later) because the pool was full.
+    pub preemptions: usize,
+    /// Prompt positions whose keys and values came from shared blocks.
+    pub reused_tokens: usize,
+    pub pool_blocks: usize,
 }
 
 impl<'m> Generator<'m> {
@@ -86,7 +115,28 @@ impl<'m> Generator<'m> {
             model,
             batch_size: batch_size.max(1),
             max_step_tokens: 2048,
+            kv_memory: None,
+            prefix_cache: true,
+            paged: true,
         }
+    }
+
+    /// Blocks of the KV pool: `kv_memory` bytes, else enough for `batch_size` sequences at
+    /// the context length (2048 to 8192 tokens each), capped by half the available memory.
+    /// The pool's pages become resident only as blocks are used.
+    pub fn pool_blocks(&self) -> usize {
+        let dec = &self.model.decoder;
+        let per_block = dec.kv_block_bytes().max(1);
+        let bytes = match self.kv_memory {
+            Some(b) => b,
+            None => {
+                let ctx = dec.spec.max_positions.clamp(2048, 8192);
+                let want = self.batch_size * BlockTable::blocks_for(ctx + 1) * per_block;
+                let avail = crate::kv::available_memory().unwrap_or(u64::MAX) / 2;
+                want.min(avail.min(usize::MAX as u64) as usize)
+            }
+        };
+        (bytes / per_block).max(1)
     }
 
     /// Run all `requests`, calling `on_output` as each finishes (completion order) and
@@ -94,18 +144,51 @@ impl<'m> Generator<'m> {
     pub fn run(
         &self,
         requests: impl IntoIterator<Item = GenRequest>,
+        on_output: impl FnMut(GenOutput) -> Result<()>,
+        on_step: impl FnMut(StepStats),
+    ) -> Result<()> {
+        self.run_with_stats(requests, on_output, on_step)
+            .map(|_| ())
+    }
+
+    /// [`Generator::run`], returning the scheduler's counters.
+    pub fn run_with_stats(
+        &self,
+        requests: impl IntoIterator<Item = GenRequest>,
         mut on_output: impl FnMut(GenOutput) -> Result<()>,
         mut on_step: impl FnMut(StepStats),
-    ) -> Result<()> {
+    ) -> Result<RunStats> {
         let model = self.model;
+        let mut runner = Runner::new(
+            &model.decoder,
+            self.pool_blocks(),
+            self.prefix_cache,
+            self.paged,
+        );
+        let total_blocks = runner.blocks.num_blocks();
+        let mut run_stats = RunStats {
+            pool_blocks: total_blocks,
+            ..Default::default()
+        };
         let mut pending = requests.into_iter();
+        // Preempted sequences wait here, ahead of new requests.
+        let mut waiting: VecDeque<Active<'m>> = VecDeque::new();
+        let mut next_req: Option<GenRequest> = None;
         let mut active: Vec<Active<'m>> = Vec::new();
-        let mut exhausted = false;
+        let mut admitted = 0u64;
+        let mut row: Vec<f32> = Vec::new();
         loop {
-            while !exhausted && active.len() < self.batch_size {
-                match pending.next() {
-                    None => exhausted = true,
-                    Some(req) => {
+            // Admission: preempted sequences first, then new requests, while the batch has
+            // room and the pool has the blocks for the whole prompt (plus one block of growth
+            // for every running sequence).
+            while active.len() < self.batch_size {
+                let mut a = match waiting.pop_front() {
+                    Some(a) => a,
+                    None => {
+                        let req = match next_req.take().or_else(|| pending.next()) {
+                            Some(r) => r,
+                            None => break,
+                        };
                         model.check_prompt(&req.prompt_ids)?;
                         if let Err(e) = req.params.validate() {
                             return Err(Error::BadRequest(format!("request {}: {e}", req.index)));
@@ -119,31 +202,49 @@ impl<'m> Generator<'m> {
                             )?)?;
                             continue;
                         }
-                        let cap = req.prompt_ids.len() + req.max_new_tokens;
-                        active.push(Active {
-                            cache: model.decoder.new_cache(cap),
-                            sampler: Sampler::new(
-                                req.params.clone(),
-                                req.index as u64,
-                                req.sample as u64,
-                            ),
-                            history: req.prompt_ids.clone(),
-                            generated: Vec::with_capacity(req.max_new_tokens),
-                            logprobs: Vec::new(),
-                            prefilled: 0,
-                            stream: (!req.stop.is_empty()).then(|| {
-                                (
-                                    model.tokenizer.decode_stream(&req.prompt_ids),
-                                    String::new(),
-                                )
-                            }),
-                            req,
-                        });
+                        // Later samples of a prompt wait for the first one's prefill, then share its blocks.
+                        let sibling_prefilling = runner.shares_blocks()
+                            && active
+                                .iter()
+                                .any(|a| a.req.index == req.index && !a.prefilled());
+                        if sibling_prefilling {
+                            next_req = Some(req);
+                            break;
+                        }
+                        self.activate(req)
                     }
+                };
+                let need_total = a.history.len() + 1;
+                if BlockTable::blocks_for(need_total) > total_blocks {
+                    return Err(Error::BadRequest(format!(
+                        "request {}: {} tokens need {} KV blocks of {BLOCK_SIZE} tokens, the pool has {total_blocks} (raise --kv-memory)",
+                        a.req.index,
+                        need_total,
+                        BlockTable::blocks_for(need_total)
+                    )));
                 }
+                if runner.shares_blocks() {
+                    let root = runner.blocks.root(a.req.index);
+                    run_stats.reused_tokens +=
+                        runner
+                            .blocks
+                            .match_prefix(&mut a.kv.table, root, &a.history);
+                }
+                let need = BlockTable::blocks_for(need_total) - a.kv.table.blocks.len();
+                if need + active.len() > runner.blocks.available() && !active.is_empty() {
+                    runner.free(&mut a.kv);
+                    waiting.push_front(a);
+                    break;
+                }
+                a.admitted = admitted;
+                admitted += 1;
+                active.push(a);
             }
             if active.is_empty() {
-                return Ok(());
+                if waiting.is_empty() && next_req.is_none() {
+                    return Ok(run_stats);
+                }
+                continue;
             }
             let mut stats = StepStats {
                 in_flight: active.len(),
@@ -152,59 +253,107 @@ impl<'m> Generator<'m> {
             // Decode tokens first (one per running sequence), then prompt chunks while the
             // step's token budget lasts; a long prompt is prefilled over several steps.
             let mut budget = self.max_step_tokens.max(1);
-            // Per active sequence: the (start, len) of `history` it feeds this step, if any.
             let mut plan: Vec<Option<(usize, usize)>> = vec![None; active.len()];
             for (p, a) in plan.iter_mut().zip(&active) {
-                if a.prefilled == a.history.len() {
+                if a.prefilled() {
                     *p = Some((a.history.len() - 1, 1));
                     budget = budget.saturating_sub(1);
                 }
             }
-            for (p, a) in plan.iter_mut().zip(&active) {
+            // Decoding sequences re-feed their last token, whose keys and values are not
+            // stored yet: keep `kv.len()` the position of the token fed.
+            for (p, a) in plan.iter_mut().zip(&mut active) {
                 if p.is_none() && budget > 0 {
-                    let len = (a.history.len() - a.prefilled).min(budget);
-                    *p = Some((a.prefilled, len));
+                    let len = (a.history.len() - a.kv.len()).min(budget);
+                    *p = Some((a.kv.len(), len));
                     budget -= len;
                     stats.prompt_tokens += len;
                 }
             }
-            let out = {
-                let mut steps: Vec<SeqStep> = active
+            // Blocks for this step; when the pool is full, preempt the youngest sequences.
+            let mut order: Vec<usize> = (0..active.len()).collect();
+            order.sort_by_key(|&i| active[i].admitted);
+            let mut preempt = vec![false; active.len()];
+            for &i in &order {
+                let Some((start, len)) = plan[i] else {
+                    continue;
+                };
+                loop {
+                    if runner.reserve(&mut active[i].kv, start + len) {
+                        break;
+                    }
+                    // The youngest sequence still holding blocks gives them back.
+                    let victim = order
+                        .iter()
+                        .rev()
+                        .copied()
+                        .find(|&j| !preempt[j] && !active[j].kv.table.blocks.is_empty())
+                        .unwrap_or(i);
+                    preempt[victim] = true;
+                    plan[victim] = None;
+                    runner.free(&mut active[victim].kv);
+                    run_stats.preemptions += 1;
+                    if victim == i {
+                        break;
+                    }
+                }
+            }
+            for i in (0..active.len()).rev() {
+                if preempt[i] {
+                    let mut a = active.remove(i);
+                    plan.remove(i);
+                    a.kv = SeqKv::default();
+                    waiting.push_front(a);
+                }
+            }
+            if plan.iter().all(|p| p.is_none()) {
+                continue;
+            }
+            {
+                let mut steps: Vec<RunSeq> = active
                     .iter_mut()
                     .zip(&plan)
                     .filter_map(|(a, p)| {
                         let (start, len) = (*p)?;
                         let done = start + len == a.history.len();
-                        Some(SeqStep {
+                        Some(RunSeq {
                             tokens: &a.history[start..start + len],
-                            cache: &mut a.cache,
+                            kv: &mut a.kv,
                             want: if done { Want::Last } else { Want::Nothing },
                         })
                     })
                     .collect();
-                model.decoder.step(&mut steps, false)?
-            };
+                runner.step(&mut steps, false)?;
+            }
             let mut finished = Vec::new();
-            let mut logits_of_step = out.logits.into_iter();
+            let mut k = 0;
+            let vocab = model.decoder.spec.vocab_size;
             for (i, p) in plan.iter().enumerate() {
                 let Some((start, len)) = *p else { continue };
+                let slot = k;
+                k += 1;
                 let a = &mut active[i];
-                a.prefilled = a.prefilled.max(start + len);
-                let Some(logits) = logits_of_step.next().flatten() else {
+                if runner.shares_blocks() {
+                    let root = runner.blocks.root(a.req.index);
+                    runner
+                        .blocks
+                        .commit_full_blocks(&mut a.kv.table, root, &a.history);
+                }
+                if start + len != a.history.len() {
                     continue;
-                };
-                let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+                }
                 // Padded vocab rows beyond the tokenizer never get sampled.
-                row.truncate(model.decoder.spec.vocab_size);
-                let lp = a.req.logprobs.then(|| log_softmax_row(&row));
+                let logits = &runner.logits(slot)[..vocab];
+                row.clear();
+                row.extend_from_slice(logits);
                 let tok = a.sampler.sample(&mut row, &a.history);
-                if let Some(lp) = lp {
-                    a.logprobs.push(lp[tok as usize]);
+                if a.req.logprobs {
+                    a.logprobs.push(logprob_of(logits, tok));
                 }
                 a.generated.push(tok);
                 a.history.push(tok);
                 stats.generated_tokens += 1;
-                let reason = if model.eos.contains(&tok) {
+                let reason = if !a.req.ignore_eos && model.eos.contains(&tok) {
                     Some(FinishReason::Eos)
                 } else if Self::hits_stop(a, tok)? {
                     Some(FinishReason::Stop)
@@ -221,10 +370,29 @@ impl<'m> Generator<'m> {
             }
             on_step(stats);
             for (i, reason) in finished.into_iter().rev() {
-                let a = active.remove(i);
+                let mut a = active.remove(i);
+                runner.free(&mut a.kv);
                 let lps = a.logprobs;
                 on_output(self.finish_output(a.req, a.generated, lps, reason)?)?;
             }
+        }
+    }
+
+    fn activate(&self, req: GenRequest) -> Active<'m> {
+        Active {
+            kv: SeqKv::default(),
+            sampler: Sampler::new(req.params.clone(), req.index as u64, req.sample as u64),
+            history: req.prompt_ids.clone(),
+            generated: Vec::with_capacity(req.max_new_tokens),
+            logprobs: Vec::new(),
+            stream: (!req.stop.is_empty()).then(|| {
+                (
+                    self.model.tokenizer.decode_stream(&req.prompt_ids),
+                    String::new(),
+                )
+            }),
+            admitted: 0,
+            req,
         }
     }
 

@@ -1,6 +1,8 @@
 //! Scheduling and the three jobs: generate (continuous ragged batching), score, embed.
 mod generate;
+mod runner;
 mod score;
 
-pub use generate::{FinishReason, GenOutput, GenRequest, Generator, StepStats};
+pub use generate::{FinishReason, GenOutput, GenRequest, Generator, RunStats, StepStats};
+pub use runner::{RunSeq, Runner, SeqKv};
 pub use score::{embed_batch, score_batch, Pool, ScoreOutput};

@@ -1,10 +1,12 @@
 //! Scoring (prompt log-probabilities) and hidden-state extraction. Several inputs share a
 //! packed step; nothing is padded.
+use super::runner::{RunSeq, Runner, SeqKv};
 use crate::error::{Error, Result};
-use crate::model::{SeqStep, StepOutput, Want};
-use crate::sampling::log_softmax_row;
+use crate::kv::BlockTable;
+use crate::model::Want;
+use crate::sampling::logprob_of;
 use crate::Model;
-use candle_core::{Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 #[derive(Debug, Clone)]
 pub struct ScoreOutput {
@@ -25,46 +27,62 @@ impl ScoreOutput {
     }
 }
 
-/// All tokens of every input through the model in one packed step, each with a fresh cache.
-fn full_pass(model: &Model, inputs: &[&[u32]], want: Want, hidden: bool) -> Result<StepOutput> {
+/// All tokens of every input through the model in one packed step, each in fresh blocks.
+fn full_pass<'m>(
+    model: &'m Model,
+    inputs: &[&[u32]],
+    want: Want,
+    hidden: bool,
+) -> Result<Runner<'m>> {
     for ids in inputs {
         model.check_prompt(ids)?;
         if ids.is_empty() {
             return Err(Error::BadRequest("empty input".into()));
         }
     }
-    let mut caches: Vec<_> = inputs
+    let blocks = inputs
         .iter()
-        .map(|ids| model.decoder.new_cache(ids.len()))
-        .collect();
-    let mut steps: Vec<SeqStep> = inputs
+        .map(|ids| BlockTable::blocks_for(ids.len()))
+        .sum();
+    let mut runner = Runner::new(&model.decoder, blocks, false, true);
+    let mut kvs: Vec<SeqKv> = inputs.iter().map(|_| SeqKv::default()).collect();
+    for (kv, ids) in kvs.iter_mut().zip(inputs) {
+        if !runner.reserve(kv, ids.len()) {
+            return Err(Error::BadRequest("KV pool too small".into()));
+        }
+    }
+    let mut steps: Vec<RunSeq> = inputs
         .iter()
-        .zip(caches.iter_mut())
-        .map(|(ids, cache)| SeqStep {
+        .zip(kvs.iter_mut())
+        .map(|(ids, kv)| RunSeq {
             tokens: ids,
-            cache,
+            kv,
             want,
         })
         .collect();
-    Ok(model.decoder.step(&mut steps, hidden)?)
+    runner.step(&mut steps, hidden)?;
+    Ok(runner)
 }
 
 /// Score several token sequences in one packed step.
 pub fn score_batch(model: &Model, inputs: &[&[u32]]) -> Result<Vec<ScoreOutput>> {
-    let out = full_pass(model, inputs, Want::All, false)?;
+    let runner = full_pass(model, inputs, Want::All, false)?;
     let vocab = model.decoder.spec.vocab_size;
-    inputs
+    let width = runner.vocab();
+    Ok(inputs
         .iter()
-        .zip(out.logits)
-        .map(|(ids, logits)| {
-            let logits = logits.ok_or_else(|| Error::BadRequest("no logits".into()))?;
-            let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        .enumerate()
+        .map(|(i, ids)| {
+            let rows = runner.logits(i);
             let logprobs = (0..ids.len().saturating_sub(1))
-                .map(|i| log_softmax_row(&rows[i][..vocab])[ids[i + 1] as usize])
+                .map(|t| {
+                    let row = &rows[t * width..t * width + vocab];
+                    logprob_of(row, ids[t + 1])
+                })
                 .collect();
-            Ok(ScoreOutput { logprobs })
+            ScoreOutput { logprobs }
         })
-        .collect()
+        .collect())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,9 +100,13 @@ pub fn embed_batch(
     layers: &[usize],
     pool: Pool,
 ) -> Result<Vec<Vec<Tensor>>> {
-    let hidden = full_pass(model, inputs, Want::Nothing, true)?
-        .hidden
-        .unwrap_or_default();
+    let runner = full_pass(model, inputs, Want::Nothing, true)?;
+    let n: usize = inputs.iter().map(|ids| ids.len()).sum();
+    let hidden = runner
+        .hidden()
+        .iter()
+        .map(|h| Tensor::from_slice(h, (n, h.len() / n), &Device::Cpu))
+        .collect::<candle_core::Result<Vec<Tensor>>>()?;
     let mut start = 0;
     let mut res = Vec::with_capacity(inputs.len());
     for ids in inputs {

@@ -9,7 +9,7 @@
 use super::layers::{activate, Linear, Norm, Weight};
 use super::quant::QuantKind;
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual};
-use crate::kv_cache::SeqCache;
+use crate::kv::SeqCache;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// One transformer block in canonical form.
@@ -124,6 +124,11 @@ impl Decoder {
             device,
             alibi,
         }
+    }
+
+    /// ALiBi slope per head, for models with ALiBi positions.
+    pub fn alibi_slopes(&self) -> Option<&[f32]> {
+        self.alibi.as_deref()
     }
 
     pub fn new_cache(&self, capacity: usize) -> SeqCache {

@@ -1,0 +1,157 @@
+//! Row-wise operations of the CPU step on slices: norms, activations, rotary embedding.
+//! They write in place or into caller-owned buffers; nothing here allocates.
+use crate::config::{Activation, NormKind};
+use rayon::prelude::*;
+
+/// Rows per parallel task; below this many elements in all, run on the calling thread.
+const PAR_ELEMS: usize = 1 << 15;
+
+/// `out[r] = norm(x[r])` for every row of width `w`.
+pub fn norm_rows(
+    kind: NormKind,
+    x: &[f32],
+    out: &mut [f32],
+    w: usize,
+    scale: &[f32],
+    shift: Option<&[f32]>,
+    eps: f32,
+) {
+    let row = |(xr, o): (&[f32], &mut [f32])| match kind {
+        NormKind::LayerNorm => layer_norm_row(xr, o, scale, shift, eps),
+        NormKind::RmsNorm => rms_norm_row(xr, o, scale, eps),
+    };
+    if x.len() >= PAR_ELEMS {
+        x.par_chunks(w).zip(out.par_chunks_mut(w)).for_each(row);
+    } else {
+        x.chunks(w).zip(out.chunks_mut(w)).for_each(row);
+    }
+}
+
+/// Sum in 8 lanes (vectorizes; also closer to a pairwise sum than one running total).
+#[inline]
+fn sum8(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            acc[l] += f(c[l]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for &v in chunks.remainder() {
+        s += f(v);
+    }
+    s
+}
+
+fn layer_norm_row(x: &[f32], o: &mut [f32], scale: &[f32], shift: Option<&[f32]>, eps: f32) {
+    let n = x.len() as f32;
+    let mean = sum8(x, |v| v) / n;
+    let var = sum8(x, |v| (v - mean) * (v - mean)) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    match shift {
+        Some(b) => {
+            for i in 0..x.len() {
+                o[i] = (x[i] - mean) * inv * scale[i] + b[i];
+            }
+        }
+        None => {
+            for i in 0..x.len() {
+                o[i] = (x[i] - mean) * inv * scale[i];
+            }
+        }
+    }
+}
+
+fn rms_norm_row(x: &[f32], o: &mut [f32], scale: &[f32], eps: f32) {
+    let ms = sum8(x, |v| v * v) / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for i in 0..x.len() {
+        o[i] = x[i] * inv * scale[i];
+    }
+}
+
+#[inline]
+fn act(a: Activation, v: f32) -> f32 {
+    match a {
+        Activation::Relu => v.max(0.0),
+        Activation::Gelu => {
+            (0.5 * v as f64
+                * (1.0 + candle_core::cpu::erf::erf_f64(v as f64 / std::f64::consts::SQRT_2)))
+                as f32
+        }
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6; // sqrt(2/pi)
+            0.5 * v * (1.0 + (C * v * (1.0 + 0.044715 * v * v)).tanh())
+        }
+        Activation::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+        Activation::Silu => v / (1.0 + (-v).exp()),
+    }
+}
+
+/// `x = act(x)` in place.
+pub fn activate(a: Activation, x: &mut [f32]) {
+    let f = |c: &mut [f32]| c.iter_mut().for_each(|v| *v = act(a, *v));
+    if x.len() >= PAR_ELEMS {
+        x.par_chunks_mut(4096).for_each(f);
+    } else {
+        f(x);
+    }
+}
+
+/// Gated MLP: rows of `gu` are `[gate (inter); up (inter)]`; `out[r] = act(gate) * up`.
+pub fn gate(a: Activation, gu: &[f32], out: &mut [f32], inter: usize) {
+    let row = |(g, o): (&[f32], &mut [f32])| {
+        let (gate, up) = g.split_at(inter);
+        for i in 0..inter {
+            o[i] = act(a, gate[i]) * up[i];
+        }
+    };
+    if out.len() >= PAR_ELEMS {
+        gu.par_chunks(2 * inter)
+            .zip(out.par_chunks_mut(inter))
+            .for_each(row);
+    } else {
+        gu.chunks(2 * inter)
+            .zip(out.chunks_mut(inter))
+            .for_each(row);
+    }
+}
+
+/// `x += y`.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+/// Rotate the first `rot` dims of each of `heads` heads (width `hd`) that start `row` in place;
+/// `cos`/`sin` hold `rot/2` values for this token. Half-split pairs (i, i + rot/2) or
+/// interleaved pairs (2i, 2i + 1).
+#[inline]
+pub fn rope_row(
+    row: &mut [f32],
+    heads: usize,
+    hd: usize,
+    rot: usize,
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) {
+    let half = rot / 2;
+    for h in 0..heads {
+        let x = &mut row[h * hd..h * hd + rot];
+        if interleaved {
+            for i in 0..half {
+                let (a, b) = (x[2 * i], x[2 * i + 1]);
+                x[2 * i] = a * cos[i] - b * sin[i];
+                x[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        } else {
+            let (lo, hi) = x.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * cos[i] - b * sin[i];
+                hi[i] = b * cos[i] + a * sin[i];
+            }
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The paged executor against the tensor path (the unpaged reference): block boundaries inside
+//! prompts, preemption when the pool is full, shared prefixes, n samples of one prompt. Results
+//! must not depend on any of them.
+use lmgen_core::engine::{GenOutput, GenRequest, Generator, RunStats};
+use lmgen_core::hub::ModelLocation;
+use lmgen_core::kv::BLOCK_SIZE;
+use lmgen_core::sampling::SamplingParams;
+use lmgen_core::{load, LoadOptions, Model};
+use std::path::PathBuf;
+
+fn model(name: &str) -> Model {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name);
+    load(&ModelLocation::Dir(dir), &LoadOptions::default()).unwrap()
+}
+
+/// Deterministic pseudo-random token ids below `vocab`.
+fn tokens(seed: u32, n: usize, vocab: usize) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) % vocab as u32
+        })
+        .collect()
+}
+
+fn req(
+    index: usize,
+    sample: usize,
+    prompt: Vec<u32>,
+    params: &SamplingParams,
+    n: usize,
+) -> GenRequest {
+    GenRequest {
+        index,
+        sample,
+        prompt_ids: prompt,
+        max_new_tokens: n,
+        params: params.clone(),
+        stop: vec![],
+        logprobs: true,
+        ignore_eos: true,
+    }
+}
+
+fn run(g: &Generator, reqs: Vec<GenRequest>) -> (Vec<GenOutput>, RunStats) {
+    let mut out: Vec<GenOutput> = Vec::new();
+    let stats = g
+        .run_with_stats(
+            reqs,
+            |o| {
+                out.push(o);
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+    out.sort_by_key(|o| (o.index, o.sample));
+    (out, stats)
+}
+
+fn assert_same(name: &str, a: &[GenOutput], b: &[GenOutput], tol: f32) {
+    assert_eq!(a.len(), b.len(), "{name}: record count");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((x.index, x.sample), (y.index, y.sample), "{name}");
+        assert_eq!(
+            x.token_ids, y.token_ids,
+            "{name}: request {} sample {}",
+            x.index, x.sample
+        );
+        let (lx, ly) = (x.logprobs.as_ref().unwrap(), y.logprobs.as_ref().unwrap());
+        for (p, q) in lx.iter().zip(ly) {
+            assert!(
+                (p - q).abs() <= tol,
+                "{name}: request {}: logprob {p} vs {q}",
+                x.index
+            );
+        }
+    }
+}
+
+/// Prompts whose lengths straddle block boundaries (1, 15, 16, 17, 31, 33, 40 tokens).
+fn boundary_prompts(vocab: usize) -> Vec<Vec<u32>> {
+    [
+        1,
+        BLOCK_SIZE - 1,
+        BLOCK_SIZE,
+        BLOCK_SIZE + 1,
+        2 * BLOCK_SIZE - 1,
+        2 * BLOCK_SIZE + 1,
+        40,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &n)| tokens(i as u32, n, vocab))
+    .collect()
+}
+
+#[test]
+fn paged_equals_tensor_path_for_every_family() {
+    let greedy = SamplingParams::default();
+    for name in [
+        "llama",
+        "mistral-swa",
+        "neox",
+        "bloom",
+        "opt",
+        "gpt2",
+        "opt-postnorm",
+        "bloom-postln",
+        "neox-seq",
+        "opt-proj",
+    ] {
+        let m = model(name);
+        assert!(m.decoder.cpu_step_supported(), "{name}");
+        let prompts = boundary_prompts(m.spec().vocab_size);
+        let reqs = || {
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| req(i, 0, p.clone(), &greedy, 20))
+                .collect::<Vec<_>>()
+        };
+        let mut tensor = Generator::new(&m, 3);
+        tensor.paged = false;
+        let (want, _) = run(&tensor, reqs());
+        // Batch 3 and batch 1, with prompts prefilled in chunks of 5 tokens.
+        let (got, _) = run(&Generator::new(&m, 3), reqs());
+        assert_same(name, &got, &want, 1e-4);
+        let mut chunked = Generator::new(&m, 1);
+        chunked.max_step_tokens = 5;
+        let (got, _) = run(&chunked, reqs());
+        assert_same(&format!("{name} chunked"), &got, &want, 1e-4);
+    }
+}
+
+#[test]
+fn preemption_when_the_pool_is_full_changes_nothing() {
+    let m = model("llama");
+    let params = SamplingParams {
+        temperature: 0.9,
+        top_p: Some(0.95),
+        seed: Some(5),
+        ..Default::default()
+    };
+    let prompts = boundary_prompts(m.spec().vocab_size);
+    let reqs = || {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| req(i, 0, p.clone(), &params, 30))
+            .collect::<Vec<_>>()
+    };
+    let (want, free) = run(&Generator::new(&m, 8), reqs());
+    assert_eq!(free.preemptions, 0);
+    // A pool of 8 blocks: the longest request (40 + 30 tokens) needs 5 alone; all 7 need 22.
+    let mut tight = Generator::new(&m, 8);
+    tight.kv_memory = Some(8 * m.decoder.kv_block_bytes());
+    let (got, stats) = run(&tight, reqs());
+    assert_eq!(stats.pool_blocks, 8);
+    assert!(
+        stats.preemptions > 0,
+        "the pool was large enough: no preemption tested"
+    );
+    assert_same("preempted", &got, &want, 1e-4);
+}
+
+#[test]
+fn a_prompt_that_cannot_fit_alone_is_a_clear_error() {
+    let m = model("llama");
+    let mut g = Generator::new(&m, 2);
+    g.kv_memory = Some(2 * m.decoder.kv_block_bytes());
+    let p = tokens(1, 40, m.spec().vocab_size);
+    let err = g
+        .run(
+            vec![req(0, 0, p, &SamplingParams::default(), 4)],
+            |_| Ok(()),
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("KV blocks") && err.contains("--kv-memory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn shared_prefixes_are_computed_once_with_the_same_results() {
+    let m = model("llama");
+    let vocab = m.spec().vocab_size;
+    let header = tokens(99, 3 * BLOCK_SIZE + 5, vocab);
+    let prompts: Vec<Vec<u32>> = (0..5)
+        .map(|i| {
+            let mut p = header.clone();
+            p.extend(tokens(i, 3 + i as usize, vocab));
+            p
+        })
+        .collect();
+    let params = SamplingParams {
+        temperature: 0.8,
+        seed: Some(11),
+        ..Default::default()
+    };
+    let reqs = || {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| req(i, 0, p.clone(), &params, 12))
+            .collect::<Vec<_>>()
+    };
+    let mut off = Generator::new(&m, 2);
+    off.prefix_cache = false;
+    let (want, s_off) = run(&off, reqs());
+    assert_eq!(s_off.reused_tokens, 0);
+    let (got, s_on) = run(&Generator::new(&m, 2), reqs());
+    // Requests after the first two reuse the header's 3 full blocks.
+    assert!(s_on.reused_tokens >= 3 * 3 * BLOCK_SIZE, "{s_on:?}");
+    assert_same("prefix cache", &got, &want, 1e-4);
+}
+
+#[test]
+fn samples_of_one_prompt_share_its_blocks() {
+    let m = model("llama");
+    let prompt = tokens(7, 2 * BLOCK_SIZE + 3, m.spec().vocab_size);
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(3),
+        ..Default::default()
+    };
+    let reqs = || {
+        (0..4)
+            .map(|k| req(0, k, prompt.clone(), &params, 10))
+            .collect::<Vec<_>>()
+    };
+    let mut shared = Generator::new(&m, 4);
+    shared.prefix_cache = false; // samples share even without the cross-request cache
+    let (got, stats) = run(&shared, reqs());
+    assert_eq!(stats.reused_tokens, 3 * 2 * BLOCK_SIZE, "{stats:?}");
+    let mut tensor = Generator::new(&m, 4);
+    tensor.paged = false;
+    let (want, _) = run(&tensor, reqs());
+    assert_same("n samples", &got, &want, 1e-4);
+    assert!(
+        got.windows(2).any(|w| w[0].token_ids != w[1].token_ids),
+        "samples differ"
+    );
+}
