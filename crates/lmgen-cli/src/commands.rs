@@ -281,6 +281,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             params,
             stop: o.stop.clone().unwrap_or_else(|| a.stop.clone()),
             logprobs: a.logprobs,
+            ignore_eos: false,
         };
         jobs.push(Job::Gen {
             index: rec.index,

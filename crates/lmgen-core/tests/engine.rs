@@ -28,6 +28,7 @@ fn req(
         params,
         stop,
         logprobs: false,
+        ignore_eos: false,
     }
 }
 

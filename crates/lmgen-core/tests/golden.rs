@@ -73,6 +73,7 @@ fn greedy(
         params: SamplingParams::default(),
         stop: vec![],
         logprobs: true,
+        ignore_eos: false,
     });
     let mut out = vec![(vec![], vec![], ""); prompts.len()];
     let mut gen = Generator::new(model, batch);

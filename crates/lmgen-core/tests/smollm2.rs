@@ -75,6 +75,7 @@ fn smollm2_gguf_matches_transformers() {
         params: SamplingParams::default(),
         stop: vec![],
         logprobs: true,
+        ignore_eos: false,
     });
     let mut outs = vec![None; prompts.len()];
     Generator::new(&model, 3)

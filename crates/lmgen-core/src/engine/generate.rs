@@ -21,6 +21,8 @@ pub struct GenRequest {
     pub params: SamplingParams,
     pub stop: Vec<String>,
     pub logprobs: bool,
+    /// Keep generating past EOS tokens until `max_new_tokens` (benchmarks, as vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +80,10 @@ pub struct Generator<'m> {
     pub batch_size: usize,
     /// Most tokens processed in one step (bounds activation memory for long prompts).
     pub max_step_tokens: usize,
+    /// Bytes for the paged KV pool; `None`: what fits beside the weights (see `plan`).
+    pub kv_memory: Option<usize>,
+    /// Reuse the KV blocks of identical prompt prefixes across requests (vLLM's prefix cache).
+    pub prefix_cache: bool,
 }
 
 impl<'m> Generator<'m> {
@@ -86,6 +92,8 @@ impl<'m> Generator<'m> {
             model,
             batch_size: batch_size.max(1),
             max_step_tokens: 2048,
+            kv_memory: None,
+            prefix_cache: true,
         }
     }
 
@@ -204,7 +212,7 @@ impl<'m> Generator<'m> {
                 a.generated.push(tok);
                 a.history.push(tok);
                 stats.generated_tokens += 1;
-                let reason = if model.eos.contains(&tok) {
+                let reason = if !a.req.ignore_eos && model.eos.contains(&tok) {
                     Some(FinishReason::Eos)
                 } else if Self::hits_stop(a, tok)? {
                     Some(FinishReason::Stop)
