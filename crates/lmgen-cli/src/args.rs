@@ -135,7 +135,7 @@ pub struct BenchArgs {
     /// Print the report as JSON instead of a table
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda or cuda:N (machine limits are measured on CPU runs only)
+    /// cpu, cuda, cuda:N or auto (machine limits are measured on CPU runs only)
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
     /// Compute dtype (default f32 on the CPU, bf16 on GPUs)
