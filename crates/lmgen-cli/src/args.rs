@@ -1,5 +1,6 @@
 //! Command-line arguments (clap derive) and the short-form rewrite.
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use lmgen_core::plan::DEFAULT_MAX_STEP_TOKENS;
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -37,8 +38,10 @@ pub enum Command {
     #[command(after_help = GENERATE_AFTER_HELP)]
     Generate(GenerateArgs),
     /// Log-probabilities and perplexity of each input under the model (JSONL output)
+    #[command(after_help = SCORE_AFTER_HELP)]
     Score(ScoreArgs),
     /// Hidden states of each input (safetensors output)
+    #[command(after_help = EMBED_AFTER_HELP)]
     Embed(EmbedArgs),
     /// Speed on this machine (prefill, decode per batch size) next to its measured limits
     #[command(after_help = bench_after_help())]
@@ -64,18 +67,25 @@ pub struct PlanArgs {
     /// Budgets in placement order, e.g. cuda:0=70GiB,cuda:1=70GiB,cpu=100GiB (overrides detection)
     #[arg(long, value_name = "LIST")]
     pub max_memory: Option<String>,
-    /// Weight storage: f32, bf16, f16 (default: bf16 with GPUs, else f32)
-    #[arg(long, value_name = "DTYPE")]
-    pub dtype: Option<String>,
+    /// Compute dtype, also the weight storage without --quantize (default: bf16 with GPUs,
+    /// else f32; the CPU computes in f32)
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub dtype: Option<DTypeArg>,
     /// Weight-only quantization: q8_0, q4_k, q4_0, q4_1, q6_k
-    #[arg(long, value_name = "KIND")]
-    pub quantize: Option<String>,
+    #[arg(long, value_name = "KIND", value_parser = parse_quant)]
+    pub quantize: Option<lmgen_core::model::quant::QuantKind>,
     /// Sequences in flight (KV cache is reserved for each)
-    #[arg(long, default_value_t = 4, value_name = "B")]
+    #[arg(long, default_value_t = 4, value_name = "B", value_parser = parse_positive)]
     pub batch_size: usize,
     /// Tokens per sequence, prompt + generation
-    #[arg(long, default_value_t = 2048, value_name = "N")]
+    #[arg(long, default_value_t = 2048, value_name = "N", value_parser = parse_positive)]
     pub context: usize,
+    /// Tokens per engine step (sizes the activations)
+    #[arg(long, default_value_t = DEFAULT_MAX_STEP_TOKENS, value_name = "N", value_parser = parse_positive)]
+    pub max_step_tokens: usize,
+    /// Plan a KV pool of this size instead of batch x context tokens (e.g. 8GiB)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, value_parser = parse_kv_memory)]
+    pub kv_memory: Option<usize>,
     /// Print the plan as JSON
     #[arg(long)]
     pub json: bool,
@@ -125,7 +135,7 @@ pub struct BenchArgs {
     /// Print the report as JSON instead of a table
     #[arg(long)]
     pub json: bool,
-    /// cpu, cuda or cuda:N (machine limits are measured on CPU runs only)
+    /// cpu, cuda, cuda:N or auto (machine limits are measured on CPU runs only)
     #[arg(long, default_value = "cpu", value_name = "DEVICE")]
     pub device: String,
     /// Compute dtype (default f32 on the CPU, bf16 on GPUs)
@@ -144,7 +154,33 @@ so that --resume can continue it.
 --overwrite starts OUT afresh. Without either, an existing OUT is an error (exit 2).
 
 Per-request JSONL overrides: max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-seed, stop (string or list), n (samples per prompt).";
+seed, stop (string or list), n (samples per prompt), ignore_eos (true/false).
+
+Memory: the KV cache is a pool of --kv-memory bytes (default: what fits beside the weights);
+each step processes at most --max-step-tokens tokens, so long prompts are prefilled in chunks;
+prompts that share a prefix reuse its KV blocks unless --no-prefix-cache.
+
+Full reference: docs/cli.md.";
+
+const SCORE_AFTER_HELP: &str = "\
+Output: one JSON record per input, in input order:
+{\"id\",\"token_ids\",\"logprobs\",\"sum_logprob\",\"ppl\"}. token_ids are the prompt's ids (with
+the BOS token the tokenizer adds, if any); logprobs[i] = log p(token_ids[i+1] | token_ids[..=i])
+(n-1 values, natural log); sum_logprob is their sum and ppl = exp(-sum_logprob / len(logprobs)).
+With --skip-bad-lines a bad input becomes {\"id\",\"error\"}. --resume skips inputs whose id is
+already in OUT; --overwrite replaces OUT; without either an existing OUT is an error (exit 2).
+
+Full reference: docs/cli.md.";
+
+const EMBED_AFTER_HELP: &str = "\
+Output: a safetensors file of f32 hidden states, transformers' output_hidden_states indexing
+(0 = embedding output, L = last block after the final norm, negative from the end; the name
+carries the resolved index). --pool last|mean: one tensor per layer, hidden.<layer>, of shape
+[n_inputs, width], rows in input order (mean averages over all tokens, BOS included);
+--pool none: one tensor per input and layer, hidden.<layer>.<row>, of shape [seq_len, width].
+The metadata holds the model, layers, pool, ids and input ids of the rows.
+
+Full reference: docs/cli.md.";
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -154,10 +190,11 @@ pub struct ModelArgs {
     /// TOML file mapping aliases to model paths (default: $LMGEN_MODELS)
     #[arg(long, value_name = "FILE")]
     pub models_file: Option<PathBuf>,
-    /// Compute dtype (default f32; f16/bf16 are computed as f32 on the CPU)
+    /// Compute dtype (default f32 on the CPU, bf16 on GPUs; the CPU computes f16/bf16 as f32)
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<DTypeArg>,
-    /// cpu, cuda, cuda:N, or auto (CUDA when built with it and available)
+    /// cpu, cuda, cuda:N, or auto (CUDA when built with it and available; layers spread over
+    /// the GPUs, then CPU memory, when one GPU is too small)
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: String,
     /// CPU threads (default: the CPUs this process may use, capped by $SLURM_CPUS_PER_TASK)
@@ -172,8 +209,23 @@ pub struct ModelArgs {
     #[arg(long)]
     pub dequantize: bool,
     /// With --device auto: memory budgets in placement order, e.g. cuda:0=70GiB,cpu=100GiB
+    /// (default: free GPU memory from nvidia-smi, then the CPU's available memory)
     #[arg(long, value_name = "LIST")]
     pub max_memory: Option<String>,
+    /// Size of the KV cache pool, e.g. 512MiB, 2GiB, 1.5G, 300M or bytes (default: what fits
+    /// beside the weights)
+    #[arg(long, value_name = "SIZE", allow_negative_numbers = true, value_parser = parse_kv_memory)]
+    pub kv_memory: Option<usize>,
+}
+
+fn parse_kv_memory(s: &str) -> Result<usize, String> {
+    match lmgen_core::plan::parse_size(s) {
+        Ok(0) => Err(format!("'{s}': the KV pool needs more than 0 bytes")),
+        Ok(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        Err(e) => Err(format!(
+            "{e} (e.g. 512MiB, 2GiB, 1.5G, 300M or a number of bytes)"
+        )),
+    }
 }
 
 fn parse_quant(s: &str) -> Result<lmgen_core::model::quant::QuantKind, String> {
@@ -246,6 +298,16 @@ pub struct GenerateArgs {
     /// Include the log-probability of each generated token (JSONL)
     #[arg(long)]
     pub logprobs: bool,
+    /// Keep generating past EOS tokens until --max-new-tokens (benchmarks)
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Tokens processed per engine step: running sequences plus prompt chunks (long prompts
+    /// are prefilled in pieces of at most this many tokens)
+    #[arg(long, default_value_t = DEFAULT_MAX_STEP_TOKENS, value_name = "N", value_parser = parse_positive)]
+    pub max_step_tokens: usize,
+    /// Do not reuse the KV cache of a prompt prefix shared with an earlier request
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -301,6 +363,14 @@ pub enum DTypeArg {
 }
 
 impl DTypeArg {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            DTypeArg::F32 => candle_core::DType::F32,
+            DTypeArg::F16 => candle_core::DType::F16,
+            DTypeArg::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             DTypeArg::F32 => "f32",

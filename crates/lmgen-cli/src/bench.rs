@@ -3,9 +3,9 @@ use crate::args::BenchArgs;
 use crate::args::DTypeArg;
 use crate::user_err;
 use crate::util::{default_threads, io_msg};
-use candle_core::DType;
 use lmgen_core::bench::{self, BenchOptions, BenchReport, PRESETS};
 use lmgen_core::loader::{load, LoadOptions};
+use lmgen_core::plan::Workload;
 use std::fmt::Write as _;
 use std::time::Instant;
 
@@ -29,12 +29,19 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             PRESETS.join(", ")
         ));
     }
-    let device = crate::util::parse_device(&a.device)?;
-    let dtype = match (a.dtype, device.is_cpu()) {
-        (Some(DTypeArg::F16), false) => DType::F16,
-        (Some(DTypeArg::Bf16), false) | (None, false) => DType::BF16,
-        _ => DType::F32,
-    };
+    let max_batch = a.batch_sizes.iter().copied().max().unwrap_or(1);
+    let placement = crate::util::parse_placement(
+        &a.device,
+        None,
+        Workload {
+            batch: max_batch,
+            context: Some(a.prompt_tokens.max(16 + a.decode_tokens)),
+            max_step_tokens: a.prompt_tokens.max(max_batch),
+            kv_bytes: None,
+        },
+    )?;
+    let device = placement.main_device();
+    let dtype = lmgen_core::plan::compute_dtype(a.dtype.map(DTypeArg::dtype), !device.is_cpu());
     let opts = BenchOptions {
         prompt_tokens: a.prompt_tokens,
         decode_tokens: a.decode_tokens,
@@ -68,7 +75,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         let model = load(
             &location,
             &LoadOptions {
-                device,
+                placement,
                 dtype,
                 ..Default::default()
             },

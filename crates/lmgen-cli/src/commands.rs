@@ -5,35 +5,54 @@ use crate::input::{id_key, read_input, BadRecord, Entry, Input, InputRecord, Pro
 use crate::output::{self, format_for, OutFormat, OutRecord, OutputPlan, RecordWriter};
 use crate::progress::Progress;
 use crate::user_err;
-use crate::util::{device_and_dtype, io_msg, UserError};
-use candle_core::{DType, Device};
+use crate::util::{io_msg, placement_and_dtype, UserError};
+use candle_core::DType;
 use lmgen_core::engine::{embed_batch, score_batch, GenOutput, GenRequest, Generator, Pool};
 use lmgen_core::loader::{load, LoadOptions, Model};
+use lmgen_core::plan::{Placement, Workload, DEFAULT_MAX_STEP_TOKENS};
 use lmgen_core::sampling::SamplingParams;
 use serde::Serialize;
 use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-fn load_model(m: &ModelArgs, device: Device, dtype: DType) -> anyhow::Result<Model> {
+fn load_model(m: &ModelArgs, placement: Placement, dtype: DType) -> anyhow::Result<Model> {
     let location = lmgen_core::hub::resolve(&m.model, m.models_file.as_deref())?;
-    // `--device auto` on a CUDA build: spread the layers over the GPUs (then CPU memory)
-    // when one GPU is not enough, as `lmgen plan` shows.
-    let (device, block_devices) = if m.device == "auto" && !device.is_cpu() {
-        crate::plan::auto_placement(&location, m, dtype)?.unwrap_or((device, None))
-    } else {
-        (device, None)
-    };
-    Ok(load(
+    let model = load(
         &location,
         &LoadOptions {
-            device,
+            placement,
             dtype,
-            block_devices,
             quantize: m.quantize,
             keep_quantized: !m.dequantize,
         },
-    )?)
+    )?;
+    if let Some(p) = &model.placement {
+        eprintln!(
+            "lmgen: placing layers: {}",
+            p.devices
+                .iter()
+                .map(|d| format!(
+                    "{} {}-{}",
+                    d.device,
+                    d.blocks.0,
+                    d.blocks.1.saturating_sub(1)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(model)
+}
+
+/// What `--device auto` plans room for besides the weights.
+fn workload(m: &ModelArgs, batch: usize, max_step_tokens: usize) -> Workload {
+    Workload {
+        batch,
+        context: None,
+        max_step_tokens,
+        kv_bytes: m.kv_memory.map(|b| b as u64),
+    }
 }
 
 /// Tokenizes prompts and checks them against the model.
@@ -190,7 +209,10 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if a.stop.iter().any(|s| s.is_empty()) {
         return Err(user_err!("--stop: stop strings must not be empty"));
     }
-    let (device, dtype) = device_and_dtype(&a.model)?;
+    let (placement, dtype) = placement_and_dtype(
+        &a.model,
+        workload(&a.model, a.input.batch_size, a.max_step_tokens),
+    )?;
     let skip = a.input.skip_bad_lines;
     let input = read_input(&a.input.input, skip)?;
     let format = format_for(&a.output);
@@ -229,7 +251,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let model = load_model(&a.model, device, dtype)?;
+    let model = load_model(&a.model, placement, dtype)?;
     let prep = Prep::new(&model, a.input.truncate)?;
     let mut jobs = Vec::with_capacity(pending.len());
     let mut info: HashMap<usize, GenInfo> = HashMap::new();
@@ -281,7 +303,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             params,
             stop: o.stop.clone().unwrap_or_else(|| a.stop.clone()),
             logprobs: a.logprobs,
-            ignore_eos: false,
+            ignore_eos: o.ignore_eos.unwrap_or(a.ignore_eos),
         };
         jobs.push(Job::Gen {
             index: rec.index,
@@ -320,7 +342,11 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     }
 
     let mut write_err: Option<anyhow::Error> = None;
-    let result = Generator::new(&model, a.input.batch_size).run(
+    let mut generator = Generator::new(&model, a.input.batch_size);
+    generator.max_step_tokens = a.max_step_tokens;
+    generator.kv_memory = a.model.kv_memory;
+    generator.prefix_cache = !a.no_prefix_cache;
+    let result = generator.run(
         requests,
         |out: GenOutput| {
             let inf = &info[&out.index];
@@ -378,7 +404,10 @@ struct ScoreRecord<'a> {
 }
 
 pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
-    let (device, dtype) = device_and_dtype(&a.model)?;
+    let (placement, dtype) = placement_and_dtype(
+        &a.model,
+        workload(&a.model, a.input.batch_size, DEFAULT_MAX_STEP_TOKENS),
+    )?;
     let skip = a.input.skip_bad_lines;
     let input = read_input(&a.input.input, skip)?;
     let plan = output::plan(
@@ -401,7 +430,7 @@ pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let model = load_model(&a.model, device, dtype)?;
+    let model = load_model(&a.model, placement, dtype)?;
     let prep = Prep::new(&model, a.input.truncate)?;
     let (good, bad) = prepare_all(&input, &prep, pending, skip)?;
     let mut expected: Vec<(usize, usize)> = good
@@ -506,14 +535,17 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
             ));
         }
     }
-    let (device, dtype) = device_and_dtype(&a.model)?;
+    let (placement, dtype) = placement_and_dtype(
+        &a.model,
+        workload(&a.model, a.input.batch_size, DEFAULT_MAX_STEP_TOKENS),
+    )?;
     let skip = a.input.skip_bad_lines;
     let input = read_input(&a.input.input, skip)?;
     let path = output::check_output_path(&a.output)?;
     if path.exists() && !a.overwrite {
         return Err(user_err!("{} exists; use --overwrite", a.output));
     }
-    let model = load_model(&a.model, device, dtype)?;
+    let model = load_model(&a.model, placement, dtype)?;
     let layers = resolve_layers(&a.layers, model.spec().num_layers)?;
     let pool = match a.pool {
         PoolArg::Last => Pool::Last,

@@ -30,6 +30,7 @@ pub struct Overrides {
     pub seed: Option<u64>,
     pub stop: Option<Vec<String>>,
     pub n: Option<usize>,
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +252,7 @@ const KNOWN_KEYS: &[&str] = &[
     "seed",
     "stop",
     "n",
+    "ignore_eos",
 ];
 
 fn parse_json_line(
@@ -347,6 +349,16 @@ fn parse_json_line(
     {
         return Err("\"stop\" strings must not be empty".into());
     }
+    let ignore_eos = match get("ignore_eos") {
+        None => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(v) => {
+            return Err(format!(
+                "\"ignore_eos\" must be true or false, got {}",
+                kind(v)
+            ))
+        }
+    };
     let overrides = Overrides {
         max_new_tokens: uint("max_new_tokens", 1)?.map(|x| x as usize),
         temperature: float("temperature")?,
@@ -356,6 +368,7 @@ fn parse_json_line(
         seed: uint("seed", 0)?,
         stop,
         n: uint("n", 1)?.map(|x| x as usize),
+        ignore_eos,
     };
     Ok(InputRecord {
         index,
@@ -414,7 +427,7 @@ mod tests {
     fn jsonl_fields_and_errors() {
         let inp = parse(
             "in.jsonl",
-            "{\"prompt\":\"x\",\"id\":\"a\",\"stop\":\"s\",\"n\":2,\"temperature\":0}\n\n{\"input_ids\":[1,2],\"top_k\":3}\n",
+            "{\"prompt\":\"x\",\"id\":\"a\",\"stop\":\"s\",\"n\":2,\"temperature\":0}\n\n{\"input_ids\":[1,2],\"top_k\":3,\"ignore_eos\":true}\n",
             false,
         )
         .unwrap();
@@ -424,11 +437,13 @@ mod tests {
         assert_eq!(r.id, Value::from("a"));
         assert_eq!(r.overrides.stop, Some(vec!["s".to_string()]));
         assert_eq!(r.overrides.n, Some(2));
+        assert_eq!(r.overrides.ignore_eos, None);
         let Entry::Ok(r) = &inp.entries[1] else {
             panic!()
         };
         assert_eq!((r.index, r.line), (1, 3));
         assert_eq!(r.prompt, PromptSrc::Ids(vec![1, 2]));
+        assert_eq!(r.overrides.ignore_eos, Some(true));
         assert_eq!(r.id, Value::from(1));
 
         for (bad, what) in [
@@ -455,6 +470,10 @@ mod tests {
                 "in.jsonl:1: \"id\" must be",
             ),
             ("[1]\n", "in.jsonl:1: expected a JSON object"),
+            (
+                "{\"prompt\":\"x\"}\n{\"prompt\":\"x\",\"ignore_eos\":\"yes\"}\n",
+                "in.jsonl:2: \"ignore_eos\" must be true or false",
+            ),
         ] {
             let e = parse("in.jsonl", bad, false).unwrap_err().to_string();
             assert!(e.starts_with(what), "{e} vs {what}");

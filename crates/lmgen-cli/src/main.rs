@@ -1,4 +1,4 @@
-//! `lmgen`: generate, score and embed with Hugging Face causal LMs (see shared/CLI.md).
+//! `lmgen`: generate, score and embed with Hugging Face causal LMs (reference: docs/cli.md).
 mod alloc;
 mod args;
 mod bench;

@@ -1,9 +1,9 @@
 //! `lmgen plan`: device placement and memory for a model, from its config alone.
-use crate::args::PlanArgs;
+use crate::args::{DTypeArg, PlanArgs};
 use crate::user_err;
 use lmgen_core::config::RawConfig;
 use lmgen_core::model::families;
-use lmgen_core::plan::{self, human, DeviceBudget, PlanRequest};
+use lmgen_core::plan::{self, human, DeviceBudget, GpuSelection, PlanRequest, Workload};
 
 pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     let (name, spec) = match (&a.model, &a.preset) {
@@ -29,25 +29,15 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         None => detect_devices(&a.device)?,
     };
     let any_gpu = devices.iter().any(|d| d.name.starts_with("cuda"));
-    let format = match (&a.quantize, &a.dtype) {
-        (Some(q), _) => q.clone(),
-        (None, Some(d)) => d.clone(),
-        (None, None) => if any_gpu { "bf16" } else { "f32" }.to_string(),
-    };
-    if plan::bytes_per_param(&format).is_none() {
-        return Err(user_err!(
-            "unknown weight format '{format}' (f32, bf16, f16, q8_0, q4_k, q4_0, q4_1, q6_k)"
-        ));
-    }
-    let act_bytes = if format == "f32" || !any_gpu { 4 } else { 2 };
-    let req = PlanRequest {
-        weight_format: format.clone(),
-        act_bytes,
+    let compute = plan::compute_dtype(a.dtype.map(DTypeArg::dtype), any_gpu);
+    let format = plan::weight_format(a.quantize, compute);
+    let workload = Workload {
         batch: a.batch_size,
-        context: a.context,
-        step_tokens: 2048.min(a.context * a.batch_size),
-        devices,
+        context: Some(a.context),
+        max_step_tokens: a.max_step_tokens,
+        kv_bytes: a.kv_memory.map(|b| b as u64),
     };
+    let req = PlanRequest::new(&spec, format, compute, &workload, devices);
     let p = plan::plan(&spec, &req);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);
@@ -55,8 +45,11 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     }
     let (block, embed, head) = plan::param_counts(&spec);
     let params = block * spec.num_layers as u64 + embed + head;
+    let kv = a
+        .kv_memory
+        .map_or(String::new(), |b| format!(", KV pool {}", human(b as u64)));
     println!(
-        "{name}: {} ({} blocks, {:.2}e9 parameters), weights {format}, batch {}, context {} tokens",
+        "{name}: {} ({} blocks, {:.2}e9 parameters), weights {format}, batch {}, context {} tokens{kv}",
         spec.architecture,
         spec.num_layers,
         params as f64 / 1e9,
@@ -99,112 +92,23 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
 
 /// GPUs (free memory from nvidia-smi) for `auto`/`cuda*`, then the CPU's available memory.
 fn detect_devices(device: &str) -> anyhow::Result<Vec<DeviceBudget>> {
-    let mut out = Vec::new();
-    if device != "cpu" {
-        let smi = std::process::Command::new("nvidia-smi")
-            .args([
-                "--query-gpu=index,memory.free",
-                "--format=csv,noheader,nounits",
-            ])
-            .output();
-        if let Some(o) = smi.ok().filter(|o| o.status.success()) {
-            for line in String::from_utf8_lossy(&o.stdout).lines() {
-                let mut it = line.split(',').map(str::trim);
-                if let (Some(i), Some(mib)) =
-                    (it.next(), it.next().and_then(|m| m.parse::<u64>().ok()))
-                {
-                    let name = format!("cuda:{i}");
-                    if device == "auto" || device == "cuda" || device == name {
-                        out.push(DeviceBudget {
-                            name,
-                            bytes: mib << 20,
-                        });
-                    }
-                }
+    let d = device.trim().to_ascii_lowercase();
+    let gpus = match d.as_str() {
+        "cpu" => GpuSelection::None,
+        "auto" | "cuda" | "gpu" => GpuSelection::All,
+        _ => match d.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
+            Some(i) => GpuSelection::One(i),
+            None => {
+                return Err(user_err!(
+                    "--device: expected cpu, cuda, cuda:N or auto, got '{device}'"
+                ))
             }
-        }
-        if out.is_empty() && device != "auto" {
-            return Err(user_err!("--device {device}: no GPU found (nvidia-smi); give --max-memory cuda:0=80GiB,... to plan for one"));
-        }
+        },
+    };
+    let out = plan::detect_budgets(gpus);
+    if gpus != GpuSelection::None && d != "auto" && !out.iter().any(|b| b.name.starts_with("cuda"))
+    {
+        return Err(user_err!("--device {device}: no GPU found (nvidia-smi); give --max-memory cuda:0=80GiB,... to plan for one"));
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let avail_kb = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|k| k.parse::<u64>().ok())
-        .unwrap_or(0);
-    out.push(DeviceBudget {
-        name: "cpu".into(),
-        bytes: avail_kb * 1024,
-    });
     Ok(out)
-}
-
-/// Layer placement for `--device auto` when the model does not fit on the first GPU alone:
-/// the embedding device and one device per block, following [`plan::plan`]. `None` when the
-/// first GPU holds everything (or there is nothing to spread over).
-pub fn auto_placement(
-    location: &lmgen_core::hub::ModelLocation,
-    m: &crate::args::ModelArgs,
-    dtype: candle_core::DType,
-) -> anyhow::Result<Option<(candle_core::Device, Option<Vec<candle_core::Device>>)>> {
-    use candle_core::Device;
-    let spec = lmgen_core::loader::read_spec(location)?;
-    let devices = match &m.max_memory {
-        Some(s) => plan::parse_max_memory(s).map_err(|e| user_err!("--max-memory: {e}"))?,
-        None => detect_devices("auto")?,
-    };
-    if devices.len() < 2 {
-        return Ok(None);
-    }
-    let format = match (m.quantize, dtype) {
-        (Some(q), _) => q.name().to_string(),
-        (None, candle_core::DType::F32) => "f32".to_string(),
-        (None, _) => "bf16".to_string(),
-    };
-    let req = PlanRequest {
-        weight_format: format,
-        act_bytes: dtype.size_in_bytes(),
-        batch: 8,
-        context: spec.max_positions.min(4096),
-        step_tokens: 2048,
-        devices,
-    };
-    let p = plan::plan(&spec, &req);
-    if !p.fits {
-        return Err(user_err!(
-            "the model does not fit the devices: {} (see `lmgen plan`)",
-            p.advice.join("; ")
-        ));
-    }
-    if p.devices.len() == 1 {
-        return Ok(None);
-    }
-    let open = |name: &str| -> anyhow::Result<Device> {
-        Ok(match name.strip_prefix("cuda:") {
-            Some(i) => Device::new_cuda(i.parse()?)?,
-            None if name == "cuda" => Device::new_cuda(0)?,
-            None => Device::Cpu,
-        })
-    };
-    let mut blocks = Vec::with_capacity(spec.num_layers);
-    for d in &p.devices {
-        let dev = open(&d.device)?;
-        blocks.extend(std::iter::repeat_n(dev, d.blocks.1 - d.blocks.0));
-    }
-    eprintln!(
-        "lmgen: placing layers: {}",
-        p.devices
-            .iter()
-            .map(|d| format!(
-                "{} {}-{}",
-                d.device,
-                d.blocks.0,
-                d.blocks.1.saturating_sub(1)
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    Ok(Some((open(&p.devices[0].device)?, Some(blocks))))
 }

@@ -1,6 +1,7 @@
 //! Error classification, device/dtype/thread setup.
 use crate::args::{DTypeArg, ModelArgs};
 use candle_core::{DType, Device};
+use lmgen_core::plan::{self, Placement, Workload};
 use std::fmt;
 
 /// A problem with the user's arguments or input: exit code 2.
@@ -94,8 +95,17 @@ pub fn default_threads() -> usize {
     n.max(1)
 }
 
-pub fn parse_device(s: &str) -> anyhow::Result<Device> {
-    let s = s.trim().to_ascii_lowercase();
+/// `--device` (cpu, cuda, gpu, cuda:N, auto) and `--max-memory` as a placement request.
+/// `workload` sizes the KV cache and activations `auto` plans room for.
+pub fn parse_placement(
+    device: &str,
+    max_memory: Option<&str>,
+    workload: Workload,
+) -> anyhow::Result<Placement> {
+    let budgets = max_memory
+        .map(|m| plan::parse_max_memory(m).map_err(|e| user_err!("--max-memory: {e}")))
+        .transpose()?;
+    let s = device.trim().to_ascii_lowercase();
     let cuda_index =
         if s == "cuda" || s == "gpu" {
             Some(0)
@@ -107,26 +117,21 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
             None
         };
     match (s.as_str(), cuda_index) {
-        ("cpu", _) => Ok(Device::Cpu),
-        ("auto", _) => {
-            if cfg!(feature = "cuda") {
-                Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu))
-            } else {
-                Ok(Device::Cpu)
-            }
-        }
+        ("cpu", _) => Ok(Placement::Single(Device::Cpu)),
+        ("auto", _) => Ok(Placement::Auto { budgets, workload }),
         (_, Some(i)) => {
             if !cfg!(feature = "cuda") {
                 return Err(user_err!(
                     "this lmgen was built without CUDA (cargo build --release --features cuda)"
                 ));
             }
-            Device::new_cuda(i).map_err(|e| {
+            let d = plan::cuda_device(i).map_err(|e| {
                 user_err!(
                     "--device {s}: cannot use CUDA device {i}: {}",
                     one_line(&e.to_string())
                 )
-            })
+            })?;
+            Ok(Placement::Single(d))
         }
         _ => Err(user_err!(
             "--device: expected cpu, cuda, cuda:N or auto, got '{s}'"
@@ -134,28 +139,27 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
     }
 }
 
-/// The compute device and dtype. Default f32 on the CPU and bf16 on GPUs; on the CPU,
-/// f16/bf16 are accepted but computed in f32 (noted once on stderr).
-pub fn device_and_dtype(m: &ModelArgs) -> anyhow::Result<(Device, DType)> {
-    let device = parse_device(&m.device)?;
-    let requested = m.dtype.unwrap_or(if device.is_cpu() {
-        DTypeArg::F32
-    } else {
-        DTypeArg::Bf16
-    });
-    let dtype = match (requested, device.is_cpu()) {
-        (DTypeArg::F32, _) => DType::F32,
-        (d, true) => {
-            eprintln!(
-                "lmgen: note: --dtype {} is computed as f32 on the CPU",
-                d.name()
-            );
-            DType::F32
-        }
-        (DTypeArg::F16, false) => DType::F16,
-        (DTypeArg::Bf16, false) => DType::BF16,
-    };
-    Ok((device, dtype))
+/// The compute dtype for a placement ([`plan::compute_dtype`]): f32 on the CPU, where
+/// f16/bf16 are accepted but computed in f32 (noted once on stderr); bf16 on GPUs by default.
+pub fn compute_dtype(placement: &Placement, requested: Option<DTypeArg>) -> DType {
+    let gpu = !placement.main_device().is_cpu();
+    if let Some(d) = requested.filter(|&d| !gpu && d != DTypeArg::F32) {
+        eprintln!(
+            "lmgen: note: --dtype {} is computed as f32 on the CPU",
+            d.name()
+        );
+    }
+    plan::compute_dtype(requested.map(DTypeArg::dtype), gpu)
+}
+
+/// Placement and compute dtype of the model options.
+pub fn placement_and_dtype(
+    m: &ModelArgs,
+    workload: Workload,
+) -> anyhow::Result<(Placement, DType)> {
+    let placement = parse_placement(&m.device, m.max_memory.as_deref(), workload)?;
+    let dtype = compute_dtype(&placement, m.dtype);
+    Ok((placement, dtype))
 }
 
 /// `mm:ss` or `h:mm:ss`.

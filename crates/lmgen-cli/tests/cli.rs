@@ -995,3 +995,176 @@ fn score_resume_and_skip_bad_lines() {
     assert!((a - b).abs() < 1e-4, "{a} vs {b}");
     usage_error(&run(&args), &["exists"]);
 }
+
+/// The llama-rope-llama3 fixture greedily ends "Hello world" with EOS after 2 tokens.
+fn eos_early_input(dir: &Path, lines: &[&str]) -> PathBuf {
+    let g = golden("llama-rope-llama3");
+    let p0 = &g["prompts"][0];
+    assert_eq!(p0["greedy"]["finish_reason"], "eos");
+    assert_eq!(ids(&p0["greedy"]["token_ids"]).len(), 2);
+    let input_ids = p0["input_ids"].to_string();
+    let p = dir.join("eos.jsonl");
+    let body: Vec<String> = lines
+        .iter()
+        .map(|extra| format!("{{\"input_ids\":{input_ids}{extra}}}"))
+        .collect();
+    std::fs::write(&p, body.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn ignore_eos_generates_max_new_tokens() {
+    let g = golden("llama-rope-llama3");
+    let eos_ids = ids(&g["prompts"][0]["greedy"]["token_ids"]);
+    let dir = tempfile::tempdir().unwrap();
+    let inp = eos_early_input(
+        dir.path(),
+        &["", ",\"ignore_eos\":true", ",\"ignore_eos\":false"],
+    );
+    let gen = |out: &str, extra: &[&str]| -> Vec<Value> {
+        let out = dir.path().join(out);
+        let mut a = vec![
+            "generate",
+            model("llama-rope-llama3"),
+            "-i",
+            s(&inp),
+            "-o",
+            s(&out),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "6",
+        ];
+        a.extend_from_slice(extra);
+        ok(&run(&a));
+        read_jsonl(&out)
+    };
+    // Without the flag: EOS ends the first and third; the JSONL override keeps the second going.
+    let r = gen("a.jsonl", &[]);
+    assert_eq!(ids(&r[0]["token_ids"]), eos_ids);
+    assert_eq!(r[0]["finish_reason"], "eos");
+    assert_eq!(ids(&r[1]["token_ids"]).len(), 6);
+    assert_eq!(r[1]["finish_reason"], "length");
+    assert_eq!(r[2]["finish_reason"], "eos");
+    // With --ignore-eos: exactly max-new-tokens, EOS included, unless a line says false.
+    let r = gen("b.jsonl", &["--ignore-eos"]);
+    for i in [0, 1] {
+        let t = ids(&r[i]["token_ids"]);
+        assert_eq!(t.len(), 6, "{:?}", r[i]);
+        assert_eq!(t[..2], eos_ids[..]);
+        assert_eq!(r[i]["finish_reason"], "length");
+    }
+    assert_eq!(r[2]["finish_reason"], "eos");
+    // The engine options do not change greedy results; the short form takes them too.
+    let r2 = gen(
+        "c.jsonl",
+        &[
+            "--ignore-eos",
+            "--kv-memory",
+            "64MiB",
+            "--no-prefix-cache",
+            "--max-step-tokens",
+            "4",
+        ],
+    );
+    assert_eq!(r, r2);
+    let out = dir.path().join("d.jsonl");
+    ok(&run(&[
+        model("llama-rope-llama3"),
+        s(&inp),
+        s(&out),
+        "6",
+        "0",
+        "--ignore-eos",
+        "--kv-memory=1.5G",
+    ]));
+    assert_eq!(read_jsonl(&out), r);
+}
+
+#[test]
+fn bad_engine_options_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = eos_early_input(dir.path(), &[""]);
+    let out = dir.path().join("out.jsonl");
+    for bad in ["12parsecs", "-1", "0", "lots", "1.2.3G"] {
+        let o = run(&[
+            "generate",
+            model("llama-rope-llama3"),
+            "-i",
+            s(&inp),
+            "-o",
+            s(&out),
+            "--kv-memory",
+            bad,
+        ]);
+        usage_error(&o, &["--kv-memory"]);
+        assert!(!out.exists());
+    }
+    let o = run(&[
+        "score",
+        model("llama-rope-llama3"),
+        "-i",
+        s(&inp),
+        "-o",
+        s(&out),
+        "--kv-memory",
+        "2 furlongs",
+    ]);
+    usage_error(&o, &["--kv-memory"]);
+    let o = run(&[
+        "generate",
+        model("llama-rope-llama3"),
+        "-i",
+        s(&inp),
+        "-o",
+        s(&out),
+        "--max-step-tokens",
+        "0",
+    ]);
+    usage_error(&o, &["--max-step-tokens"]);
+    // A per-request ignore_eos that is not a boolean names its line.
+    for v in ["\"yes\"", "1", "[true]"] {
+        let inp = eos_early_input(dir.path(), &["", &format!(",\"ignore_eos\":{v}")]);
+        let o = run(&[
+            "generate",
+            model("llama-rope-llama3"),
+            "-i",
+            s(&inp),
+            "-o",
+            s(&out),
+        ]);
+        usage_error(&o, &["eos.jsonl:2:", "ignore_eos"]);
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn help_documents_engine_options_and_record_schemas() {
+    let help = |cmd: &str| {
+        let o = run(&[cmd, "--help"]);
+        ok(&o);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let h = help("generate");
+    for flag in [
+        "--ignore-eos",
+        "--kv-memory",
+        "--no-prefix-cache",
+        "--max-step-tokens",
+        "ignore_eos",
+    ] {
+        assert!(h.contains(flag), "generate --help lacks {flag}");
+    }
+    let h = help("score");
+    for field in ["\"sum_logprob\"", "\"ppl\"", "token_ids[i+1]"] {
+        assert!(h.contains(field), "score --help lacks {field}");
+    }
+    let h = help("embed");
+    for field in [
+        "hidden.<layer>",
+        "[n_inputs, width]",
+        "hidden.<layer>.<row>",
+    ] {
+        assert!(h.contains(field), "embed --help lacks {field}");
+    }
+}

@@ -79,3 +79,33 @@ fn bad_plan_arguments_exit_2() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 }
+
+#[test]
+fn kv_memory_and_step_tokens_size_the_plan() {
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut a = vec![
+            "--preset",
+            "opt-30b",
+            "--max-memory",
+            "cuda:0=80GiB",
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let (code, out, err) = plan(&a);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let base = json(&[]);
+    let pool = json(&["--kv-memory", "1GiB"]);
+    let kv = pool["total_kv_bytes"].as_u64().unwrap();
+    assert!((1u64 << 30..(1u64 << 30) + 48).contains(&kv), "{kv}");
+    assert_ne!(base["total_kv_bytes"], pool["total_kv_bytes"]);
+    let act = |v: &serde_json::Value| v["devices"][0]["activation_bytes"].as_u64().unwrap();
+    assert!(act(&json(&["--max-step-tokens", "256"])) < act(&base));
+    let (code, _, err) = plan(&["--preset", "gpt2", "--kv-memory", "much"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--kv-memory"), "{err}");
+    let (code, _, err) = plan(&["--preset", "gpt2", "--device", "tpu"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--device"), "{err}");
+}

@@ -6,22 +6,20 @@ use crate::hub::ModelLocation;
 use crate::model::families::{self, Loader};
 use crate::model::quant::QuantKind;
 use crate::model::Decoder;
+use crate::plan::{self, Placement, Plan};
 use crate::tokenizer::LmTokenizer;
 use crate::weights::{
     gguf::GgufFile, pth::PthFile, st, st::SafetensorsFile, TensorSource, WeightStore,
 };
-use candle_core::{DType, Device};
+use candle_core::DType;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Device of the embeddings (and of every layer unless `block_devices` is set).
-    pub device: Device,
+    /// Where the layers go (see [`Placement`]); default: all on the CPU.
+    pub placement: Placement,
     /// Compute dtype (f32 on CPU).
     pub dtype: DType,
-    /// One device per block, to spread a model over several GPUs and the CPU
-    /// (see [`crate::plan`]); the head goes with the last block.
-    pub block_devices: Option<Vec<Device>>,
     /// Weight-only quantization applied after loading (CPU).
     pub quantize: Option<QuantKind>,
     /// Keep matrices a GGUF file stores quantized in that form (CPU), as llama.cpp does,
@@ -32,9 +30,8 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            device: Device::Cpu,
+            placement: Placement::default(),
             dtype: DType::F32,
-            block_devices: None,
             quantize: None,
             keep_quantized: true,
         }
@@ -47,6 +44,8 @@ pub struct Model {
     pub tokenizer: LmTokenizer,
     pub eos: Vec<u32>,
     pub location: ModelLocation,
+    /// The plan of a [`Placement::Auto`] spread over several devices; `None` on one device.
+    pub placement: Option<Plan>,
 }
 
 impl Model {
@@ -173,21 +172,19 @@ fn build(
     if spec.bos_token_id.is_none() {
         spec.bos_token_id = tokenizer.bos_token_id();
     }
-    let mut loader =
-        Loader::new(&store, opts.device.clone(), opts.dtype).keep_quantized(opts.keep_quantized);
-    if let Some(devices) = &opts.block_devices {
-        if devices.len() != spec.num_layers {
-            return Err(Error::BadRequest(format!(
-                "placement names {} devices for {} layers",
-                devices.len(),
-                spec.num_layers
-            )));
-        }
+    let layout = opts.placement.resolve(
+        &spec,
+        plan::weight_format(opts.quantize, opts.dtype),
+        opts.dtype,
+    )?;
+    let mut loader = Loader::new(&store, layout.embeddings.clone(), opts.dtype)
+        .keep_quantized(opts.keep_quantized);
+    if let Some(devices) = &layout.blocks {
         loader = loader.with_placement(devices.clone());
     }
     let mut weights = families::load(&spec, &loader)?;
     if let Some(kind) = opts.quantize {
-        if !opts.device.is_cpu() || opts.block_devices.is_some() {
+        if !layout.embeddings.is_cpu() || layout.blocks.is_some() {
             return Err(Error::BadRequest(format!(
                 "--quantize {kind} is supported on the CPU only"
             )));
@@ -195,10 +192,11 @@ fn build(
         weights.quantize(kind)?;
     }
     Ok(Model {
-        decoder: Decoder::new(spec, weights, opts.device.clone()),
+        decoder: Decoder::new(spec, weights, layout.embeddings),
         tokenizer,
         eos,
         location: location.clone(),
+        placement: layout.plan,
     })
 }
 

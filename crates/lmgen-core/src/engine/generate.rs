@@ -122,7 +122,8 @@ impl<'m> Generator<'m> {
     }
 
     /// Blocks of the KV pool: `kv_memory` bytes, else enough for `batch_size` sequences at
-    /// the context length (2048 to 8192 tokens each), capped by half the available memory.
+    /// the context length (2048 to 8192 tokens each), capped by what `plan::kv_budget_bytes`
+    /// leaves of the available memory.
     /// The pool's pages become resident only as blocks are used.
     pub fn pool_blocks(&self) -> usize {
         let dec = &self.model.decoder;
@@ -132,8 +133,9 @@ impl<'m> Generator<'m> {
             None => {
                 let ctx = dec.spec.max_positions.clamp(2048, 8192);
                 let want = self.batch_size * BlockTable::blocks_for(ctx + 1) * per_block;
-                let avail = crate::kv::available_memory().unwrap_or(u64::MAX) / 2;
-                want.min(avail.min(usize::MAX as u64) as usize)
+                // The weights are loaded: what is available now is for the pool and the step.
+                let avail = crate::kv::available_memory().unwrap_or(u64::MAX);
+                want.min(crate::plan::kv_budget_bytes(&dec.spec, 0, avail))
             }
         };
         (bytes / per_block).max(1)
