@@ -115,20 +115,58 @@ impl Sampler {
                 .enumerate()
                 .map(|(i, &l)| (l * inv_t, i as u32)),
         );
-        // Descending by logit, ties by lower id first (stable, deterministic).
-        c.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        if let Some(k) = p.top_k {
-            c.truncate(k.max(1));
+        // Descending by logit, ties by lower id first (stable, deterministic). Only the head
+        // of that order is ever needed: partition (O(vocab)), then sort the head.
+        let cmp = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let top_p = p.top_p.filter(|t| *t < 1.0).map(|t| t as f64);
+        let max = c.iter().map(|x| x.0).fold(f32::NEG_INFINITY, f32::max);
+        if let Some(k) = p.top_k.map(|k| k.max(1)).filter(|&k| k < c.len()) {
+            c.select_nth_unstable_by(k - 1, cmp);
+            c.truncate(k);
         }
-        let max = c[0].0;
+        // With top-p, sort a growing head until it holds at least top_p of the mass: the
+        // rest is then cut whatever its order.
+        let mut head = c.len();
+        let mut total = 0f64;
+        if let Some(tp) = top_p.filter(|_| c.len() > 64) {
+            total = c.iter().map(|(l, _)| ((l - max) as f64).exp()).sum();
+            head = 64;
+            loop {
+                c.select_nth_unstable_by(head - 1, cmp);
+                let mass: f64 = c[..head]
+                    .iter()
+                    .map(|(l, _)| ((l - max) as f64).exp())
+                    .sum();
+                if mass / total >= tp {
+                    break;
+                }
+                head *= 4;
+                if head >= c.len() {
+                    head = c.len();
+                    break;
+                }
+            }
+        }
+        c[..head].sort_unstable_by(cmp);
+        let tail_mass = if head < c.len() { total } else { 0.0 };
+        let c = &c[..head];
         let mut probs: Vec<f64> = c.iter().map(|(l, _)| ((l - max) as f64).exp()).collect();
-        let sum: f64 = probs.iter().sum();
+        let sum: f64 = if tail_mass > 0.0 {
+            tail_mass
+        } else {
+            probs.iter().sum()
+        };
         probs.iter_mut().for_each(|x| *x /= sum);
-        if let Some(top_p) = p.top_p.filter(|t| *t < 1.0) {
-            // transformers: drop the ascending prefix whose cumulative mass is <= 1 - top_p.
-            let mut removed = 0.0f64;
+        if let Some(top_p) = top_p {
+            // transformers: drop the ascending prefix whose cumulative mass is <= 1 - top_p
+            // (a tail past the head is already known to be inside it).
+            let mut removed = if tail_mass > 0.0 {
+                1.0 - probs.iter().sum::<f64>()
+            } else {
+                0.0
+            };
             let mut keep = probs.len();
-            while keep > 1 && removed + probs[keep - 1] <= 1.0 - top_p as f64 {
+            while keep > 1 && removed + probs[keep - 1] <= 1.0 - top_p {
                 removed += probs[keep - 1];
                 keep -= 1;
             }
@@ -269,5 +307,75 @@ mod tests {
         let l = log_softmax_row(&[1.0, 2.0, 3.0]);
         let s: f32 = l.iter().map(|x| x.exp()).sum();
         assert!((s - 1.0).abs() < 1e-6);
+    }
+
+    /// The full-sort reference: sort the whole vocabulary, top-k, top-p as transformers.
+    fn reference(logits: &[f32], t: f32, top_k: Option<usize>, top_p: Option<f32>, u: f64) -> u32 {
+        let mut c: Vec<(f32, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l / t, i as u32))
+            .collect();
+        c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        if let Some(k) = top_k {
+            c.truncate(k.max(1));
+        }
+        let max = c[0].0;
+        let mut probs: Vec<f64> = c.iter().map(|(l, _)| ((l - max) as f64).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        if let Some(tp) = top_p.filter(|t| *t < 1.0) {
+            let (mut removed, mut keep) = (0.0f64, probs.len());
+            while keep > 1 && removed + probs[keep - 1] <= 1.0 - tp as f64 {
+                removed += probs[keep - 1];
+                keep -= 1;
+            }
+            probs.truncate(keep);
+            let s: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= s);
+        }
+        let mut acc = 0.0;
+        for (i, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return c[i].1;
+            }
+        }
+        c[probs.len() - 1].1
+    }
+
+    #[test]
+    fn partial_sort_samples_what_a_full_sort_samples() {
+        let mut g = StdRng::seed_from_u64(9);
+        for case in 0..300 {
+            let vocab = [50, 1000, 5000][case % 3];
+            // Peaked and flat distributions, with ties.
+            let spread = [0.5f32, 3.0, 12.0][case / 3 % 3];
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| (g.random::<f32>() * spread * 8.0).round() / 8.0)
+                .collect();
+            let top_k = [None, Some(1), Some(40), Some(300)][case % 4];
+            let top_p = [Some(0.9f32), None, Some(0.5), Some(0.99), Some(1.0)][case % 5];
+            if top_k.is_none() && top_p.is_none_or(|t| t >= 1.0) {
+                continue;
+            }
+            let params = SamplingParams {
+                temperature: 0.8,
+                top_k,
+                top_p,
+                seed: Some(case as u64),
+                ..Default::default()
+            };
+            let mut s = Sampler::new(params.clone(), 0, 0);
+            let mut rng = Sampler::new(params, 0, 0).rng;
+            for _ in 0..5 {
+                let got = s.sample(&mut logits.clone(), &[]);
+                let want = reference(&logits, 0.8, top_k, top_p, rng.random());
+                assert_eq!(
+                    got, want,
+                    "case {case}: vocab {vocab} k {top_k:?} p {top_p:?}"
+                );
+            }
+        }
     }
 }
