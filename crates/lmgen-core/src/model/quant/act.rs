@@ -7,8 +7,10 @@ use rayon::prelude::*;
 /// Activation rows quantized to 8 bits: 32-value blocks with an f32 scale (`s` = scale ×
 /// sum of the block's quants, for the Q4_0 offset and the Q4_1 minimum; `xu` = quants + 128
 /// as u8, for the AVX-512 Q8_0 kernel), or ggml's Q8_K 256-value blocks (`bsums` = sums of
-/// each 16 quants).
+/// each 16 quants). The buffers only grow: refilling with at most as many values as before
+/// does not allocate.
 pub(super) struct QAct {
+    pub(super) m: usize,
     pub(super) k: usize,
     pub(super) nb: usize,
     pub(super) qs: Vec<i8>,
@@ -21,67 +23,109 @@ pub(super) struct QAct {
 }
 
 impl QAct {
+    pub(super) const fn empty() -> Self {
+        QAct {
+            m: 0,
+            k: 0,
+            nb: 0,
+            qs: Vec::new(),
+            xu: Vec::new(),
+            d: Vec::new(),
+            s: Vec::new(),
+            bsums: Vec::new(),
+            bs32p: Vec::new(),
+        }
+    }
+
     pub(super) fn new(kind: QuantKind, x: &[f32], m: usize, k: usize, lv: Level) -> Self {
+        let mut a = Self::empty();
+        a.fill(kind, x, m, k, lv);
+        a
+    }
+
+    /// Quantizes the rows of `x` (`[m, k]`, `k` a multiple of the block size) for `kind`.
+    pub(super) fn fill(&mut self, kind: QuantKind, x: &[f32], m: usize, k: usize, lv: Level) {
         let bs = kind.block_size();
         let nb = k / bs;
         let big = bs == QK_K;
-        let mut a = QAct {
-            k,
-            nb,
-            qs: vec![0i8; m * k],
-            xu: Vec::new(),
-            d: vec![0f32; m * nb],
-            s: vec![0f32; if big { m } else { m * nb }],
-            bsums: vec![0i16; if big { m * nb * 16 } else { m }],
-            bs32p: Vec::new(),
-        };
-        let (sl, bl) = if big { (1, nb * 16) } else { (nb, 1) };
-        let row = |i: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32], b: &mut [i16]| {
-            let xr = &x[i * k..(i + 1) * k];
-            if big {
-                quant_row_k(xr, q, d, b, lv)
-            } else {
-                quant_row_32(xr, q, d, s, lv)
-            }
-        };
-        if m * k < 32768 {
-            let chunks =
-                a.qs.chunks_mut(k)
-                    .zip(a.d.chunks_mut(nb))
-                    .zip(a.s.chunks_mut(sl))
-                    .zip(a.bsums.chunks_mut(bl));
-            for (i, (((q, d), s), b)) in chunks.enumerate() {
-                row(i, q, d, s, b);
-            }
-        } else {
-            a.qs.par_chunks_mut(k)
-                .zip(a.d.par_chunks_mut(nb))
-                .zip(a.s.par_chunks_mut(sl))
-                .zip(a.bsums.par_chunks_mut(bl))
-                .enumerate()
-                .for_each(|(i, (((q, d), s), b))| row(i, q, d, s, b));
-        }
+        assert!(k > 0 && k.is_multiple_of(bs) && x.len() == m * k);
+        (self.m, self.k, self.nb) = (m, k, nb);
+        // Every element is overwritten below, so stale values left by `resize` do not matter.
+        self.qs.resize(m * k, 0);
+        self.d.resize(m * nb, 0.0);
+        let par = m * k >= 32768;
         if big {
-            a.s.clear();
+            self.s.clear();
+            self.bsums.resize(m * nb * 16, 0);
+            quant_rows(
+                x,
+                k,
+                &mut self.qs,
+                &mut self.d,
+                &mut self.bsums,
+                par,
+                |x, q, d, b| quant_row_k(x, q, d, b, lv),
+            );
         } else {
-            a.bsums.clear();
+            self.bsums.clear();
+            self.s.resize(m * nb, 0.0);
+            quant_rows(
+                x,
+                k,
+                &mut self.qs,
+                &mut self.d,
+                &mut self.s,
+                par,
+                |x, q, d, s| quant_row_32(x, q, d, s, lv),
+            );
         }
+        self.bs32p.clear();
         if kind == QuantKind::Q4K {
-            a.bs32p = a
-                .bsums
-                .chunks_exact(4)
-                .map(|b| {
-                    let lo = (b[0] as i32 + b[1] as i32) as u16 as u32;
-                    let hi = (b[2] as i32 + b[3] as i32) as u16 as u32;
-                    (lo | (hi << 16)) as i32
-                })
-                .collect();
+            self.bs32p.extend(self.bsums.chunks_exact(4).map(|b| {
+                let lo = (b[0] as i32 + b[1] as i32) as u16 as u32;
+                let hi = (b[2] as i32 + b[3] as i32) as u16 as u32;
+                (lo | (hi << 16)) as i32
+            }));
         }
+        self.xu.clear();
         #[cfg(target_arch = "x86_64")]
         if kind == QuantKind::Q8_0 && lv == Level::Avx512 {
-            a.xu = a.qs.iter().map(|&q| (q as u8) ^ 0x80).collect();
+            self.xu.extend(self.qs.iter().map(|&q| (q as u8) ^ 0x80));
         }
-        a
+    }
+}
+
+/// Runs `f(x row, quants, scales, side)` over the rows; `side` (the per-row sums) is split
+/// into as many equal parts as there are rows.
+fn quant_rows<S: Send>(
+    x: &[f32],
+    k: usize,
+    qs: &mut [i8],
+    d: &mut [f32],
+    side: &mut [S],
+    par: bool,
+    f: impl Fn(&[f32], &mut [i8], &mut [f32], &mut [S]) + Sync,
+) {
+    let m = x.len() / k;
+    if m == 0 {
+        return;
+    }
+    let (dl, sl) = (d.len() / m, side.len() / m);
+    if par {
+        x.par_chunks(k)
+            .zip(qs.par_chunks_mut(k))
+            .zip(d.par_chunks_mut(dl))
+            .zip(side.par_chunks_mut(sl))
+            .for_each(|(((x, q), d), s)| f(x, q, d, s));
+    } else {
+        for (((x, q), d), s) in x
+            .chunks(k)
+            .zip(qs.chunks_mut(k))
+            .zip(d.chunks_mut(dl))
+            .zip(side.chunks_mut(sl))
+        {
+            f(x, q, d, s)
+        }
     }
 }
 
@@ -148,7 +192,7 @@ pub(super) fn quant_row_k_generic(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums
     }
 }
 
-pub(super) fn quant_row_32(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], lv: Level) {
+fn quant_row_32(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], lv: Level) {
     match lv {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: both levels are only chosen when the CPU has AVX2, FMA and F16C.
@@ -157,7 +201,7 @@ pub(super) fn quant_row_32(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32
     }
 }
 
-pub(super) fn quant_row_k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16], lv: Level) {
+fn quant_row_k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16], lv: Level) {
     match lv {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.

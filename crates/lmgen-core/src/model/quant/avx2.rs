@@ -31,14 +31,14 @@ unsafe fn bcast8(p: *const i8) -> __m256i {
     _mm256_set1_epi64x((p as *const i64).read_unaligned())
 }
 
-/// Lanes hold (row, half) pairs: `out[(4 h + i) * m + t] = v[2 i] + v[2 i + 1]`.
+/// Lanes hold (row, half) pairs: `out[(4 h + i) * os + t] = v[2 i] + v[2 i + 1]`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn store_pairs(v: __m256, out: &mut [f32], h: usize, m: usize, t: usize) {
+unsafe fn store_pairs(v: __m256, out: &mut [f32], h: usize, os: usize, t: usize) {
     let mut tmp = [0f32; 8];
     _mm256_storeu_ps(tmp.as_mut_ptr(), v);
     for i in 0..4 {
-        out[(4 * h + i) * m + t] = tmp[2 * i] + tmp[2 * i + 1];
+        out[(4 * h + i) * os + t] = tmp[2 * i] + tmp[2 * i + 1];
     }
 }
 
@@ -50,7 +50,7 @@ pub(super) unsafe fn t_q8_0<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
     const BB: usize = TILE * 34;
     let (k, nb) = (a.k, a.nb);
@@ -89,7 +89,7 @@ pub(super) unsafe fn t_q8_0<const MT: usize>(
     }
     for t in 0..MT {
         for h in 0..2 {
-            store_pairs(acc[t][h], out, h, m, t0 + t);
+            store_pairs(acc[t][h], out, h, os, t);
         }
     }
 }
@@ -104,7 +104,7 @@ unsafe fn t_q4<const MT: usize, const Q41: bool>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
     let bb = TILE * if Q41 { 20 } else { 18 };
     let hdr = if Q41 { 32 } else { 16 };
@@ -162,7 +162,7 @@ unsafe fn t_q4<const MT: usize, const Q41: bool>(
     }
     for t in 0..MT {
         for h in 0..2 {
-            store_pairs(acc[t][h], out, h, m, t0 + t);
+            store_pairs(acc[t][h], out, h, os, t);
         }
     }
 }
@@ -173,9 +173,9 @@ pub(super) unsafe fn t_q4_0<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
-    t_q4::<MT, false>(tile, a, t0, out, m)
+    t_q4::<MT, false>(tile, a, t0, out, os)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -184,9 +184,9 @@ pub(super) unsafe fn t_q4_1<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
-    t_q4::<MT, true>(tile, a, t0, out, m)
+    t_q4::<MT, true>(tile, a, t0, out, os)
 }
 
 /// The 32-bit lanes of `v` (one per row) picked by `idx` and doubled into an i16 pair.
@@ -251,7 +251,7 @@ pub(super) unsafe fn t_q4k<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
     const SB: usize = TILE * 144;
     let (k, nb) = (a.k, a.nb);
@@ -315,10 +315,10 @@ pub(super) unsafe fn t_q4k<const MT: usize>(
         let mut mins = [0f32; 8];
         _mm256_storeu_ps(mins.as_mut_ptr(), accm[t]);
         for h in 0..2 {
-            store_pairs(acc[t][h], out, h, m, t0 + t);
+            store_pairs(acc[t][h], out, h, os, t);
         }
         for (r, mv) in mins.iter().enumerate() {
-            out[r * m + t0 + t] -= mv;
+            out[r * os + t] -= mv;
         }
     }
 }
@@ -381,7 +381,7 @@ pub(super) unsafe fn t_q6k<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
     const SB: usize = TILE * 210;
     let (k, nb) = (a.k, a.nb);
@@ -445,10 +445,10 @@ pub(super) unsafe fn t_q6k<const MT: usize>(
         let mut off = [0f32; 8];
         _mm256_storeu_ps(off.as_mut_ptr(), acco[t]);
         for h in 0..2 {
-            store_pairs(acc[t][h], out, h, m, t0 + t);
+            store_pairs(acc[t][h], out, h, os, t);
         }
         for (r, o) in off.iter().enumerate() {
-            out[r * m + t0 + t] -= o;
+            out[r * os + t] -= o;
         }
     }
 }

@@ -16,14 +16,14 @@ unsafe fn load(p: *const u8) -> __m512i {
     _mm512_loadu_si512(p as *const _)
 }
 
-/// Lanes (2r, 2r+1) hold row r: `out[r * m + t] = v[2r] + v[2r + 1]`.
+/// Lanes (2r, 2r+1) hold row r: `out[r * os + t] = v[2r] + v[2r + 1]`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn store_pairs(v: __m512, out: &mut [f32], m: usize, t: usize) {
+unsafe fn store_pairs(v: __m512, out: &mut [f32], os: usize, t: usize) {
     let mut tmp = [0f32; 16];
     _mm512_storeu_ps(tmp.as_mut_ptr(), v);
     for r in 0..TILE {
-        out[r * m + t] = tmp[2 * r] + tmp[2 * r + 1];
+        out[r * os + t] = tmp[2 * r] + tmp[2 * r + 1];
     }
 }
 
@@ -43,7 +43,7 @@ pub(super) unsafe fn t_q8_0<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
     const BB: usize = TILE * 34;
     let (k, nb) = (a.k, a.nb);
@@ -76,7 +76,7 @@ pub(super) unsafe fn t_q8_0<const MT: usize>(
         }
     }
     for t in 0..MT {
-        store_pairs(acc[t], out, m, t0 + t);
+        store_pairs(acc[t], out, os, t);
     }
 }
 
@@ -89,7 +89,7 @@ unsafe fn t_q4<const MT: usize, const Q41: bool>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
     let bb = TILE * if Q41 { 20 } else { 18 };
     let hdr = if Q41 { 32 } else { 16 };
@@ -131,7 +131,7 @@ unsafe fn t_q4<const MT: usize, const Q41: bool>(
         }
     }
     for t in 0..MT {
-        store_pairs(acc[t], out, m, t0 + t);
+        store_pairs(acc[t], out, os, t);
     }
 }
 
@@ -144,7 +144,7 @@ pub(super) unsafe fn t_q4k<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
     const SB: usize = TILE * 144;
     let (k, nb) = (a.k, a.nb);
@@ -198,9 +198,9 @@ pub(super) unsafe fn t_q4k<const MT: usize>(
     for t in 0..MT {
         let mut mins = [0f32; 8];
         _mm256_storeu_ps(mins.as_mut_ptr(), accm[t]);
-        store_pairs(acc[t], out, m, t0 + t);
+        store_pairs(acc[t], out, os, t);
         for (r, mv) in mins.iter().enumerate() {
-            out[r * m + t0 + t] -= mv;
+            out[r * os + t] -= mv;
         }
     }
 }
@@ -214,7 +214,7 @@ pub(super) unsafe fn t_q6k<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
     const SB: usize = TILE * 210;
     let (k, nb) = (a.k, a.nb);
@@ -291,9 +291,9 @@ pub(super) unsafe fn t_q6k<const MT: usize>(
     for t in 0..MT {
         let mut off = [0f32; 8];
         _mm256_storeu_ps(off.as_mut_ptr(), acco[t]);
-        store_pairs(acc[t], out, m, t0 + t);
+        store_pairs(acc[t], out, os, t);
         for (r, o) in off.iter().enumerate() {
-            out[r * m + t0 + t] -= o;
+            out[r * os + t] -= o;
         }
     }
 }
@@ -304,9 +304,9 @@ pub(super) unsafe fn t_q4_0<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
-    t_q4::<MT, false>(tile, a, t0, out, m)
+    t_q4::<MT, false>(tile, a, t0, out, os)
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
@@ -315,7 +315,7 @@ pub(super) unsafe fn t_q4_1<const MT: usize>(
     a: &QAct,
     t0: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
-    t_q4::<MT, true>(tile, a, t0, out, m)
+    t_q4::<MT, true>(tile, a, t0, out, os)
 }

@@ -76,9 +76,11 @@ mod scalar;
 #[cfg(test)]
 mod tests;
 
+use super::kernels::OutPtr;
 use act::QAct;
 use formats::{dequantize_bytes, pack_tiles, quantize_bytes, unpack_row};
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 
@@ -310,11 +312,30 @@ impl QMatrix {
 
     /// `y[m, rows] = x[m, cols] · Wᵀ` (`x` row-major `[m, cols]`), any `m`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_at(x, m, level())
+        let mut y = vec![0f32; m * self.rows];
+        self.matmul_into(x, m, None, &mut y);
+        y
     }
 
-    /// `matmul` at ISA level `lv`.
-    fn matmul_at(&self, x: &[f32], m: usize, lv: Level) -> Vec<f32> {
+    /// `out[m, rows] = x[m, cols] · Wᵀ + bias[rows]` (row-major; `out` is overwritten), any
+    /// `m`. Same values as [`QMatrix::matmul`] followed by adding `bias` to every row.
+    ///
+    /// No heap allocation once the calling thread's activation buffers have grown to the
+    /// largest `m × cols` seen (they are per thread and only grow; a call re-entered on the
+    /// same thread while one is in flight uses fresh buffers).
+    pub fn matmul_into(&self, x: &[f32], m: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+        self.matmul_into_at(x, m, bias, out, level())
+    }
+
+    /// `matmul_into` at ISA level `lv`.
+    fn matmul_into_at(
+        &self,
+        x: &[f32],
+        m: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        lv: Level,
+    ) {
         let (n, k, kind) = (self.rows, self.cols, self.kind);
         assert_eq!(
             x.len(),
@@ -322,63 +343,79 @@ impl QMatrix {
             "matmul: x has {} values, expected {m}x{k}",
             x.len()
         );
-        if m == 0 || n == 0 {
-            return vec![0f32; m * n];
+        assert_eq!(
+            out.len(),
+            m * n,
+            "matmul: out has {} values, expected {m}x{n}",
+            out.len()
+        );
+        if let Some(b) = bias {
+            assert_eq!(
+                b.len(),
+                n,
+                "matmul: bias has {} values, expected {n}",
+                b.len()
+            );
         }
-        let act = QAct::new(kind, x, m, k, lv);
+        if m == 0 || n == 0 {
+            return;
+        }
+        thread_local! {
+            static ACT: RefCell<QAct> = const { RefCell::new(QAct::empty()) };
+        }
+        ACT.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut act) => {
+                act.fill(kind, x, m, k, lv);
+                self.run_tiles(&act, bias, out, lv);
+            }
+            // Re-entered on this thread (a rayon task run while this thread waits inside
+            // `run_tiles`): the buffers are in use.
+            Err(_) => self.run_tiles(&QAct::new(kind, x, m, k, lv), bias, out, lv),
+        })
+    }
+
+    /// The product with quantized activations `act`: tasks take runs of whole tiles (=
+    /// ranges of output columns); each tile's results go through a small stack buffer.
+    fn run_tiles(&self, act: &QAct, bias: Option<&[f32]>, out: &mut [f32], lv: Level) {
+        let (n, k, kind, m) = (self.rows, self.cols, self.kind, act.m);
         let rb = kind.row_bytes(k);
         let threads = rayon::current_num_threads().max(1);
-        let pr = stored_rows(n);
-        let max_mt = max_mt(kind, lv);
-        // yt is [stored rows, m]; each task takes a run of whole tiles.
-        let tiles = pr / TILE;
+        let tiles = stored_rows(n) / TILE;
         let per = (tiles / (threads * 8)).clamp(1, 128);
-        let mut yt = vec![0f32; pr * m];
+        let max_mt = max_mt(kind, lv);
         let data = &self.data;
-        let run = |ti: usize, out: &mut [f32]| {
-            let r0 = ti * per * TILE;
-            for j in 0..out.len() / (TILE * m) {
-                let tile = &data[(r0 + j * TILE) * rb..(r0 + (j + 1) * TILE) * rb];
-                let o = &mut out[j * TILE * m..(j + 1) * TILE * m];
+        let y = OutPtr::new(out);
+        let run = |task: usize| {
+            let mut tmp = [0f32; TILE * MAX_MT];
+            for ti in task * per..((task + 1) * per).min(tiles) {
+                let tile = &data[ti * TILE * rb..(ti + 1) * TILE * rb];
+                let c0 = ti * TILE;
+                let cols = TILE.min(n - c0);
                 let mut t = 0;
                 while t < m {
                     let mt = (m - t).min(max_mt);
-                    tile_kernel(kind, lv, tile, &act, t, mt, o, m);
+                    tile_kernel(kind, lv, tile, act, t, mt, &mut tmp, mt);
+                    for tt in 0..mt {
+                        let o = (t + tt) * n + c0;
+                        for r in 0..cols {
+                            let v = tmp[r * mt + tt];
+                            let v = bias.map_or(v, |b| v + b[c0 + r]);
+                            // SAFETY: t + tt < m and c0 + r < n: inside `out` ([m, n]);
+                            // columns c0..c0 + 8 belong to this tile, which only this task runs.
+                            unsafe { y.write(o + r, v) };
+                        }
+                    }
                     t += mt;
                 }
             }
         };
-        let seq = data.len() * m < SEQ_BYTES;
-        if seq {
+        let tasks = tiles.div_ceil(per);
+        if data.len() * m < SEQ_BYTES {
             // A few microseconds of work: handing it to the pool costs as much.
-            yt.chunks_mut(per * TILE * m)
-                .enumerate()
-                .for_each(|(ti, out)| run(ti, out));
+            (0..tasks).for_each(run);
         } else {
-            yt.par_chunks_mut(per * TILE * m)
-                .enumerate()
-                .for_each(|(ti, out)| run(ti, out));
+            (0..tasks).into_par_iter().for_each(run);
         }
-        if m == 1 {
-            yt.truncate(n);
-            return yt;
-        }
-        // [rows, m] -> [m, rows], 16 output rows per task (contiguous reads of yt)
-        let mut y = vec![0f32; m * n];
-        let transpose = |(ci, yc): (usize, &mut [f32])| {
-            let (i0, rows) = (ci * 16, yc.len() / n);
-            for j in 0..n {
-                for (ii, v) in yt[j * m + i0..j * m + i0 + rows].iter().enumerate() {
-                    yc[ii * n + j] = *v;
-                }
-            }
-        };
-        if seq {
-            y.chunks_mut(16 * n).enumerate().for_each(transpose);
-        } else {
-            y.par_chunks_mut(16 * n).enumerate().for_each(transpose);
-        }
-        y
     }
 }
 
@@ -433,6 +470,9 @@ fn level() -> Level {
     })
 }
 
+/// Most activation rows any tile kernel takes per call.
+const MAX_MT: usize = 8;
+
 /// Activation rows per tile-kernel call (accumulators live in registers).
 fn max_mt(kind: QuantKind, lv: Level) -> usize {
     match (kind, lv) {
@@ -466,7 +506,7 @@ fn pf_dist() -> usize {
 // Kernel dispatch.
 //
 // `tile_kernel`: one 8-row tile (`nb` blocks) against activation rows `t0..t0 + mt`,
-// writing `out[r * m + t0 + t]` for r in 0..8.
+// writing `out[r * os + t]` for r in 0..8, t in 0..mt.
 
 #[allow(clippy::too_many_arguments)]
 fn tile_kernel(
@@ -477,11 +517,12 @@ fn tile_kernel(
     t0: usize,
     mt: usize,
     out: &mut [f32],
-    m: usize,
+    os: usize,
 ) {
-    assert!(mt >= 1 && mt <= max_mt(kind, lv) && t0 + mt <= m);
+    let m = act.m;
+    assert!(mt >= 1 && mt <= max_mt(kind, lv) && t0 + mt <= m && os >= mt);
     assert_eq!(tile.len(), TILE * kind.row_bytes(act.k));
-    assert!(out.len() >= TILE * m);
+    assert!(out.len() >= (TILE - 1) * os + mt);
     assert!(act.qs.len() >= m * act.k && act.d.len() >= m * act.nb);
     if kind.block_size() == QK {
         assert!(act.s.len() >= m * act.nb);
@@ -490,7 +531,7 @@ fn tile_kernel(
     macro_rules! go {
         ($isa:ident, $f:ident, $($n:literal)+) => {
             match mt {
-                $($n => $isa::$f::<$n>(tile.as_ptr(), act, t0, out, m),)+
+                $($n => $isa::$f::<$n>(tile.as_ptr(), act, t0, out, os),)+
                 _ => unreachable!(),
             }
         };
@@ -534,14 +575,18 @@ fn tile_kernel(
             }
         },
         Level::Scalar => {
-            let rb = kind.row_bytes(act.k);
-            let mut row = vec![0u8; rb];
-            for r in 0..TILE {
-                unpack_row(kind, tile, act.k, r, &mut row);
-                for t in t0..t0 + mt {
-                    out[r * m + t] = scalar::dot(kind, &row, act, t);
-                }
+            thread_local! {
+                static ROW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
             }
+            ROW.with_borrow_mut(|row| {
+                row.resize(kind.row_bytes(act.k), 0);
+                for r in 0..TILE {
+                    unpack_row(kind, tile, act.k, r, row);
+                    for t in 0..mt {
+                        out[r * os + t] = scalar::dot(kind, row, act, t0 + t);
+                    }
+                }
+            })
         }
     }
 }

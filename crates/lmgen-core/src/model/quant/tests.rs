@@ -1,6 +1,14 @@
 use super::*;
 use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ6K, BlockQ8_0};
 
+impl QMatrix {
+    fn matmul_at(&self, x: &[f32], m: usize, lv: Level) -> Vec<f32> {
+        let mut y = vec![0f32; m * self.rows];
+        self.matmul_into_at(x, m, None, &mut y, lv);
+        y
+    }
+}
+
 fn rng(seed: u32) -> impl FnMut() -> f32 {
     let mut s = seed;
     move || {
@@ -260,4 +268,82 @@ fn zero_rows_and_zero_inputs() {
     assert_eq!(q.matmul(&vec![0.0; 2 * 256], 2), vec![0.0; 6]);
     let q = QMatrix::quantize(&[], 0, 64, QuantKind::Q8_0).unwrap();
     assert!(q.matmul(&vec![1.0; 64], 1).is_empty());
+}
+
+/// The tile kernels driven the way the Vec-returning matmul used to: each tile's results
+/// written transposed (`[rows, m]`), then transposed back.
+fn matmul_transposed_ref(q: &QMatrix, x: &[f32], m: usize, lv: Level) -> Vec<f32> {
+    let (n, k, kind) = (q.rows, q.cols, q.kind);
+    let act = QAct::new(kind, x, m, k, lv);
+    let rb = kind.row_bytes(k);
+    let pr = stored_rows(n);
+    let mut yt = vec![0f32; pr * m];
+    for (ti, o) in yt.chunks_mut(TILE * m).enumerate() {
+        let tile = &q.data[ti * TILE * rb..(ti + 1) * TILE * rb];
+        let mut t = 0;
+        while t < m {
+            let mt = (m - t).min(max_mt(kind, lv));
+            tile_kernel(kind, lv, tile, &act, t, mt, &mut o[t..], m);
+            t += mt;
+        }
+    }
+    let mut y = vec![0f32; m * n];
+    for j in 0..n {
+        for i in 0..m {
+            y[i * n + j] = yt[j * m + i];
+        }
+    }
+    y
+}
+
+#[test]
+fn matmul_into_is_bit_exact() {
+    for kind in QuantKind::ALL {
+        // 37 rows: a partial last tile; large enough k for the parallel paths at m = 129
+        let (n, k) = (37, 2 * cols_for(kind));
+        let q = QMatrix::quantize(&randv(n * k, 41), n, k, kind).unwrap();
+        let bias = randv(n, 43);
+        for m in [1usize, 3, 16, 17, 40, 129] {
+            let x = randv(m * k, 50 + m as u32);
+            for lv in levels() {
+                let want = matmul_transposed_ref(&q, &x, m, lv);
+                let mut out = vec![f32::NAN; m * n];
+                q.matmul_into_at(&x, m, None, &mut out, lv);
+                assert!(
+                    out.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kind} {lv:?} m={m}"
+                );
+                q.matmul_into_at(&x, m, Some(&bias), &mut out, lv);
+                for (i, (g, e)) in out.iter().zip(&want).enumerate() {
+                    let e = e + bias[i % n];
+                    assert_eq!(g.to_bits(), e.to_bits(), "{kind} {lv:?} m={m} bias [{i}]");
+                }
+            }
+            let v = q.matmul(&x, m);
+            let mut out = vec![f32::NAN; m * n];
+            q.matmul_into(&x, m, None, &mut out);
+            assert!(out.iter().zip(&v).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+}
+
+/// Buffers reused across calls of different kinds and sizes give the same results.
+#[test]
+fn scratch_reuse_across_shapes() {
+    let mats: Vec<QMatrix> = QuantKind::ALL
+        .iter()
+        .map(|&kind| {
+            let (n, k) = (19, cols_for(kind));
+            QMatrix::quantize(&randv(n * k, 61), n, k, kind).unwrap()
+        })
+        .collect();
+    for m in [40usize, 1, 17, 3] {
+        for q in &mats {
+            let x = randv(m * q.cols(), 70 + m as u32);
+            let fresh = matmul_transposed_ref(q, &x, m, level());
+            assert_eq!(q.matmul(&x, m), fresh, "{} m={m}", q.kind());
+        }
+    }
 }
