@@ -1,4 +1,5 @@
-//! Streaming f32 kernel vs candle's matmul vs a pure memory-read loop, alternating in one process.
+//! Streaming f32 kernel (through `Linear::forward`, and `matmul_wt_into` into a reused
+//! buffer) vs candle's matmul vs a pure memory-read loop, alternating in one process.
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 
@@ -30,6 +31,8 @@ fn main() {
     let lin = lmgen_core::model::layers::Linear::new(w.clone(), None);
     let gb = (n * k * 4) as f64 / 1e9;
     let x = Tensor::randn(0f32, 1.0, (1, k), &Device::Cpu).unwrap();
+    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let mut out = vec![0f32; n];
     for round in 0..4 {
         let t = Instant::now();
         for _ in 0..10 {
@@ -51,9 +54,15 @@ fn main() {
         let ours = t.elapsed().as_secs_f64() / 10.0;
         let t = Instant::now();
         for _ in 0..10 {
+            lmgen_core::model::kernels::matmul_wt_into(&xv, 1, k, &wv, n, None, &mut out);
+            std::hint::black_box(&mut out);
+        }
+        let into = t.elapsed().as_secs_f64() / 10.0;
+        let t = Instant::now();
+        for _ in 0..10 {
             std::hint::black_box(x.matmul(&w.t().unwrap()).unwrap());
         }
         let candle = t.elapsed().as_secs_f64() / 10.0;
-        println!("round {round}: read 1T {:.1} GB/s, 2T {:.1} GB/s | ours m=1 {:.1} GB/s | candle m=1 {:.1} GB/s", gb / read1, gb / read2, gb / ours, gb / candle);
+        println!("round {round}: read 1T {:.1} GB/s, 2T {:.1} GB/s | ours m=1 {:.1} GB/s | into m=1 {:.1} GB/s | candle m=1 {:.1} GB/s", gb / read1, gb / read2, gb / ours, gb / into, gb / candle);
     }
 }

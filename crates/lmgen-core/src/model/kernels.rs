@@ -1,11 +1,13 @@
 //! CPU kernels where candle's generic path is measured to be slow.
 //!
-//! `matmul_wt_small`: `y[m, n] = x[m, k] · W[n, k]ᵀ` for the few-row case (decode steps).
-//! candle routes this through a general GEMM that packs the weight matrix on every call;
-//! here each weight row is streamed once from memory and dotted with all `m` input rows
-//! while it sits in L1, with AVX2/FMA chosen at run time (the binary targets portable
-//! x86-64) and rows split across the rayon pool. Decode is bound by reading the weights,
-//! so this is the loop that decides tokens/s.
+//! `matmul_wt_into`: `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)` into a caller's buffer.
+//! For the few-row case (decode steps, `m <= SMALL_M`) candle routes this through a
+//! general GEMM that packs the weight matrix on every call; here each weight row is
+//! streamed once from memory and dotted with all `m` input rows while it sits in L1, with
+//! AVX2/FMA chosen at run time (the binary targets portable x86-64) and rows split across
+//! the rayon pool. Decode is bound by reading the weights, so this is the loop that decides
+//! tokens/s. Larger `m` goes to the `gemm` crate (the GEMM behind candle's CPU matmul),
+//! called directly on the strided operands.
 use rayon::prelude::*;
 
 /// Largest `m` routed to the streaming kernel; beyond it a blocked GEMM wins.
@@ -14,7 +16,34 @@ pub const SMALL_M: usize = 16;
 /// Below this many weight bytes a product runs on the calling thread.
 const INLINE_BYTES: usize = 512 << 10;
 
-/// `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]`.
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]` (row-major; `out` is overwritten).
+///
+/// `m <= SMALL_M`: the streaming kernel, bit-identical to [`matmul_wt_small`], no heap
+/// allocation. Larger `m`: `gemm` with the same arguments as candle's CPU matmul, then the
+/// bias, so the result is bit-identical to `x.matmul(&w.t())` (+ `broadcast_add(bias)`);
+/// `gemm` allocates its packing buffers (2-3 allocations per call), nothing else does.
+pub fn matmul_wt_into(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    check_dims(x, m, k, w, n, bias, out);
+    if m <= SMALL_M {
+        stream_into(x, m, k, w, n, bias, out);
+    } else {
+        gemm_into(x, m, k, w, n, out);
+        if let Some(b) = bias {
+            add_bias_rows(out, n, b);
+        }
+    }
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]` with the streaming kernel, for any `m`
+/// (meant for `m <= SMALL_M`).
 pub fn matmul_wt_small(
     x: &[f32],
     m: usize,
@@ -23,46 +52,160 @@ pub fn matmul_wt_small(
     n: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
-    // Work in column blocks of W rows; each task writes its block transposed ([rows, m]).
+    let mut y = vec![0f32; m * n];
+    check_dims(x, m, k, w, n, bias, &y);
+    stream_into(x, m, k, w, n, bias, &mut y);
+    y
+}
+
+/// `out[i, j] += bias[j]` for every row `i` of the row-major `[_, n]` matrix `out`.
+pub fn add_bias_rows(out: &mut [f32], n: usize, bias: &[f32]) {
+    assert_eq!(
+        bias.len(),
+        n,
+        "bias has {} values, expected {n}",
+        bias.len()
+    );
+    if n == 0 {
+        return;
+    }
+    for row in out.chunks_exact_mut(n) {
+        for (o, b) in row.iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
+
+fn check_dims(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &[f32],
+) {
+    assert_eq!(x.len(), m * k, "x has {} values, expected {m}x{k}", x.len());
+    assert_eq!(w.len(), n * k, "w has {} values, expected {n}x{k}", w.len());
+    assert_eq!(
+        out.len(),
+        m * n,
+        "out has {} values, expected {m}x{n}",
+        out.len()
+    );
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "bias has {} values, expected {n}", b.len());
+    }
+}
+
+/// A pointer to the output shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(*mut f32);
+
+// SAFETY: only used while the `&mut [f32]` it was made from is borrowed, by tasks that
+// write disjoint index sets (each task owns a range of output columns).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub(crate) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
+    /// # Safety
+    /// `i` is within the slice this was made from, and no other task writes index `i`.
+    #[inline(always)]
+    pub(crate) unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { *self.0.add(i) = v }
+    }
+}
+
+/// The streaming kernel: tasks take blocks of `w`'s rows (= columns of `out`).
+fn stream_into(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
     let threads = rayon::current_num_threads().max(1);
-    let block = (n / (threads * 8)).clamp(16, 1024).min(n.max(1));
-    let mut yt = vec![0f32; n * m];
-    let work = |(bi, out): (usize, &mut [f32])| {
-        let r0 = bi * block;
-        let rows = out.len() / m;
-        for r in 0..rows {
-            let wr = &w[(r0 + r) * k..(r0 + r + 1) * k];
-            let o = &mut out[r * m..(r + 1) * m];
+    let block = (n / (threads * 8)).clamp(16, 1024).min(n);
+    let y = OutPtr::new(out);
+    let work = |bi: usize| {
+        let mut o = [0f32; 4];
+        for j in bi * block..((bi + 1) * block).min(n) {
+            let wr = &w[j * k..(j + 1) * k];
+            let b = bias.map_or(0.0, |b| b[j]);
             let mut i = 0;
             while i < m {
                 let mt = (m - i).min(4);
-                dot_tile(&x[i * k..(i + mt) * k], mt, k, wr, &mut o[i..i + mt]);
+                dot_tile(&x[i * k..(i + mt) * k], mt, k, wr, &mut o[..mt]);
+                for (t, v) in o[..mt].iter().enumerate() {
+                    // SAFETY: (i + t) < m and j < n, so the index is inside `out`
+                    // ([m, n]); column j belongs to this task's block only.
+                    unsafe { y.write((i + t) * n + j, if bias.is_some() { v + b } else { *v }) };
+                }
                 i += mt;
-            }
-            if let Some(b) = bias {
-                o.iter_mut().for_each(|v| *v += b[r0 + r]);
             }
         }
     };
+    let blocks = n.div_ceil(block);
     // Handing small matrices to the pool costs more than it saves (measured for the
     // quantized kernels: 8 µs pooled vs 3 µs inline for a 192x576 matrix).
     if n * k * 4 < INLINE_BYTES {
-        yt.chunks_mut(block * m).enumerate().for_each(work);
+        (0..blocks).for_each(work);
     } else {
-        yt.par_chunks_mut(block * m).enumerate().for_each(work);
+        (0..blocks).into_par_iter().for_each(work);
     }
-    if m == 1 {
-        return yt;
+}
+
+/// `out = x · wᵀ` through `gemm`, reading `w` transposed in place.
+fn gemm_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    if k == 0 {
+        out.fill(0.0);
     }
-    let mut y = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            y[i * n + j] = yt[j * m + i];
-        }
+    if m == 0 || n == 0 || k == 0 {
+        return;
     }
-    y
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dims checked by the caller: `x` is [m, k] (row stride k), `w` is [n, k] read
+    // as the [k, n] matrix wᵀ (row stride 1, column stride k), `out` is [m, n] (row stride
+    // n); all pointers are valid for those extents and `out` does not alias the inputs.
+    // alpha = 0 with read_dst = false: `out` is only written.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
 }
 
 /// `out[t] = x[t, :] · w` for `mt <= 4` rows of `x`.
@@ -207,5 +350,105 @@ mod tests {
                 assert!((g - w).abs() < 1e-4, "m={m} k={k} n={n}: {g} vs {w}");
             }
         }
+    }
+
+    fn rand_vec(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn into_matches_small_bit_for_bit() {
+        // n * k * 4 above INLINE_BYTES for the last shape: the pooled path
+        for &(m, k, n) in &[(1, 7, 5), (3, 33, 17), (16, 129, 40), (4, 576, 300)] {
+            let x = rand_vec(m * k, 1);
+            let w = rand_vec(n * k, 2);
+            let b = rand_vec(n, 3);
+            for bias in [None, Some(&b[..])] {
+                let want = matmul_wt_small(&x, m, k, &w, n, bias);
+                let mut out = vec![f32::NAN; m * n];
+                matmul_wt_into(&x, m, k, &w, n, bias, &mut out);
+                assert_eq!(bits(&out), bits(&want), "m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    #[test]
+    fn into_matches_naive() {
+        for &m in &[1usize, 3, 16, 17, 40, 129] {
+            for &(k, n) in &[(37, 23), (130, 67), (576, 1031)] {
+                let x = rand_vec(m * k, 10 + m as u32);
+                let w = rand_vec(n * k, 20 + k as u32);
+                let b = rand_vec(n, 30);
+                for bias in [None, Some(&b[..])] {
+                    let want = naive(&x, m, k, &w, n, bias);
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul_wt_into(&x, m, k, &w, n, bias, &mut out);
+                    for (i, (g, e)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-5 * (1.0 + (k as f32).sqrt()),
+                            "m={m} k={k} n={n} [{i}]: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Above SMALL_M the result is the one candle's matmul (same `gemm` call) gives.
+    #[test]
+    fn gemm_path_matches_candle_bit_for_bit() {
+        use candle_core::{Device, Tensor};
+        for &(m, k, n) in &[(17, 64, 33), (40, 576, 129), (129, 130, 67)] {
+            let x = rand_vec(m * k, 5);
+            let w = rand_vec(n * k, 6);
+            let b = rand_vec(n, 7);
+            let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+            let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
+            let bt = Tensor::from_slice(&b, n, &Device::Cpu).unwrap();
+            let y = xt.matmul(&wt.t().unwrap()).unwrap();
+            let want: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            let mut out = vec![f32::NAN; m * n];
+            matmul_wt_into(&x, m, k, &w, n, None, &mut out);
+            assert_eq!(bits(&out), bits(&want), "m={m} k={k} n={n}");
+            let want: Vec<f32> = y
+                .broadcast_add(&bt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            matmul_wt_into(&x, m, k, &w, n, Some(&b), &mut out);
+            assert_eq!(bits(&out), bits(&want), "m={m} k={k} n={n} bias");
+        }
+    }
+
+    #[test]
+    fn empty_shapes() {
+        let mut out = vec![1f32; 6];
+        matmul_wt_into(&[], 2, 0, &[], 3, None, &mut out);
+        assert_eq!(out, vec![0.0; 6]);
+        matmul_wt_into(
+            &[],
+            20,
+            0,
+            &[],
+            3,
+            Some(&[1.0, 2.0, 3.0]),
+            &mut vec![0.0; 60],
+        );
+        matmul_wt_into(&[0.0; 5], 1, 5, &[], 0, None, &mut []);
+        let mut out = vec![0f32; 4];
+        add_bias_rows(&mut out, 2, &[1.0, -1.0]);
+        assert_eq!(out, vec![1.0, -1.0, 1.0, -1.0]);
     }
 }
