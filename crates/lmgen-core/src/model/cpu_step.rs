@@ -94,28 +94,18 @@ impl<G: std::ops::Deref<Target = Storage>> F32<G> {
     }
 }
 
-/// `out[m, n] = x[m, k] · Wᵀ + b`.
+/// `out[m, n] = x[m, k] · Wᵀ + b`, into the caller's buffer (no allocation).
 fn linear(l: &Linear, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
     let n = l.out_dim();
     let k = x.len() / m.max(1);
     let out = &mut out[..m * n];
+    let bias = l.bias.as_ref().map(f32_of).transpose()?;
+    let bias = bias.as_ref().map(|b| b.s());
     match &l.weight {
-        Weight::Quant(q) => out.copy_from_slice(&q.matmul(x, m)),
-        Weight::Dense(w) if m <= super::kernels::SMALL_M => {
-            let w = f32_of(w)?;
-            out.copy_from_slice(&super::kernels::matmul_wt_small(x, m, k, w.s(), n, None));
-        }
+        Weight::Quant(q) => q.matmul_into(x, m, bias, out),
         Weight::Dense(w) => {
-            let xt = Tensor::from_slice(x, (m, k), w.device())?;
-            let y = xt.matmul(&w.t()?)?;
-            let y = f32_of(&y)?;
-            out.copy_from_slice(y.s());
-        }
-    }
-    if let Some(b) = &l.bias {
-        let b = f32_of(b)?;
-        for row in out.chunks_mut(n) {
-            ops::add_assign(row, b.s());
+            let w = f32_of(w)?;
+            super::kernels::matmul_wt_into(x, m, k, w.s(), n, bias, out);
         }
     }
     Ok(())
