@@ -255,6 +255,7 @@ fn has_avx2_fma() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // lane / row loops index several arrays
 mod avx {
     use std::arch::x86_64::*;
 
