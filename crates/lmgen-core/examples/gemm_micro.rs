@@ -3,7 +3,8 @@
 //! the bias), alternating in one process, best of N; also checks that the results agree.
 //!
 //! cargo run --release -p lmgen-core --example gemm_micro -- [m,..] [n,..]
-//! defaults: m = 17,128,512; k = 576; n = 576,1536,49152 (SmolLM2-135M); env GM_K, GM_ROUNDS.
+//! defaults: m = 17,128,512; k = 576; n = 576,1536,49152 (SmolLM2-135M); env GM_K,
+//! GM_ROUNDS (least samples per variant, default 5).
 use candle_core::{Device, Tensor};
 use lmgen_core::model::kernels::matmul_wt_into;
 use std::hint::black_box;
@@ -61,10 +62,12 @@ fn main() {
                 .zip(&want)
                 .map(|(p, q)| (p - q).abs())
                 .fold(0f32, f32::max);
-            // calls per sample: ~50 ms at 100 GF/s
-            let calls = ((0.05 * 100e9 / (2 * m * n * k) as f64) as usize).clamp(1, 200);
+            // calls per sample: ~5 ms at 50 GF/s; samples: ~0.5 s per variant (at least `rounds`)
+            let est = (2 * m * n * k) as f64 / 50e9;
+            let calls = ((5e-3 / est) as usize).clamp(1, 200);
+            let samples = ((0.5 / (est * calls as f64)) as usize).clamp(rounds, 100);
             let mut best = [f64::MAX; 4];
-            for _ in 0..rounds {
+            for _ in 0..samples {
                 for (v, bst) in best.iter_mut().enumerate() {
                     let t = Instant::now();
                     for _ in 0..calls {

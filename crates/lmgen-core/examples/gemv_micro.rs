@@ -11,8 +11,8 @@ unsafe fn read_all(xs: &[f32]) -> f32 {
     let p = xs.as_ptr();
     let mut i = 0;
     while i + 32 <= xs.len() {
-        for u in 0..4 {
-            a[u] = _mm256_add_ps(a[u], _mm256_loadu_ps(p.add(i + 8 * u)));
+        for (u, au) in a.iter_mut().enumerate() {
+            *au = _mm256_add_ps(*au, _mm256_loadu_ps(p.add(i + 8 * u)));
         }
         i += 32;
     }

@@ -7,7 +7,9 @@
 //! AVX2/FMA chosen at run time (the binary targets portable x86-64) and rows split across
 //! the rayon pool. Decode is bound by reading the weights, so this is the loop that decides
 //! tokens/s. Larger `m` goes to the `gemm` crate (the GEMM behind candle's CPU matmul),
-//! called directly on the strided operands.
+//! called directly on the strided operands: same numbers as candle's `x.matmul(&w.t())`,
+//! without its output allocation (`examples/gemm_micro.rs`, k = 576, m = 17..512, 2 threads:
+//! 1.0-1.3x candle's speed, 1.1-2.1x with a bias, which candle adds in a second pass).
 use rayon::prelude::*;
 
 /// Largest `m` routed to the streaming kernel; beyond it a blocked GEMM wins.
@@ -253,6 +255,7 @@ fn has_avx2_fma() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // lane / row loops index several arrays
 mod avx {
     use std::arch::x86_64::*;
 
