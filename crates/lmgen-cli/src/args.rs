@@ -308,6 +308,10 @@ pub struct GenerateArgs {
     /// Do not reuse the KV cache of a prompt prefix shared with an earlier request
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Step executor on CPUs: `paged` (the fused CPU executor over the paged KV pool; f32 and
+    /// quantized weights) or `tensor` (the candle tensor path, as on GPUs; for comparisons)
+    #[arg(long, default_value = "paged", value_name = "KIND", value_parser = ["paged", "tensor"])]
+    pub executor: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -346,6 +346,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     generator.max_step_tokens = a.max_step_tokens;
     generator.kv_memory = a.model.kv_memory;
     generator.prefix_cache = !a.no_prefix_cache;
+    generator.paged = a.executor == "paged";
     let result = generator.run(
         requests,
         |out: GenOutput| {

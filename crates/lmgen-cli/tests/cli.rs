@@ -1068,6 +1068,9 @@ fn ignore_eos_generates_max_new_tokens() {
         ],
     );
     assert_eq!(r, r2);
+    // The tensor executor gives the same tokens (logprobs are not printed here).
+    let r3 = gen("e.jsonl", &["--ignore-eos", "--executor", "tensor"]);
+    assert_eq!(r, r3);
     let out = dir.path().join("d.jsonl");
     ok(&run(&[
         model("llama-rope-llama3"),
