@@ -80,15 +80,16 @@ for n in "${ns[@]}"; do
     || "$llama_bin/llama-batched-bench" -m "$g" -c $((n * 256 + 256)) -b 2048 -ub 512 -npp 128 \
       -ntg 128 -npl "$n" -t "$threads" -tb "$threads" --no-repack --output-format jsonl \
       > "$out/llama-b$n.txt" 2>/dev/null
-  theirs=$(python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")][-1]; print(f"{r[\"speed\"]:.1f}")' "$out/llama-b$n.txt")
+  theirs=$(python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")][-1]; print("%.1f" % r["speed"])' "$out/llama-b$n.txt")
   echo "| $n × (128 + 128), prompt + generated tokens / s | $ours | $theirs | $(div "$ours" "$theirs") |"
+  python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")][-1]; print("llama.cpp %s sequences: prefill %.1f tok/s, decode %.1f tok/s" % (sys.argv[2], r["speed_pp"], r["speed_tg"]))' "$out/llama-b$n.txt" "$n" >&2
 done
 
 "$lmgen" bench "$g" --threads "$threads" --json --prompt-tokens 512 --batch-sizes 1 \
   --decode-tokens 4 > "$out/lmgen-pp512.json" 2>/dev/null
-ours=$(python3 -c 'import json,sys; print(f"{json.load(open(sys.argv[1]))["prefill_tokens_per_s"]:.1f}")' "$out/lmgen-pp512.json")
+ours=$(python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))["prefill_tokens_per_s"])' "$out/lmgen-pp512.json")
 "$llama_bin/llama-bench" -m "$g" -p 512 -n 0 -t "$threads" -r 3 -o json > "$out/llama-pp512.json" 2>/dev/null
-theirs=$(python3 -c 'import json,sys; print(f"{json.load(open(sys.argv[1]))[0]["avg_ts"]:.1f}")' "$out/llama-pp512.json")
+theirs=$(python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))[0]["avg_ts"])' "$out/llama-pp512.json")
 echo "| prefill, 512-token prompt | $ours | $theirs | $(div "$ours" "$theirs") |"
 
 prompts 1 2048 "$out/long.jsonl"
@@ -96,7 +97,7 @@ pre=$(lmgen_run "$out/long.jsonl" 1 1)
 wall=$(lmgen_run "$out/long.jsonl" 65 1)
 ours=$(div 64 "$(sub "$wall" "$pre")")
 "$llama_bin/llama-bench" -m "$g" -p 0 -n 64 -d 2048 -t "$threads" -r 3 -o json > "$out/llama-d2048.json" 2>/dev/null
-theirs=$(python3 -c 'import json,sys; print(f"{json.load(open(sys.argv[1]))[0]["avg_ts"]:.1f}")' "$out/llama-d2048.json")
+theirs=$(python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))[0]["avg_ts"])' "$out/llama-d2048.json")
 echo "| decode at 2,048 tokens of context, batch 1 | $ours | $theirs | $(div "$ours" "$theirs") |"
 echo
 echo "threads: $threads; weights: $(basename "$g"); lmgen $(cd "$repo" && git rev-parse --short HEAD); raw: $out"
