@@ -196,28 +196,26 @@ pub fn argmax(xs: &[f32]) -> u32 {
     best as u32
 }
 
-/// log-softmax of one row, in f64 accumulation.
-pub fn log_softmax_row(logits: &[f32]) -> Vec<f32> {
+/// log-sum-exp of one row, in f64 accumulation.
+fn log_sum_exp(logits: &[f32]) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = (logits
+    (logits
         .iter()
         .map(|&l| ((l - max) as f64).exp())
         .sum::<f64>())
     .ln() as f32
-        + max;
+        + max
+}
+
+/// log-softmax of one row, in f64 accumulation.
+pub fn log_softmax_row(logits: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(logits);
     logits.iter().map(|&l| l - lse).collect()
 }
 
 /// Natural-log probability of `tok` under `logits` (log-softmax in f64 accumulation).
 pub fn logprob_of(logits: &[f32], tok: u32) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = (logits
-        .iter()
-        .map(|&l| ((l - max) as f64).exp())
-        .sum::<f64>())
-    .ln() as f32
-        + max;
-    logits[tok as usize] - lse
+    logits[tok as usize] - log_sum_exp(logits)
 }
 
 /// splitmix64-style mixing of a seed with a stream number.

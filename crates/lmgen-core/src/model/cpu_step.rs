@@ -280,7 +280,7 @@ impl Decoder {
             q0 += s.tokens.len();
         }
         ws.hidden.clear();
-        let inter_w = b_inter(&w.blocks.first().map(|b| &b.mlp_in));
+        let inter_w = w.blocks.first().map_or(0, |b| b.mlp_in.out_dim());
         for (li, b) in w.blocks.iter().enumerate() {
             if want_hidden {
                 ws.hidden.push(ws.x[..n * hidden].to_vec());
@@ -442,9 +442,4 @@ impl Decoder {
         }
         Ok(())
     }
-}
-
-/// Width of the MLP input product's output.
-fn b_inter(l: &Option<&Linear>) -> usize {
-    l.map_or(0, |l| l.out_dim())
 }
