@@ -75,7 +75,19 @@ fn main() -> Result<()> {
     moe_builder.build_lib(out_dir.join("libmoe.a"))?;
     println!("cargo:rustc-link-search={}", out_dir.display());
     println!("cargo:rustc-link-lib=moe");
-    println!("cargo:rustc-link-lib=dylib=cudart");
+    // lmgen: static cudart instead of libcudart.so, so the binary has no DT_NEEDED on CUDA
+    // libraries; cudart_static dlopens libcuda.so.1 on its first API call.
+    if let Ok(tk) = cudaforge::CudaToolkit::detect() {
+        if tk.lib_dir.is_dir() {
+            println!("cargo:rustc-link-search=native={}", tk.lib_dir.display());
+        }
+    }
+    println!("cargo:rustc-link-lib=static:-bundle=cudart_static");
+    if !is_target_msvc {
+        for lib in ["dl", "rt", "pthread"] {
+            println!("cargo:rustc-link-lib={lib}");
+        }
+    }
     if !is_target_msvc {
         println!("cargo:rustc-link-lib=stdc++");
     }

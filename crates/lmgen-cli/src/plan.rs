@@ -183,8 +183,8 @@ pub fn auto_placement(
     }
     let open = |name: &str| -> anyhow::Result<Device> {
         Ok(match name.strip_prefix("cuda:") {
-            Some(i) => Device::new_cuda(i.parse()?)?,
-            None if name == "cuda" => Device::new_cuda(0)?,
+            Some(i) => crate::util::open_cuda(name, i.parse()?)?,
+            None if name == "cuda" => crate::util::open_cuda(name, 0)?,
             None => Device::Cpu,
         })
     };

@@ -108,30 +108,27 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
         };
     match (s.as_str(), cuda_index) {
         ("cpu", _) => Ok(Device::Cpu),
-        ("auto", _) => {
-            if cfg!(feature = "cuda") {
-                Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu))
-            } else {
-                Ok(Device::Cpu)
-            }
-        }
-        (_, Some(i)) => {
-            if !cfg!(feature = "cuda") {
-                return Err(user_err!(
-                    "this lmgen was built without CUDA (cargo build --release --features cuda)"
-                ));
-            }
-            Device::new_cuda(i).map_err(|e| {
-                user_err!(
-                    "--device {s}: cannot use CUDA device {i}: {}",
-                    one_line(&e.to_string())
-                )
-            })
-        }
+        // Quietly the CPU when there is no usable GPU, driver or CUDA library.
+        ("auto", _) => Ok(lmgen_core::device::cuda_or_cpu()),
+        (_, Some(i)) => open_cuda(&s, i),
         _ => Err(user_err!(
             "--device: expected cpu, cuda, cuda:N or auto, got '{s}'"
         )),
     }
+}
+
+/// CUDA device `i` for `--device {arg}`, or a one-line user error (exit 2).
+pub fn open_cuda(arg: &str, i: usize) -> anyhow::Result<Device> {
+    use lmgen_core::device::CudaUnavailable as U;
+    lmgen_core::device::cuda(i).map_err(|e| match e {
+        U::NotBuilt => {
+            user_err!("this lmgen was built without CUDA (cargo build --release --features cuda)")
+        }
+        U::NoDriver | U::NoLibrary(_) => {
+            user_err!("--device {arg}: {e}; this binary also runs on CPUs with --device cpu")
+        }
+        U::Device { .. } => user_err!("--device {arg}: {}", one_line(&e.to_string())),
+    })
 }
 
 /// The compute device and dtype. Default f32 on the CPU and bf16 on GPUs; on the CPU,
