@@ -118,25 +118,27 @@ pub fn parse_placement(
         };
     match (s.as_str(), cuda_index) {
         ("cpu", _) => Ok(Placement::Single(Device::Cpu)),
+        // `auto` quietly takes the CPU when there is no usable GPU, driver or CUDA library.
         ("auto", _) => Ok(Placement::Auto { budgets, workload }),
-        (_, Some(i)) => {
-            if !cfg!(feature = "cuda") {
-                return Err(user_err!(
-                    "this lmgen was built without CUDA (cargo build --release --features cuda)"
-                ));
-            }
-            let d = plan::cuda_device(i).map_err(|e| {
-                user_err!(
-                    "--device {s}: cannot use CUDA device {i}: {}",
-                    one_line(&e.to_string())
-                )
-            })?;
-            Ok(Placement::Single(d))
-        }
+        (_, Some(i)) => Ok(Placement::Single(open_cuda(&s, i)?)),
         _ => Err(user_err!(
             "--device: expected cpu, cuda, cuda:N or auto, got '{s}'"
         )),
     }
+}
+
+/// CUDA device `i` for `--device {arg}`, or a one-line user error (exit 2).
+pub fn open_cuda(arg: &str, i: usize) -> anyhow::Result<Device> {
+    use lmgen_core::device::CudaUnavailable as U;
+    plan::cuda_device(i).map_err(|e| match e {
+        U::NotBuilt => {
+            user_err!("this lmgen was built without CUDA (cargo build --release --features cuda)")
+        }
+        U::NoDriver | U::NoLibrary(_) => {
+            user_err!("--device {arg}: {e}; this binary also runs on CPUs with --device cpu")
+        }
+        U::Device { .. } => user_err!("--device {arg}: {}", one_line(&e.to_string())),
+    })
 }
 
 /// The compute dtype for a placement ([`plan::compute_dtype`]): f32 on the CPU, where

@@ -709,8 +709,54 @@ fn bad_model_paths() {
         "--device",
         "cuda",
     ]);
-    if !stderr(&o).contains("CUDA device") {
+    if cfg!(feature = "cuda") {
+        if !has_gpu() {
+            usage_error(&o, &["--device cuda: "]);
+        }
+    } else {
         usage_error(&o, &["built without CUDA"]);
+    }
+}
+
+/// A GPU node (NVIDIA driver loaded): `--device cuda` may work there.
+fn has_gpu() -> bool {
+    Path::new("/dev/nvidiactl").exists()
+}
+
+/// The CUDA build where CUDA cannot be used (no driver, no GPU): `--device cuda` is one line
+/// with exit 2, `--device auto` and `--device cpu` run on the CPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_build_without_gpu() {
+    if has_gpu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let inp = dir.path().join("in.txt");
+    std::fs::write(&inp, "Hello\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let gen = |device: &str| {
+        run(&[
+            "generate",
+            model("llama"),
+            "--input",
+            s(&inp),
+            "--output",
+            s(&out),
+            "--max-new-tokens",
+            "2",
+            "--overwrite",
+            "--device",
+            device,
+        ])
+    };
+    let line = usage_error(&gen("cuda"), &["--device cuda: "]);
+    if line.contains("libcuda.so.1 not found") {
+        assert!(line.contains("--device cpu"), "{line}");
+    }
+    for device in ["auto", "cpu"] {
+        ok(&gen(device));
+        assert_eq!(read_jsonl(&out).len(), 1);
     }
 }
 

@@ -2,6 +2,7 @@
 //! hidden-state extraction on them. No printing, no CLI concerns: see `lmgen-cli`.
 pub mod bench;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod hub;

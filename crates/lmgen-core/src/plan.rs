@@ -507,13 +507,13 @@ thread_local! {
 }
 
 /// CUDA device `i`, the same handle on every call from a thread. An error on a build
-/// without CUDA or without that GPU.
-pub fn cuda_device(i: usize) -> Result<Device, Error> {
+/// without CUDA, without a driver or CUDA libraries, or without that GPU.
+pub fn cuda_device(i: usize) -> Result<Device, crate::device::CudaUnavailable> {
     CUDA_DEVICES.with(|open| {
         if let Some((_, d)) = open.borrow().iter().find(|(j, _)| *j == i) {
             return Ok(d.clone());
         }
-        let d = Device::new_cuda(i)?;
+        let d = crate::device::cuda(i)?;
         open.borrow_mut().push((i, d.clone()));
         Ok(d)
     })
@@ -523,9 +523,9 @@ pub fn cuda_device(i: usize) -> Result<Device, Error> {
 pub fn open_device(name: &str) -> Result<Device, Error> {
     match name {
         "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda_device(0),
+        "cuda" => cuda_device(0).map_err(|e| Error::BadRequest(format!("{name}: {e}"))),
         _ => match name.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(i) => cuda_device(i),
+            Some(i) => cuda_device(i).map_err(|e| Error::BadRequest(format!("{name}: {e}"))),
             None => Err(Error::BadRequest(format!(
                 "unknown device '{name}' (expected cpu, cuda or cuda:N)"
             ))),
@@ -535,11 +535,7 @@ pub fn open_device(name: &str) -> Result<Device, Error> {
 
 /// The first CUDA device when the build has CUDA and one is usable, else the CPU.
 pub fn auto_device() -> Device {
-    if cfg!(feature = "cuda") {
-        cuda_device(0).unwrap_or(Device::Cpu)
-    } else {
-        Device::Cpu
-    }
+    cuda_device(0).unwrap_or(Device::Cpu)
 }
 
 /// Which GPUs [`detect_budgets`] lists.
