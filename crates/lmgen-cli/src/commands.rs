@@ -5,7 +5,7 @@ use crate::args::{
 };
 use crate::progress::Progress;
 use crate::user_err;
-use crate::util::{io_msg, placement_and_dtype, UserError};
+use crate::util::placement_and_dtype;
 use candle_core::DType;
 use lmgen_core::engine::{embed_batch, score_batch, GenOutput, GenRequest, Generator, Pool};
 use lmgen_core::hub::ModelLocation;
@@ -855,21 +855,7 @@ pub fn embed(a: EmbedArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         "input_ids": input_ids,
         "skipped": skipped,
     });
-    let mut meta = HashMap::new();
-    if let Value::Object(m) = &all {
-        for (k, v) in m {
-            meta.insert(
-                k.clone(),
-                v.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.to_string()),
-            );
-        }
-    }
-    meta.insert("lmgen".to_string(), all.to_string());
-    meta.insert("format".to_string(), "lmgen-embed-v1".to_string());
-
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, shape, data)| {
             (
@@ -879,25 +865,7 @@ pub fn embed(a: EmbedArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, shape, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .map(|v| (n.clone(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("building safetensors: {e}"))?;
-    let mut tmp = path.clone().into_os_string();
-    tmp.push(format!(".lmgen-tmp-{}", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("{}: {e}", a.output)
-    })?;
-    std::fs::rename(&tmp, &path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        UserError(format!("{}: {}", a.output, io_msg(&e)))
-    })?;
+    lmgen_core::job::merge::write_embed(&path, &all, &tensors)?;
     job.finish(true, None)?;
     progress.finish();
     Ok(())

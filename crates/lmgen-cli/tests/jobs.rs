@@ -4,6 +4,7 @@
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -332,4 +333,68 @@ fn lock_identity_and_paths() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("missing (id 0, id 1, id 2"), "{e}");
     assert!(!sharded.exists());
+}
+
+#[test]
+fn embed_shards_merge_into_the_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.txt");
+    let text: String = (0..30)
+        .map(|i| format!("text number {i} {}\n", "x ".repeat(i % 9)))
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let embed = |out: &Path, pool: &str, extra: &[&str]| {
+        let mut c = lmgen();
+        c.args(["embed", fixture("llama").to_str().unwrap()])
+            .args([
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .args(["--layers", "0,-1", "--pool", pool, "--threads", "1"])
+            .args(extra);
+        ok(&run(c));
+    };
+    for pool in ["mean", "none"] {
+        let whole = tmp.path().join(format!("whole-{pool}.safetensors"));
+        embed(&whole, pool, &[]);
+        let merged = tmp.path().join(format!("merged-{pool}.safetensors"));
+        for k in 0..3 {
+            embed(&merged, pool, &["--shard", &format!("{k}/3")]);
+        }
+        let mut c = lmgen();
+        c.args(["merge", merged.to_str().unwrap()]);
+        ok(&run(c));
+        let (a, b) = (
+            std::fs::read(&whole).unwrap(),
+            std::fs::read(&merged).unwrap(),
+        );
+        let (ta, tb) = (
+            safetensors::SafeTensors::deserialize(&a).unwrap(),
+            safetensors::SafeTensors::deserialize(&b).unwrap(),
+        );
+        let mut names = ta.names();
+        names.sort();
+        let mut names_b = tb.names();
+        names_b.sort();
+        assert_eq!(names, names_b);
+        assert!(names.len() >= 2);
+        for n in names {
+            let (x, y) = (ta.tensor(n).unwrap(), tb.tensor(n).unwrap());
+            assert_eq!((x.shape(), x.data()), (y.shape(), y.data()), "{n}");
+        }
+        let meta = |d: &[u8]| -> Value {
+            let (_, h) = safetensors::SafeTensors::read_metadata(d).unwrap();
+            serde_json::from_str(&h.metadata().as_ref().unwrap()["lmgen"]).unwrap()
+        };
+        assert_eq!(meta(&a)["ids"], meta(&b)["ids"]);
+        assert_eq!(meta(&a)["input_ids"], meta(&b)["input_ids"]);
+        // The mode any new file gets (umask), not 0600.
+        let probe = tmp.path().join("probe");
+        std::fs::File::create(&probe).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&merged), mode(&probe));
+        assert_eq!(mode(&whole), mode(&probe));
+    }
 }

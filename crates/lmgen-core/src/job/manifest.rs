@@ -90,20 +90,9 @@ impl Manifest {
 
     /// Write atomically (temporary file, fsync, rename).
     pub fn write(&self, path: &Path) -> Result<()> {
-        let err = |e: std::io::Error| Error::Output(format!("{}: {}", path.display(), io_msg(&e)));
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(format!(".tmp-{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let mut f = File::create(&tmp).map_err(err)?;
         let mut text = serde_json::to_string_pretty(self).expect("serializable manifest");
         text.push('\n');
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            err(e)
-        })
+        super::write_atomic(path, text.as_bytes())
     }
 
     /// The first field in which `self` (found beside the output) and `now` (this run) are

@@ -4,10 +4,9 @@ use super::input::{id_key, read_input, Entry};
 use super::manifest::{lock_holder, Manifest};
 use super::shard::{list_shards, shard_dir, Shard};
 use super::sink::{format_for, sidecar_path, OutFormat};
-use super::{io_msg, sidecar};
+use super::write_atomic;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The shards of `out`: all of one split `N`, with their manifests.
@@ -61,7 +60,11 @@ pub fn merge(out: &Path) -> Result<Merged> {
     let n = shards[0].0.n;
     let first = &shards[0].2;
     let missing: Vec<String> = (0..n)
-        .filter(|k| !shards.iter().any(|(s, _, _)| s.k == *k))
+        .filter(|k| {
+            !shards
+                .iter()
+                .any(|(s, _, m)| s.k == *k && (m.command != "embed" || m.progress.complete))
+        })
         .map(|k| format!("{k}-of-{n}"))
         .collect();
     for (s, p, m) in &shards {
@@ -81,6 +84,9 @@ pub fn merge(out: &Path) -> Result<Merged> {
             out.display(),
             missing.join(", ")
         )));
+    }
+    if first.command == "embed" {
+        return merge_embed(out, &shards);
     }
     let format = format_for(&out.to_string_lossy());
     let input = read_input(&first.input.path, true)
@@ -278,14 +284,117 @@ fn read_records(path: &Path, format: OutFormat) -> Result<Vec<((String, usize), 
     Ok(out)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let err = |e: std::io::Error| Error::Output(format!("{}: {}", path.display(), io_msg(&e)));
-    let tmp = sidecar(path, &format!("tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(e)
+/// Write an `embed` output: the tensors (f32, little-endian bytes) and the job's metadata
+/// `all` (every top-level field as a string entry, and all of it as JSON under `lmgen`).
+pub fn write_embed(
+    path: &Path,
+    all: &serde_json::Value,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
+    let mut meta = HashMap::new();
+    if let serde_json::Value::Object(m) = all {
+        for (k, v) in m {
+            meta.insert(
+                k.clone(),
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            );
+        }
+    }
+    meta.insert("lmgen".to_string(), all.to_string());
+    meta.insert("format".to_string(), "lmgen-embed-v1".to_string());
+    let views = tensors
+        .iter()
+        .map(|(n, shape, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map(|v| (n.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Output(format!("{}: building safetensors: {e}", path.display())))?;
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Output(format!("{}: {e}", path.display())))?;
+    write_atomic(path, &bytes)
+}
+
+/// `embed` shards own contiguous runs of the input in shard order: their rows are
+/// concatenated (pooled tensors `hidden.L` along rows, per-input tensors `hidden.L.ROW`
+/// renumbered), and so are the ids, input ids and skipped lines of their metadata.
+fn merge_embed(out: &Path, shards: &[(Shard, PathBuf, Manifest)]) -> Result<Merged> {
+    let mut all: Option<serde_json::Value> = None;
+    let mut pooled: Vec<(String, usize, Vec<u8>)> = Vec::new(); // name, width, rows bytes
+    let mut rows_total = 0usize;
+    let mut single: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (_, path, _) in shards {
+        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |e: String| Error::BadRequest(format!("{}: {e}", path.display()));
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| bad(e.to_string()))?;
+        let meta: serde_json::Value = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("lmgen"))
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| bad("no lmgen metadata".into()))?;
+        let rows = meta["ids"].as_array().map_or(0, |a| a.len());
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        for name in names {
+            let t = st.tensor(&name).map_err(|e| bad(e.to_string()))?;
+            let parts: Vec<&str> = name.split('.').collect();
+            match parts.as_slice() {
+                ["hidden", _layer] => {
+                    let width = t.shape().get(1).copied().unwrap_or(0);
+                    match pooled.iter_mut().find(|(n, _, _)| *n == name) {
+                        Some((_, w, buf)) if *w == width => buf.extend_from_slice(t.data()),
+                        Some(_) => {
+                            return Err(bad(format!("{name}: width differs between shards")))
+                        }
+                        None => pooled.push((name.clone(), width, t.data().to_vec())),
+                    }
+                }
+                ["hidden", layer, row] => {
+                    let row: usize = row
+                        .parse()
+                        .map_err(|_| bad(format!("unexpected tensor {name}")))?;
+                    single.push((
+                        format!("hidden.{layer}.{}", row + rows_total),
+                        t.shape().to_vec(),
+                        t.data().to_vec(),
+                    ));
+                }
+                _ => return Err(bad(format!("unexpected tensor {name}"))),
+            }
+        }
+        rows_total += rows;
+        match &mut all {
+            None => all = Some(meta),
+            Some(a) => {
+                for key in ["ids", "input_ids", "skipped"] {
+                    if let (Some(dst), Some(src)) = (a[key].as_array_mut(), meta[key].as_array()) {
+                        dst.extend(src.iter().cloned());
+                    }
+                }
+            }
+        }
+    }
+    let all = all.unwrap_or_default();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = pooled
+        .into_iter()
+        .map(|(n, w, b)| (n, vec![rows_total, w], b))
+        .collect();
+    tensors.extend(single);
+    write_embed(out, &all, &tensors)?;
+    let mut m = shards[0].2.clone();
+    m.shard = Shard::WHOLE;
+    m.progress.total = rows_total;
+    m.progress.done = rows_total;
+    m.progress.complete = true;
+    m.write(&Manifest::path_for(out))?;
+    Ok(Merged {
+        records: rows_total,
+        shards: shards.len(),
     })
 }
 
