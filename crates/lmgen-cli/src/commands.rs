@@ -742,14 +742,7 @@ pub fn score(a: ScoreArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     let model = load_model(&location, &a.model, placement, dtype)?;
     let prep = Prep::new(&model, a.input.truncate)?;
-    let all: Vec<&Entry> = input.entries.iter().collect();
-    let (good, bad) = prepare_all(&input, &prep, all, a.input.skip_bad_lines)?;
-    // Cost of each entry for the split between shards: its tokens.
-    let mut costs = vec![1u64; input.entries.len()];
-    for (r, ids) in &good {
-        costs[r.index] = ids.len() as u64;
-    }
-    let owned = job.owned(&costs);
+    let (good, bad, owned) = prepare_owned(&job, &input, &prep, a.input.skip_bad_lines)?;
     job.set_total(owned.iter().filter(|&&o| o).count())?;
     let entries = &input.entries;
     let good: Vec<_> = good
@@ -806,6 +799,23 @@ pub fn score(a: ScoreArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     end_job(&mut job, writer, result, &a.output)?;
     progress.finish();
     Ok(())
+}
+
+/// [`prepare_all`] on every entry, and which of them this shard owns (split by tokens).
+#[allow(clippy::type_complexity)]
+fn prepare_owned<'e>(
+    job: &JobState,
+    input: &'e Input,
+    prep: &Prep,
+    skip: bool,
+) -> anyhow::Result<(Vec<(&'e InputRecord, Vec<u32>)>, Vec<BadRecord>, Vec<bool>)> {
+    let (good, bad) = prepare_all(input, prep, input.entries.iter().collect(), skip)?;
+    let mut costs = vec![1u64; input.entries.len()];
+    for (r, ids) in &good {
+        costs[r.index] = ids.len() as u64;
+    }
+    let owned = job.owned(&costs);
+    Ok((good, bad, owned))
 }
 
 /// Tokenize and check every entry; bad ones become error records (or a user error).
@@ -904,13 +914,7 @@ pub fn embed(a: EmbedArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     let layers = resolve_layers(&a.layers, model.spec().num_layers)?;
     let pool = a.pool.pool();
     let prep = Prep::new(&model, a.input.truncate)?;
-    let all: Vec<&Entry> = input.entries.iter().collect();
-    let (good, bad) = prepare_all(&input, &prep, all, a.input.skip_bad_lines)?;
-    let mut costs = vec![1u64; input.entries.len()];
-    for (r, ids) in &good {
-        costs[r.index] = ids.len() as u64;
-    }
-    let owned = job.owned(&costs);
+    let (good, bad, owned) = prepare_owned(&job, &input, &prep, a.input.skip_bad_lines)?;
     let good: Vec<_> = good.into_iter().filter(|(r, _)| owned[r.index]).collect();
     let bad: Vec<_> = bad.into_iter().filter(|b| owned[b.index]).collect();
     job.set_total(good.len())?;
