@@ -188,7 +188,8 @@ const SCORE_AFTER_HELP: &str = "\
 Output: one JSON record per input, in input order:
 {\"id\",\"token_ids\",\"logprobs\",\"sum_logprob\",\"ppl\"}. token_ids are the prompt's ids (with
 the BOS token the tokenizer adds, if any); logprobs[i] = log p(token_ids[i+1] | token_ids[..=i])
-(n-1 values, natural log); sum_logprob is their sum and ppl = exp(-sum_logprob / len(logprobs)).
+(n-1 values, natural log); sum_logprob is their sum and ppl = exp(-sum_logprob / len(logprobs)),
+null for a one-token input (nothing is predicted).
 With --skip-bad-lines a bad input becomes {\"id\",\"error\"}. --resume skips inputs whose id is
 already in OUT; --overwrite replaces OUT; without either an existing OUT is an error (exit 2).
 
