@@ -5,8 +5,8 @@
 #
 #   scripts/test-install.sh
 #
-# Uses LMGEN_BIN if set, else target/release/lmgen or target/debug/lmgen (building the
-# latter if neither exists). Installs Lmod with apt-get when it is missing and this runs as
+# Uses LMGEN_BIN if set, else the newer of target/release/lmgen and target/debug/lmgen (building
+# the latter if neither exists). Installs Lmod with apt-get when it is missing and this runs as
 # root; skips (exit 0, with a message) where Lmod is not available and cannot be installed.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,8 +36,8 @@ INIT=$(find_lmod_init) || {
 
 BIN=${LMGEN_BIN:-}
 if [ -z "$BIN" ]; then
-    for b in "$ROOT/target/release/lmgen" "$ROOT/target/debug/lmgen"; do
-        [ -x "$b" ] && { BIN=$b; break; }
+    for b in "$ROOT/target/release/lmgen" "$ROOT/target/debug/lmgen"; do   # the newer one
+        [ -x "$b" ] && { [ -z "$BIN" ] || [ "$b" -nt "$BIN" ]; } && BIN=$b
     done
 fi
 if [ -z "$BIN" ]; then

@@ -14,8 +14,9 @@
 #   scripts/test-slurm.sh            (as root with apt-get: installs slurm-wlm if missing)
 #
 # Skips (exit 0, with a message) where SLURM is not installed and cannot be.
-# LMGEN_BIN: the binary (default target/release/lmgen, else target/debug/lmgen, built if
-# missing). LMGEN_TEST_MODEL: the model; default SmolLM2-135M-Instruct if
+# LMGEN_BIN: the binary (default the newer of target/release/lmgen and target/debug/lmgen,
+# built if neither exists)
+# LMGEN_TEST_MODEL: the model; default SmolLM2-135M-Instruct if
 # scripts/fetch-smollm2.sh has put it in the cache (the tasks then run long enough to be
 # interrupted mid-run), else the tiny fixture tests/fixtures/llama. KEEP=1 keeps the temp dir.
 set -uo pipefail
@@ -31,8 +32,8 @@ done
 
 BIN=${LMGEN_BIN:-}
 if [ -z "$BIN" ]; then
-    for b in "$ROOT/target/release/lmgen" "$ROOT/target/debug/lmgen"; do
-        [ -x "$b" ] && { BIN=$b; break; }
+    for b in "$ROOT/target/release/lmgen" "$ROOT/target/debug/lmgen"; do   # the newer one
+        [ -x "$b" ] && { [ -z "$BIN" ] || [ "$b" -nt "$BIN" ]; } && BIN=$b
     done
 fi
 if [ -z "$BIN" ]; then

@@ -48,9 +48,27 @@ pub enum Command {
     Bench(BenchArgs),
     /// Where each layer would go and how much memory each device needs, without loading weights
     Plan(PlanArgs),
+    /// Put the shards of a job (OUT.shards/K-of-N.*) together into OUT, in input order
+    Merge(MergeArgs),
+    /// Progress of a job: records done of total per shard, tokens/s, time left
+    Status(StatusArgs),
     /// Print a SLURM batch script for a sharded, requeue-safe generate job
     #[command(after_help = crate::sbatch::SBATCH_AFTER_HELP)]
     Sbatch(crate::sbatch::SbatchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    /// The job's output (its shards are in OUT.shards/)
+    #[arg(value_name = "OUT")]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// The job's output (sharded or not)
+    #[arg(value_name = "OUT")]
+    pub output: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -78,13 +96,13 @@ pub struct PlanArgs {
     #[arg(long, value_name = "KIND", value_parser = parse_quant)]
     pub quantize: Option<lmgen_core::model::quant::QuantKind>,
     /// Sequences in flight (KV cache is reserved for each)
-    #[arg(long, default_value_t = 4, value_name = "B", value_parser = parse_positive)]
+    #[arg(long, default_value_t = 4, value_name = "B", allow_negative_numbers = true, value_parser = parse_positive)]
     pub batch_size: usize,
     /// Tokens per sequence, prompt + generation
-    #[arg(long, default_value_t = 2048, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, default_value_t = 2048, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
     pub context: usize,
     /// Tokens per engine step (sizes the activations)
-    #[arg(long, default_value_t = DEFAULT_MAX_STEP_TOKENS, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, default_value_t = DEFAULT_MAX_STEP_TOKENS, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
     pub max_step_tokens: usize,
     /// Plan a KV pool of this size instead of batch x context tokens (e.g. 8GiB)
     #[arg(long, value_name = "SIZE", allow_negative_numbers = true, value_parser = parse_kv_memory)]
@@ -124,16 +142,16 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub models_file: Option<PathBuf>,
     /// CPU threads (default: the CPUs this process may use, capped by $SLURM_CPUS_PER_TASK)
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_threads)]
     pub threads: Option<u32>,
     /// Decode batch sizes, comma-separated
-    #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "1,4,16,64", value_parser = parse_positive)]
+    #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "1,4,16,64", allow_negative_numbers = true, value_parser = parse_positive)]
     pub batch_sizes: Vec<usize>,
     /// Length of the prefill prompt
-    #[arg(long, default_value_t = 128, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, default_value_t = 128, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
     pub prompt_tokens: usize,
     /// Timed decode steps per batch size
-    #[arg(long, default_value_t = 32, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, default_value_t = 32, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
     pub decode_tokens: usize,
     /// Print the report as JSON instead of a table
     #[arg(long)]
@@ -201,7 +219,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: String,
     /// CPU threads (default: the CPUs this process may use, capped by $SLURM_CPUS_PER_TASK)
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = parse_threads)]
     pub threads: Option<u32>,
     /// Weight-only quantization at load (CPU): q8_0, q4_k (matrices whose width is not a
     /// multiple of 256 take q8_0), q4_0, q4_1, q6_k
@@ -249,8 +267,13 @@ pub struct InputArgs {
     #[arg(long, value_enum, value_name = "SIDE")]
     pub truncate: Option<Truncate>,
     /// Sequences processed together
-    #[arg(long, default_value_t = 8, value_name = "B", value_parser = parse_positive)]
+    #[arg(long, default_value_t = 8, value_name = "B", allow_negative_numbers = true, value_parser = parse_positive)]
     pub batch_size: usize,
+    /// Do only shard K of N of the input (K/N, 0-based), or `auto`: the SLURM array task
+    /// (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT), else the srun task (SLURM_PROCID of
+    /// SLURM_NTASKS), else the whole input. Shards write OUT.shards/K-of-N.*; see `lmgen merge`
+    #[arg(long, value_name = "K/N|auto")]
+    pub shard: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -275,13 +298,13 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub resume: ResumeArgs,
     /// Maximum number of new tokens per sequence
-    #[arg(long, default_value_t = 75, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, default_value_t = 75, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
     pub max_new_tokens: usize,
     /// Sampling temperature; 0 means greedy
     #[arg(long, default_value_t = 0.95, value_name = "T", allow_negative_numbers = true, value_parser = parse_temperature)]
     pub temperature: f32,
     /// Keep only the K most likely tokens
-    #[arg(long, value_name = "K", value_parser = parse_positive)]
+    #[arg(long, value_name = "K", allow_negative_numbers = true, value_parser = parse_positive)]
     pub top_k: Option<usize>,
     /// Nucleus sampling: keep the smallest set of tokens with probability mass >= P
     #[arg(long, value_name = "P", allow_negative_numbers = true, value_parser = parse_top_p)]
@@ -289,14 +312,15 @@ pub struct GenerateArgs {
     /// Repetition penalty as in transformers (1 = none)
     #[arg(long, value_name = "R", allow_negative_numbers = true, value_parser = parse_penalty)]
     pub repetition_penalty: Option<f32>,
-    /// Random seed: sampling is reproducible and independent of batching
-    #[arg(long, value_name = "S")]
+    /// Random seed: a record's samples depend only on the seed, its id and the sample number
+    /// (a per-line "seed" alone decides that line's samples)
+    #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = parse_seed)]
     pub seed: Option<u64>,
     /// Stop when the continuation contains STR (repeatable); the text is cut before it
     #[arg(long, value_name = "STR", allow_hyphen_values = true)]
     pub stop: Vec<String>,
     /// Continuations sampled per prompt (each its own record with "sample": k)
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, default_value_t = 1, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
     pub num_return_sequences: usize,
     /// Include the log-probability of each generated token (JSONL)
     #[arg(long)]
@@ -306,7 +330,7 @@ pub struct GenerateArgs {
     pub ignore_eos: bool,
     /// Tokens processed per engine step: running sequences plus prompt chunks (long prompts
     /// are prefilled in pieces of at most this many tokens)
-    #[arg(long, default_value_t = DEFAULT_MAX_STEP_TOKENS, value_name = "N", value_parser = parse_positive)]
+    #[arg(long, default_value_t = DEFAULT_MAX_STEP_TOKENS, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
     pub max_step_tokens: usize,
     /// Do not reuse the KV cache of a prompt prefix shared with an earlier request
     #[arg(long)]
@@ -417,6 +441,19 @@ fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+fn parse_threads(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("must be a positive integer, got '{s}'")),
+    }
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("must be an integer from 0 to 2^64-1, got '{s}'"))
+}
+
 fn parse_temperature(s: &str) -> Result<f32, String> {
     match s.trim().parse::<f32>() {
         Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
@@ -438,7 +475,9 @@ fn parse_penalty(s: &str) -> Result<f32, String> {
     }
 }
 
-const SUBCOMMANDS: &[&str] = &["generate", "score", "embed", "bench", "plan", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "generate", "score", "embed", "bench", "plan", "merge", "status", "help",
+];
 /// Subcommands that take no model (not rewritten as the short form).
 const TOOL_SUBCOMMANDS: &[&str] = &["sbatch"];
 
@@ -456,7 +495,7 @@ pub fn rewrite_short_form(args: Vec<OsString>) -> Result<Vec<OsString>, String> 
     }
     if args.len() < 6 {
         return Err(format!(
-            "expected a subcommand (generate, score, embed, bench, plan) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
+            "expected a subcommand (generate, score, embed, bench, plan, merge, status, sbatch) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
             args.len() - 1
         ));
     }

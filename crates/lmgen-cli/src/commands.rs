@@ -1,25 +1,36 @@
 //! The three subcommands. Order of work in each: arguments → input file (fully validated)
 //! → output checks → model → per-prompt checks (tokenize, context) → output opened → run.
-use crate::args::{EmbedArgs, GenerateArgs, ModelArgs, PoolArg, ScoreArgs, Truncate};
-use crate::input::{id_key, read_input, BadRecord, Entry, Input, InputRecord, PromptSrc};
-use crate::output::{self, format_for, OutFormat, OutRecord, OutputPlan, RecordWriter};
+use crate::args::{
+    EmbedArgs, GenerateArgs, InputArgs, ModelArgs, PoolArg, ResumeArgs, ScoreArgs, Truncate,
+};
 use crate::progress::Progress;
 use crate::user_err;
-use crate::util::{io_msg, placement_and_dtype, UserError};
+use crate::util::placement_and_dtype;
 use candle_core::DType;
 use lmgen_core::engine::{embed_batch, score_batch, GenOutput, GenRequest, Generator, Pool};
+use lmgen_core::hub::ModelLocation;
+use lmgen_core::job::{
+    format_for, id_key, BadRecord, Entry, Input, InputRecord, Job as JobState, JobConfig,
+    OutFormat, OutRecord, OutputPlan, PromptSrc, RecordWriter, Shard,
+};
 use lmgen_core::loader::{load, LoadOptions, Model};
 use lmgen_core::plan::{Placement, Workload, DEFAULT_MAX_STEP_TOKENS};
-use lmgen_core::sampling::SamplingParams;
+use lmgen_core::sampling::{stream_key, SamplingParams};
 use serde::Serialize;
 use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-fn load_model(m: &ModelArgs, placement: Placement, dtype: DType) -> anyhow::Result<Model> {
-    let location = lmgen_core::hub::resolve(&m.model, m.models_file.as_deref())?;
+fn load_model(
+    location: &ModelLocation,
+    m: &ModelArgs,
+    placement: Placement,
+    dtype: DType,
+) -> anyhow::Result<Model> {
     let model = load(
-        &location,
+        location,
         &LoadOptions {
             placement,
             dtype,
@@ -176,6 +187,8 @@ struct GenRecord<'a> {
     text: &'a str,
     token_ids: &'a [u32],
     finish_reason: &'static str,
+    prompt_tokens: usize,
+    completion_tokens: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     logprobs: Option<&'a [f32]>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -197,7 +210,7 @@ enum Job {
     },
 }
 
-pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     let base = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -213,80 +226,115 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         &a.model,
         workload(&a.model, a.input.batch_size, a.max_step_tokens),
     )?;
-    let skip = a.input.skip_bad_lines;
-    let input = read_input(&a.input.input, skip)?;
     let format = format_for(&a.output);
-    let plan = output::plan(&a.output, format, a.resume.resume, a.resume.overwrite)?;
+    let settings = json_map(serde_json::json!({
+        "max_new_tokens": a.max_new_tokens,
+        "temperature": short_f32(a.temperature),
+        "top_k": a.top_k,
+        "top_p": a.top_p.map(short_f32),
+        "repetition_penalty": a.repetition_penalty.map(short_f32),
+        "seed": a.seed,
+        "stop": a.stop,
+        "n": a.num_return_sequences,
+        "logprobs": a.logprobs,
+        "ignore_eos": a.ignore_eos,
+    }));
+    let (mut job, location) = open_job(
+        "generate", &a.model, &a.input, &a.output, format, &a.resume, dtype, settings,
+    )?;
+    let input = std::mem::take(&mut job.input);
+    let done_set = std::mem::take(&mut job.plan.done);
     if format == OutFormat::Text && a.logprobs {
         eprintln!(
             "lmgen: note: --logprobs needs a .jsonl output; {} is plain text",
             a.output
         );
     }
-
-    // Samples still to produce, per entry (`--resume`).
-    let todo = |e: &Entry| -> Vec<usize> {
-        let n = match e {
-            Entry::Ok(r) => r.overrides.n.unwrap_or(a.num_return_sequences),
-            Entry::Bad(_) => 1,
-        };
-        let key = id_key(e.id());
-        (0..n)
-            .filter(|&s| !plan.done.contains(&(key.clone(), s)))
-            .collect()
+    // The whole job with every record there: no need to load the model.
+    let n_of = |e: &Entry| match e {
+        Entry::Ok(r) => r.overrides.n.unwrap_or(a.num_return_sequences),
+        Entry::Bad(_) => 1,
     };
-    let pending: Vec<(&Entry, Vec<usize>)> = input
-        .entries
-        .iter()
-        .map(|e| (e, todo(e)))
-        .filter(|(_, t)| !t.is_empty())
-        .collect();
-    note_resume(&plan, &a.output, &input);
-    if pending.is_empty() {
-        RecordWriter::open(&plan, vec![])?.finish()?;
-        eprintln!(
-            "lmgen: nothing to do: every input already has its record(s) in {}",
-            a.output
-        );
-        return Ok(());
+    let done = |e: &Entry, s: usize| done_set.contains(&(id_key(e.id()), s));
+    if job.shard.is_whole()
+        && input
+            .entries
+            .iter()
+            .all(|e| (0..n_of(e)).all(|s| done(e, s)))
+    {
+        return nothing_to_do(&mut job, &a.output);
+    }
+    if job.was_complete() {
+        return nothing_to_do(&mut job, &a.output);
     }
 
-    let model = load_model(&a.model, placement, dtype)?;
+    let model = load_model(&location, &a.model, placement, dtype)?;
     let prep = Prep::new(&model, a.input.truncate)?;
-    let mut jobs = Vec::with_capacity(pending.len());
-    let mut info: HashMap<usize, GenInfo> = HashMap::new();
-    for (entry, samples) in pending {
-        let rec = match entry {
-            Entry::Bad(b) => {
-                jobs.push(Job::Bad(b.clone()));
-                continue;
-            }
-            Entry::Ok(r) => r,
+    let skip = a.input.skip_bad_lines;
+    // Every entry is tokenized and checked (the shards' split depends on all prompts' sizes).
+    let mut prepared: Vec<Result<(Vec<u32>, SamplingParams), String>> = Vec::new();
+    let mut costs = Vec::new();
+    for e in &input.entries {
+        let p = match e {
+            Entry::Bad(b) => Err(b.message.clone()),
+            Entry::Ok(rec) => prep.ids(rec)?.and_then(|ids| {
+                let o = &rec.overrides;
+                let params = SamplingParams {
+                    temperature: o.temperature.unwrap_or(base.temperature),
+                    top_k: o.top_k.or(base.top_k),
+                    top_p: o.top_p.or(base.top_p),
+                    repetition_penalty: o.repetition_penalty.or(base.repetition_penalty),
+                    seed: o.seed.or(base.seed),
+                };
+                params.validate().map(|_| (ids, params))
+            }),
         };
-        let ids = match prep.ids(rec)? {
-            Ok(ids) => ids,
-            Err(what) => {
-                if samples.contains(&0) {
-                    jobs.push(Job::Bad(input.reject(rec, &what, skip)?));
+        costs.push(match (&p, e) {
+            (Ok((ids, _)), Entry::Ok(r)) => {
+                (ids.len() + r.overrides.max_new_tokens.unwrap_or(a.max_new_tokens) * n_of(e))
+                    as u64
+            }
+            _ => 1,
+        });
+        prepared.push(p);
+    }
+    let owned = job.owned(&costs);
+    let total = input
+        .entries
+        .iter()
+        .zip(&prepared)
+        .zip(&owned)
+        .filter(|(_, &own)| own)
+        .map(|((e, p), _)| if p.is_ok() { n_of(e) } else { 1 })
+        .sum();
+    job.set_total(total)?;
+
+    let mut jobs = Vec::new();
+    let mut info: HashMap<usize, GenInfo> = HashMap::new();
+    for ((entry, p), own) in input.entries.iter().zip(prepared).zip(owned) {
+        let (rec, (ids, params)) = match (entry, p) {
+            (Entry::Bad(b), _) => {
+                if own && !done(entry, 0) {
+                    jobs.push(Job::Bad(b.clone()));
                 }
                 continue;
             }
-        };
-        let o = &rec.overrides;
-        let params = SamplingParams {
-            temperature: o.temperature.unwrap_or(base.temperature),
-            top_k: o.top_k.or(base.top_k),
-            top_p: o.top_p.or(base.top_p),
-            repetition_penalty: o.repetition_penalty.or(base.repetition_penalty),
-            seed: o.seed.or(base.seed),
-        };
-        if let Err(e) = params.validate() {
-            if samples.contains(&0) {
-                jobs.push(Job::Bad(input.reject(rec, &e, skip)?));
+            (Entry::Ok(rec), Err(what)) => {
+                // Rejected in every shard alike (an error without --skip-bad-lines).
+                let bad = input.reject(rec, &what, skip)?;
+                if own && !done(entry, 0) {
+                    jobs.push(Job::Bad(bad));
+                }
+                continue;
             }
+            (Entry::Ok(rec), Ok(x)) => (rec, x),
+        };
+        let n = n_of(entry);
+        let samples: Vec<usize> = (0..n).filter(|&s| !done(entry, s)).collect();
+        if !own || samples.is_empty() {
             continue;
         }
-        let n = o.n.unwrap_or(a.num_return_sequences);
+        let o = &rec.overrides;
         info.insert(
             rec.index,
             GenInfo {
@@ -298,6 +346,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         let request = GenRequest {
             index: rec.index,
             sample: 0,
+            stream_key: o.seed.is_none().then(|| stream_key(&id_key(&rec.id))),
             prompt_ids: ids,
             max_new_tokens: o.max_new_tokens.unwrap_or(a.max_new_tokens),
             params,
@@ -320,13 +369,15 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         })
         .collect();
     let progress = RefCell::new(Progress::new(expected.len()));
-    let mut writer = RecordWriter::open(&plan, expected)?;
+    crate::signals::writing(true);
+    let mut writer = RecordWriter::open(&job.plan, expected)?;
     let mut requests = Vec::new();
-    for job in jobs {
-        match job {
+    for j in jobs {
+        match j {
             Job::Bad(b) => {
                 let n = writer.push(error_record(format, &b))?;
                 progress.borrow_mut().records(n);
+                job.progress(n, 0)?;
             }
             Job::Gen {
                 samples, request, ..
@@ -347,6 +398,8 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     generator.kv_memory = a.model.kv_memory;
     generator.prefix_cache = !a.no_prefix_cache;
     generator.paged = a.executor == "paged";
+    generator.stop = Some(stop.clone());
+    let job = RefCell::new(job);
     let result = generator.run(
         requests,
         |out: GenOutput| {
@@ -358,6 +411,8 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                     text: &out.text,
                     token_ids: &out.token_ids,
                     finish_reason: out.finish_reason.as_str(),
+                    prompt_tokens: out.prompt_ids.len(),
+                    completion_tokens: out.token_ids.len(),
                     logprobs: out.logprobs.as_deref(),
                     sample: (inf.n > 1).then_some(out.sample),
                 })
@@ -370,26 +425,145 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                 id_key: id_key(&inf.id),
                 body,
             };
-            match writer.push(rec) {
+            let tokens = (out.prompt_ids.len() + out.token_ids.len()) as u64;
+            match writer
+                .push(rec)
+                .and_then(|n| job.borrow_mut().progress(n, tokens).map(|_| n))
+            {
                 Ok(n) => {
                     progress.borrow_mut().records(n);
                     Ok(())
                 }
                 Err(e) => {
-                    write_err = Some(e);
+                    write_err = Some(e.into());
                     Err(lmgen_core::Error::BadRequest("output failed".into()))
                 }
             }
         },
         |stats| progress.borrow_mut().tokens(stats.generated_tokens),
     );
+    let mut job = job.into_inner();
     if let Some(e) = write_err {
         return Err(e);
     }
-    result?;
-    writer.finish()?;
+    end_job(&mut job, writer, result.map_err(Into::into), &a.output)?;
     progress.into_inner().finish();
     Ok(())
+}
+
+/// An f32 setting as the number it was written as (0.9, not 0.8999999761581421).
+fn short_f32(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+/// Settings as a JSON object (for the manifest).
+fn json_map(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("settings are an object"),
+    }
+}
+
+/// Resolve the model and open the job (input read, output checked and locked, resume
+/// checked against the manifest), before the model is loaded.
+#[allow(clippy::too_many_arguments)]
+fn open_job(
+    command: &'static str,
+    m: &ModelArgs,
+    inp: &InputArgs,
+    output: &str,
+    format: OutFormat,
+    resume: &ResumeArgs,
+    dtype: DType,
+    mut settings: serde_json::Map<String, Value>,
+) -> anyhow::Result<(JobState, ModelLocation)> {
+    let location = lmgen_core::hub::resolve(&m.model, m.models_file.as_deref())?;
+    let shard = match &inp.shard {
+        Some(s) => Shard::parse(s)?,
+        None => Shard::WHOLE,
+    };
+    settings.insert(
+        "truncate".into(),
+        Value::from(inp.truncate.map(|t| format!("{t:?}").to_lowercase())),
+    );
+    settings.insert("skip_bad_lines".into(), Value::from(inp.skip_bad_lines));
+    settings.insert(
+        "dtype".into(),
+        Value::from(format!("{dtype:?}").to_lowercase()),
+    );
+    settings.insert(
+        "quantize".into(),
+        Value::from(m.quantize.map(|q| q.name().to_string())),
+    );
+    settings.insert("dequantize".into(), Value::from(m.dequantize));
+    let job = JobState::open(JobConfig {
+        command,
+        input: &inp.input,
+        output,
+        format,
+        resume: resume.resume,
+        overwrite: resume.overwrite,
+        skip_bad: inp.skip_bad_lines,
+        shard,
+        resumable: command != "embed",
+        model_name: &m.model,
+        model_path: location.path(),
+        settings,
+    })?;
+    for w in &job.warnings {
+        eprintln!("lmgen: warning: {w}");
+    }
+    if !shard.is_whole() {
+        eprintln!(
+            "lmgen: shard {shard}: writing {}",
+            job.plan
+                .path
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    note_resume(&job.plan, output, &job.input);
+    Ok((job, location))
+}
+
+fn nothing_to_do(job: &mut JobState, out: &str) -> anyhow::Result<()> {
+    RecordWriter::open(&job.plan, vec![])?.finish()?;
+    job.finish(true, None)?;
+    eprintln!("lmgen: nothing to do: every input already has its record(s) in {out}");
+    Ok(())
+}
+
+/// After the run: sync the output and the manifest; a signal is reported as such.
+fn end_job(
+    job: &mut JobState,
+    mut writer: RecordWriter,
+    result: anyhow::Result<()>,
+    out: &str,
+) -> anyhow::Result<()> {
+    match result {
+        Ok(()) => {
+            writer.finish()?;
+            job.finish(true, None)?;
+            Ok(())
+        }
+        Err(e) => {
+            let interrupted = e
+                .downcast_ref::<lmgen_core::Error>()
+                .is_some_and(|e| matches!(e, lmgen_core::Error::Interrupted(_)));
+            let synced = writer.sync();
+            let signal = crate::signals::name().unwrap_or("a signal");
+            let _ = job.finish(false, interrupted.then_some(signal));
+            synced?;
+            if interrupted {
+                return Err(lmgen_core::Error::Interrupted(format!(
+                    "stopped by {signal}; every finished record is in {out}; run the same command with --resume to finish"
+                ))
+                .into());
+            }
+            Err(e)
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -404,36 +578,47 @@ struct ScoreRecord<'a> {
     ppl: f64,
 }
 
-pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
+pub fn score(a: ScoreArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     let (placement, dtype) = placement_and_dtype(
         &a.model,
         workload(&a.model, a.input.batch_size, DEFAULT_MAX_STEP_TOKENS),
     )?;
-    let skip = a.input.skip_bad_lines;
-    let input = read_input(&a.input.input, skip)?;
-    let plan = output::plan(
+    let (mut job, location) = open_job(
+        "score",
+        &a.model,
+        &a.input,
         &a.output,
         OutFormat::Jsonl,
-        a.resume.resume,
-        a.resume.overwrite,
+        &a.resume,
+        dtype,
+        serde_json::Map::new(),
     )?;
-    let pending: Vec<&Entry> = input
-        .entries
-        .iter()
-        .filter(|e| !plan.done.contains(&(id_key(e.id()), 0)))
-        .collect();
-    note_resume(&plan, &a.output, &input);
-    if pending.is_empty() {
-        RecordWriter::open(&plan, vec![])?.finish()?;
-        eprintln!(
-            "lmgen: nothing to do: every input already has its record in {}",
-            a.output
-        );
-        return Ok(());
+    let input = std::mem::take(&mut job.input);
+    let done_set = std::mem::take(&mut job.plan.done);
+    let done = |e: &Entry| done_set.contains(&(id_key(e.id()), 0));
+    if job.was_complete() || (job.shard.is_whole() && input.entries.iter().all(done)) {
+        return nothing_to_do(&mut job, &a.output);
     }
-    let model = load_model(&a.model, placement, dtype)?;
+    let model = load_model(&location, &a.model, placement, dtype)?;
     let prep = Prep::new(&model, a.input.truncate)?;
-    let (good, bad) = prepare_all(&input, &prep, pending, skip)?;
+    let all: Vec<&Entry> = input.entries.iter().collect();
+    let (good, bad) = prepare_all(&input, &prep, all, a.input.skip_bad_lines)?;
+    // Cost of each entry for the split between shards: its tokens.
+    let mut costs = vec![1u64; input.entries.len()];
+    for (r, ids) in &good {
+        costs[r.index] = ids.len() as u64;
+    }
+    let owned = job.owned(&costs);
+    job.set_total(owned.iter().filter(|&&o| o).count())?;
+    let entries = &input.entries;
+    let good: Vec<_> = good
+        .into_iter()
+        .filter(|(r, _)| owned[r.index] && !done(&entries[r.index]))
+        .collect();
+    let bad: Vec<_> = bad
+        .into_iter()
+        .filter(|b| owned[b.index] && !done(&entries[b.index]))
+        .collect();
     let mut expected: Vec<(usize, usize)> = good
         .iter()
         .map(|(r, _)| (r.index, 0))
@@ -441,32 +626,43 @@ pub fn score(a: ScoreArgs) -> anyhow::Result<()> {
         .collect();
     expected.sort_unstable();
     let mut progress = Progress::new(expected.len());
-    let mut writer = RecordWriter::open(&plan, expected)?;
-    for b in &bad {
-        progress.records(writer.push(error_record(OutFormat::Jsonl, b))?);
-    }
-    for chunk in good.chunks(a.input.batch_size) {
-        let inputs: Vec<&[u32]> = chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
-        let scores = score_batch(&model, &inputs)?;
-        for ((rec, ids), s) in chunk.iter().zip(scores) {
-            let body = serde_json::to_string(&ScoreRecord {
-                id: &rec.id,
-                token_ids: ids,
-                logprobs: &s.logprobs,
-                sum_logprob: s.sum(),
-                ppl: s.perplexity(),
-            })
-            .expect("serializable record");
-            progress.records(writer.push(OutRecord {
-                index: rec.index,
-                sample: 0,
-                id_key: id_key(&rec.id),
-                body,
-            })?);
+    crate::signals::writing(true);
+    let mut writer = RecordWriter::open(&job.plan, expected)?;
+    let result = (|| -> anyhow::Result<()> {
+        for b in &bad {
+            let n = writer.push(error_record(OutFormat::Jsonl, b))?;
+            progress.records(n);
+            job.progress(n, 0)?;
         }
-        progress.tokens(inputs.iter().map(|i| i.len()).sum());
-    }
-    writer.finish()?;
+        for chunk in good.chunks(a.input.batch_size) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(lmgen_core::Error::Interrupted("stopped by a signal".into()).into());
+            }
+            let inputs: Vec<&[u32]> = chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
+            let scores = score_batch(&model, &inputs)?;
+            for ((rec, ids), s) in chunk.iter().zip(scores) {
+                let body = serde_json::to_string(&ScoreRecord {
+                    id: &rec.id,
+                    token_ids: ids,
+                    logprobs: &s.logprobs,
+                    sum_logprob: s.sum(),
+                    ppl: s.perplexity(),
+                })
+                .expect("serializable record");
+                let n = writer.push(OutRecord {
+                    index: rec.index,
+                    sample: 0,
+                    id_key: id_key(&rec.id),
+                    body,
+                })?;
+                progress.records(n);
+                job.progress(n, ids.len() as u64)?;
+            }
+            progress.tokens(inputs.iter().map(|i| i.len()).sum());
+        }
+        Ok(())
+    })();
+    end_job(&mut job, writer, result, &a.output)?;
     progress.finish();
     Ok(())
 }
@@ -522,7 +718,7 @@ pub fn resolve_layers(specs: &[String], num_layers: usize) -> anyhow::Result<Vec
     Ok(out)
 }
 
-pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
+pub fn embed(a: EmbedArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     if a.output == "-" {
         return Err(user_err!(
             "embed writes a safetensors file; give --output FILE.safetensors"
@@ -536,17 +732,41 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
             ));
         }
     }
+    let lower = a.output.to_ascii_lowercase();
+    if [".jsonl", ".ndjson", ".json", ".txt"]
+        .iter()
+        .any(|e| lower.ends_with(e))
+    {
+        return Err(user_err!(
+            "{}: embed writes a safetensors file; give --output FILE.safetensors",
+            a.output
+        ));
+    }
     let (placement, dtype) = placement_and_dtype(
         &a.model,
         workload(&a.model, a.input.batch_size, DEFAULT_MAX_STEP_TOKENS),
     )?;
-    let skip = a.input.skip_bad_lines;
-    let input = read_input(&a.input.input, skip)?;
-    let path = output::check_output_path(&a.output)?;
-    if path.exists() && !a.overwrite {
-        return Err(user_err!("{} exists; use --overwrite", a.output));
-    }
-    let model = load_model(&a.model, placement, dtype)?;
+    let settings = json_map(serde_json::json!({
+        "layers": a.layers,
+        "pool": a.pool.name(),
+    }));
+    let resume = ResumeArgs {
+        resume: false,
+        overwrite: a.overwrite,
+    };
+    let (mut job, location) = open_job(
+        "embed",
+        &a.model,
+        &a.input,
+        &a.output,
+        OutFormat::Jsonl,
+        &resume,
+        dtype,
+        settings,
+    )?;
+    let path = job.plan.path.clone().expect("embed writes a file");
+    let input = std::mem::take(&mut job.input);
+    let model = load_model(&location, &a.model, placement, dtype)?;
     let layers = resolve_layers(&a.layers, model.spec().num_layers)?;
     let pool = match a.pool {
         PoolArg::Last => Pool::Last,
@@ -554,7 +774,17 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
         PoolArg::None => Pool::None,
     };
     let prep = Prep::new(&model, a.input.truncate)?;
-    let (good, bad) = prepare_all(&input, &prep, input.entries.iter().collect(), skip)?;
+    let all: Vec<&Entry> = input.entries.iter().collect();
+    let (good, bad) = prepare_all(&input, &prep, all, a.input.skip_bad_lines)?;
+    let mut costs = vec![1u64; input.entries.len()];
+    for (r, ids) in &good {
+        costs[r.index] = ids.len() as u64;
+    }
+    let owned = job.owned(&costs);
+    let good: Vec<_> = good.into_iter().filter(|(r, _)| owned[r.index]).collect();
+    let bad: Vec<_> = bad.into_iter().filter(|b| owned[b.index]).collect();
+    job.set_total(good.len())?;
+    crate::signals::writing(true);
 
     let mut progress = Progress::new(good.len());
     // name → (shape, data)
@@ -562,6 +792,15 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
     let mut pooled: Vec<(Vec<f32>, Option<usize>)> = vec![(Vec::new(), None); layers.len()];
     let mut row = 0usize;
     for chunk in good.chunks(a.input.batch_size) {
+        if stop.load(Ordering::Relaxed) {
+            // Nothing of an embed output is written before its end.
+            let signal = crate::signals::name().unwrap_or("a signal");
+            job.finish(false, Some(signal))?;
+            return Err(lmgen_core::Error::Interrupted(format!(
+                "stopped by {signal}; nothing written (embed writes its file at the end)"
+            ))
+            .into());
+        }
         let inputs: Vec<&[u32]> = chunk.iter().map(|(_, ids)| ids.as_slice()).collect();
         let hidden = embed_batch(&model, &inputs, &layers, pool)?;
         for per_layer in hidden {
@@ -587,7 +826,9 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
             row += 1;
         }
         progress.records(chunk.len());
-        progress.tokens(inputs.iter().map(|i| i.len()).sum());
+        let tokens: usize = inputs.iter().map(|i| i.len()).sum();
+        progress.tokens(tokens);
+        job.progress(chunk.len(), tokens as u64)?;
     }
     if pool != Pool::None {
         for (&layer, (buf, width)) in layers.iter().zip(pooled) {
@@ -614,21 +855,7 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
         "input_ids": input_ids,
         "skipped": skipped,
     });
-    let mut meta = HashMap::new();
-    if let Value::Object(m) = &all {
-        for (k, v) in m {
-            meta.insert(
-                k.clone(),
-                v.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.to_string()),
-            );
-        }
-    }
-    meta.insert("lmgen".to_string(), all.to_string());
-    meta.insert("format".to_string(), "lmgen-embed-v1".to_string());
-
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, shape, data)| {
             (
@@ -638,25 +865,8 @@ pub fn embed(a: EmbedArgs) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let views = bytes
-        .iter()
-        .map(|(n, shape, b)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .map(|v| (n.clone(), v))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow::anyhow!("building safetensors: {e}"))?;
-    let mut tmp = path.clone().into_os_string();
-    tmp.push(format!(".lmgen-tmp-{}", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
-    safetensors::serialize_to_file(views, Some(meta), &tmp).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("{}: {e}", a.output)
-    })?;
-    std::fs::rename(&tmp, &path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        UserError(format!("{}: {}", a.output, io_msg(&e)))
-    })?;
+    lmgen_core::job::merge::write_embed(&path, &all, &tensors)?;
+    job.finish(true, None)?;
     progress.finish();
     Ok(())
 }

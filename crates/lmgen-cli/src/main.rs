@@ -3,11 +3,11 @@ mod alloc;
 mod args;
 mod bench;
 mod commands;
-mod input;
-mod output;
+mod jobs;
 mod plan;
 mod progress;
 mod sbatch;
+mod signals;
 mod util;
 mod version;
 
@@ -58,14 +58,17 @@ fn main() {
         Command::Score(a) => a.model.threads,
         Command::Embed(a) => a.model.threads,
         Command::Bench(a) => a.threads,
-        Command::Plan(_) => None,
+        Command::Plan(_) | Command::Merge(_) | Command::Status(_) => None,
         Command::Sbatch(_) => None,
     };
     util::configure_threads(threads.map(|n| n as usize));
+    let stop = signals::install();
     let result = match cli.command {
-        Command::Generate(a) => commands::generate(a),
-        Command::Score(a) => commands::score(a),
-        Command::Embed(a) => commands::embed(a),
+        Command::Generate(a) => commands::generate(a, &stop),
+        Command::Score(a) => commands::score(a, &stop),
+        Command::Embed(a) => commands::embed(a, &stop),
+        Command::Merge(a) => jobs::merge(a),
+        Command::Status(a) => jobs::status(a),
         Command::Bench(a) => bench::bench(a),
         Command::Plan(a) => plan::plan(a),
         Command::Sbatch(a) => sbatch::sbatch(a),

@@ -79,8 +79,8 @@ pub struct SbatchArgs {
     pub generate: Vec<OsString>,
 }
 
-/// Exit code of `lmgen generate` when a signal stopped it cleanly (resume finishes the job).
-pub const EXIT_INTERRUPTED: i32 = 75;
+// Exit code of `lmgen generate` when a signal stopped it cleanly (resume finishes the job).
+use lmgen_core::job::EXIT_INTERRUPTED;
 
 /// `s` as one bash word: unchanged when it is made of safe characters only, else in single
 /// quotes (an embedded `'` becomes `'\''`).

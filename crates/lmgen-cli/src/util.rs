@@ -21,11 +21,15 @@ macro_rules! user_err {
     ($($t:tt)*) => { anyhow::Error::new($crate::util::UserError(format!($($t)*))) };
 }
 
-/// 2 for bad usage or bad input, 1 for runtime failures.
+/// 2 for bad usage or bad input, 75 for a job stopped by a signal, 1 for runtime failures.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<lmgen_core::Error>() {
-            return if e.is_user_error() { 2 } else { 1 };
+            return match e {
+                lmgen_core::Error::Interrupted(_) => lmgen_core::job::EXIT_INTERRUPTED,
+                e if e.is_user_error() => 2,
+                _ => 1,
+            };
         }
         if cause.is::<UserError>() {
             return 2;
@@ -47,14 +51,7 @@ pub fn one_line(msg: &str) -> String {
         .join(" ")
 }
 
-/// An I/O error without the "(os error N)" suffix.
-pub fn io_msg(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
-}
+pub use lmgen_core::job::io_msg;
 
 /// `--threads N`, else `$RAYON_NUM_THREADS` if the user set it, else the CPUs this process
 /// may use (affinity/cgroups via `available_parallelism`, capped by `$SLURM_CPUS_PER_TASK`).

@@ -207,7 +207,8 @@ fn short_form_writes_plain_text() {
     let recs = read_jsonl(&out_j);
     assert_eq!(recs.len(), 4);
     for (i, r) in recs.iter().enumerate() {
-        assert_eq!(r["id"], Value::from(i));
+        // The default id is the 0-based line number: blank lines count.
+        assert_eq!(r["id"], Value::from(2 * i));
         assert_eq!(r["prompt"].as_str().unwrap(), prompts(&g)[i]);
         assert_eq!(
             ids(&r["token_ids"]),

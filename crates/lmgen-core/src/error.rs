@@ -42,12 +42,21 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// Writing an output, sidecar or manifest failed (a runtime failure, exit code 1).
+    #[error("{0}")]
+    Output(String),
+    /// The job stopped on a signal after writing what was finished (see [`crate::job`]).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl Error {
     /// Errors caused by bad input (exit code 2), as opposed to runtime failures (exit code 1).
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, Error::Candle(_) | Error::Tokenizer(_))
+        !matches!(
+            self,
+            Error::Candle(_) | Error::Tokenizer(_) | Error::Output(_) | Error::Interrupted(_)
+        )
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -6,6 +6,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod hub;
+pub mod job;
 pub mod kernels;
 pub mod kv;
 pub mod loader;

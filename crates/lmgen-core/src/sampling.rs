@@ -55,8 +55,8 @@ impl SamplingParams {
     }
 }
 
-/// A sampler with its own random stream. The stream depends only on the seed, the request
-/// index and the sample number, never on batch composition.
+/// A sampler with its own random stream. The stream depends only on the seed, the stream key
+/// (see [`stream_key`]) and the sample number, never on batch composition or position.
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
@@ -64,9 +64,12 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(params: SamplingParams, request: u64, sample: u64) -> Self {
+    pub fn new(params: SamplingParams, key: Option<u64>, sample: u64) -> Self {
         let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(mix(mix(seed, request), sample)),
+            Some(seed) => {
+                let base = key.map_or(seed, |k| mix(seed, k));
+                StdRng::seed_from_u64(mix(base, sample))
+            }
             None => StdRng::from_os_rng(),
         };
         Self {
@@ -218,6 +221,14 @@ pub fn logprob_of(logits: &[f32], tok: u32) -> f32 {
     logits[tok as usize] - log_sum_exp(logits)
 }
 
+/// The stream key of a record sampled with a job-wide seed: a stable hash (FNV-1a, 64 bit)
+/// of its id as JSON, so the record samples the same in any position, batch or shard.
+pub fn stream_key(id_json: &str) -> u64 {
+    id_json.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// splitmix64-style mixing of a seed with a stream number.
 fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b
@@ -247,12 +258,12 @@ mod tests {
                 repetition_penalty: Some(10.0),
                 ..params(0.0)
             },
-            0,
+            Some(0),
             0,
         );
         // token 2 would win, but it was already generated and gets penalized below token 1.
         assert_eq!(s.sample(&mut [0.0, 2.0, 3.0], &[2]), 1);
-        let mut s = Sampler::new(params(0.0), 0, 0);
+        let mut s = Sampler::new(params(0.0), Some(0), 0);
         assert_eq!(s.sample(&mut [0.0, 2.0, 3.0], &[2]), 2);
     }
 
@@ -269,7 +280,7 @@ mod tests {
                 ..params(1.0)
             },
         ] {
-            let mut s = Sampler::new(p, 3, 0);
+            let mut s = Sampler::new(p, Some(3), 0);
             for _ in 0..50 {
                 assert_eq!(s.sample(&mut logits.clone(), &[]), 1);
             }
@@ -279,19 +290,38 @@ mod tests {
     #[test]
     fn seeded_streams_are_reproducible_and_distinct_per_request() {
         let draw = |req| {
-            let mut s = Sampler::new(params(1.0), req, 0);
+            let mut s = Sampler::new(params(1.0), Some(req), 0);
             (0..32)
                 .map(|_| s.sample(&mut [0.0f32; 16], &[]))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
+        // A request's own seed: the stream depends on the seed and the sample alone.
+        let own = |seed, sample| {
+            let mut s = Sampler::new(
+                SamplingParams {
+                    seed: Some(seed),
+                    ..params(1.0)
+                },
+                None,
+                sample,
+            );
+            (0..32)
+                .map(|_| s.sample(&mut [0.0f32; 16], &[]))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(own(5, 0), own(5, 0));
+        assert_ne!(own(5, 0), own(5, 1));
+        assert_ne!(own(5, 0), own(6, 0));
+        assert_ne!(stream_key("0"), stream_key("1"));
+        assert_eq!(stream_key("\"a\""), stream_key("\"a\""));
     }
 
     #[test]
     fn sampling_follows_the_distribution() {
         // p = softmax([ln 3, 0]) = [0.75, 0.25]
-        let mut s = Sampler::new(params(1.0), 0, 0);
+        let mut s = Sampler::new(params(1.0), Some(0), 0);
         let n = 20000;
         let ones = (0..n)
             .filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[]) == 1)
@@ -364,8 +394,8 @@ mod tests {
                 seed: Some(case as u64),
                 ..Default::default()
             };
-            let mut s = Sampler::new(params.clone(), 0, 0);
-            let mut rng = Sampler::new(params, 0, 0).rng;
+            let mut s = Sampler::new(params.clone(), Some(0), 0);
+            let mut rng = Sampler::new(params, Some(0), 0).rng;
             for _ in 0..5 {
                 let got = s.sample(&mut logits.clone(), &[]);
                 let want = reference(&logits, 0.8, top_k, top_p, rng.random());

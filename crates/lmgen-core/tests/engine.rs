@@ -29,6 +29,7 @@ fn req(
         stop,
         logprobs: false,
         ignore_eos: false,
+        stream_key: Some(index as u64),
     }
 }
 

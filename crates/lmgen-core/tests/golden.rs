@@ -74,6 +74,7 @@ fn greedy(
         stop: vec![],
         logprobs: true,
         ignore_eos: false,
+        stream_key: Some(i as u64),
     });
     let mut out = vec![(vec![], vec![], ""); prompts.len()];
     let mut gen = Generator::new(model, batch);

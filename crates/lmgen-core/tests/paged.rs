@@ -42,6 +42,7 @@ fn req(
         stop: vec![],
         logprobs: true,
         ignore_eos: true,
+        stream_key: Some(index as u64),
     }
 }
 

@@ -76,6 +76,7 @@ fn smollm2_gguf_matches_transformers() {
         stop: vec![],
         logprobs: true,
         ignore_eos: false,
+        stream_key: Some(i as u64),
     });
     let mut outs = vec![None; prompts.len()];
     Generator::new(&model, 3)

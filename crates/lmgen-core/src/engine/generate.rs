@@ -25,6 +25,10 @@ pub struct GenRequest {
     pub logprobs: bool,
     /// Keep generating past EOS tokens until `max_new_tokens` (benchmarks, as vLLM's `ignore_eos`).
     pub ignore_eos: bool,
+    /// What the random stream depends on besides the seed and the sample number: `None` for
+    /// a request with its own seed (vLLM's rule), else a stable hash of the record's id
+    /// ([`crate::sampling::stream_key`]), so a record samples the same wherever it runs.
+    pub stream_key: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +101,10 @@ pub struct Generator<'m> {
     /// Use the CPU step executor over the paged pool where the model allows it (`false`: the
     /// tensor path, the reference the paged path is tested against).
     pub paged: bool,
+    /// Checked before every step: once set, [`Generator::run`] returns
+    /// [`Error::Interrupted`] (finished outputs were already delivered; in-flight ones are
+    /// dropped).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Counters of a run (for tests and reports).
@@ -118,6 +126,7 @@ impl<'m> Generator<'m> {
             kv_memory: None,
             prefix_cache: true,
             paged: true,
+            stop: None,
         }
     }
 
@@ -180,6 +189,11 @@ impl<'m> Generator<'m> {
         let mut admitted = 0u64;
         let mut row: Vec<f32> = Vec::new();
         loop {
+            if let Some(stop) = &self.stop {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(Error::Interrupted("stopped by a signal".into()));
+                }
+            }
             // Admission: preempted sequences first, then new requests, while the batch has
             // room and the pool has the blocks for the whole prompt (plus one block of growth
             // for every running sequence).
@@ -383,7 +397,7 @@ impl<'m> Generator<'m> {
     fn activate(&self, req: GenRequest) -> Active<'m> {
         Active {
             kv: SeqKv::default(),
-            sampler: Sampler::new(req.params.clone(), req.index as u64, req.sample as u64),
+            sampler: Sampler::new(req.params.clone(), req.stream_key, req.sample as u64),
             history: req.prompt_ids.clone(),
             generated: Vec::with_capacity(req.max_new_tokens),
             logprobs: Vec::new(),

@@ -10,8 +10,9 @@
 //! record, `<id as JSON>\t<sample>\t<byte offset of the end of the record in OUT>`, appended
 //! and flushed after the record itself. On `--resume`, OUT is cut back to the offset of the
 //! last complete sidecar line and those records are skipped.
-use crate::input::id_key;
-use crate::util::{io_msg, UserError};
+use super::input::id_key;
+use super::io_msg;
+use crate::error::{Error, Result};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -49,33 +50,32 @@ pub struct OutputPlan {
 }
 
 pub fn sidecar_path(p: &Path) -> PathBuf {
-    let mut s = p.as_os_str().to_owned();
-    s.push(".lmgen-done");
-    PathBuf::from(s)
+    super::sidecar(p, "lmgen-done")
 }
 
 /// Check that OUT can be written, before loading anything. Nothing is modified.
-pub fn check_output_path(out: &str) -> anyhow::Result<PathBuf> {
+pub fn check_output_path(out: &str) -> Result<PathBuf> {
     let p = PathBuf::from(out);
     if p.is_dir() {
-        return Err(UserError(format!("{out}: is a directory, expected an output file")).into());
+        return Err(Error::BadRequest(format!(
+            "{out}: is a directory, expected an output file"
+        )));
     }
     let parent = match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
     if !parent.is_dir() {
-        return Err(UserError(format!(
+        return Err(Error::BadRequest(format!(
             "{out}: output directory {} does not exist",
             parent.display()
-        ))
-        .into());
+        )));
     }
     if p.exists() {
         OpenOptions::new()
             .append(true)
             .open(&p)
-            .map_err(|e| UserError(format!("{out}: cannot write: {}", io_msg(&e))))?;
+            .map_err(|e| Error::BadRequest(format!("{out}: cannot write: {}", io_msg(&e))))?;
     } else {
         let probe = parent.join(format!(".lmgen-probe-{}", std::process::id()));
         match File::create(&probe) {
@@ -83,12 +83,11 @@ pub fn check_output_path(out: &str) -> anyhow::Result<PathBuf> {
                 let _ = std::fs::remove_file(&probe);
             }
             Err(e) => {
-                return Err(UserError(format!(
+                return Err(Error::BadRequest(format!(
                     "{out}: output directory {} is not writable: {}",
                     parent.display(),
                     io_msg(&e)
-                ))
-                .into())
+                )))
             }
         }
     }
@@ -96,12 +95,7 @@ pub fn check_output_path(out: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Decide how OUT will be written; on `--resume`, collect the records already there.
-pub fn plan(
-    out: &str,
-    format: OutFormat,
-    resume: bool,
-    overwrite: bool,
-) -> anyhow::Result<OutputPlan> {
+pub fn plan(out: &str, format: OutFormat, resume: bool, overwrite: bool) -> Result<OutputPlan> {
     if out == "-" {
         return Ok(OutputPlan {
             path: None,
@@ -124,10 +118,9 @@ pub fn plan(
         return Ok(plan);
     }
     if !resume {
-        return Err(UserError(format!(
+        return Err(Error::BadRequest(format!(
             "{out} exists; use --resume to continue or --overwrite"
-        ))
-        .into());
+        )));
     }
     let data = read_all(&path)?;
     match format {
@@ -138,17 +131,16 @@ pub fn plan(
                     continue;
                 }
                 let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
-                    UserError(format!(
+                    Error::BadRequest(format!(
                         "{out}:{}: not a JSON record ({e}); cannot resume",
                         i + 1
                     ))
                 })?;
                 let Some(id) = v.get("id") else {
-                    return Err(UserError(format!(
+                    return Err(Error::BadRequest(format!(
                         "{out}:{}: record has no \"id\"; cannot resume",
                         i + 1
-                    ))
-                    .into());
+                    )));
                 };
                 let sample = v.get("sample").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
                 plan.done.insert((id_key(id), sample));
@@ -162,11 +154,10 @@ pub fn plan(
                     plan.keep_len = Some(0);
                     return Ok(plan);
                 }
-                return Err(UserError(format!(
+                return Err(Error::BadRequest(format!(
                     "{out}: cannot resume plain-text output without its progress file {} (use --overwrite, or a .jsonl output)",
                     side.display()
-                ))
-                .into());
+                )));
             }
             let sdata = read_all(&side)?;
             let complete = sdata.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -176,7 +167,7 @@ pub fn plan(
                     continue;
                 }
                 let bad = || {
-                    UserError(format!(
+                    Error::BadRequest(format!(
                         "{}:{}: malformed progress line; cannot resume",
                         side.display(),
                         i + 1
@@ -187,7 +178,7 @@ pub fn plan(
                 let (Some(off), Some(sample), Some(id)) =
                     (parts.next(), parts.next(), parts.next())
                 else {
-                    return Err(bad().into());
+                    return Err(bad());
                 };
                 let off: u64 = off.parse().map_err(|_| bad())?;
                 let sample: usize = sample.parse().map_err(|_| bad())?;
@@ -195,12 +186,11 @@ pub fn plan(
                 end = end.max(off);
             }
             if (data.len() as u64) < end {
-                return Err(UserError(format!(
+                return Err(Error::BadRequest(format!(
                     "{out} is shorter ({} bytes) than its progress file {} records ({end} bytes); cannot resume",
                     data.len(),
                     side.display()
-                ))
-                .into());
+                )));
             }
             plan.keep_len = Some(end);
             plan.sidecar_keep_len = complete as u64;
@@ -209,11 +199,11 @@ pub fn plan(
     Ok(plan)
 }
 
-fn read_all(p: &Path) -> anyhow::Result<Vec<u8>> {
+fn read_all(p: &Path) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
     File::open(p)
         .and_then(|mut f| f.read_to_end(&mut buf))
-        .map_err(|e| UserError(format!("{}: cannot read: {}", p.display(), io_msg(&e))))?;
+        .map_err(|e| Error::BadRequest(format!("{}: cannot read: {}", p.display(), io_msg(&e))))?;
     Ok(buf)
 }
 
@@ -230,6 +220,8 @@ pub struct RecordWriter {
     name: String,
     format: OutFormat,
     out: Box<dyn Write>,
+    /// The output file itself (for fsync), unless it is standard output.
+    file: Option<File>,
     sidecar: Option<(PathBuf, File)>,
     /// Bytes in OUT (text format: to know where records end).
     offset: u64,
@@ -240,12 +232,13 @@ pub struct RecordWriter {
 impl RecordWriter {
     /// Open OUT (repairing a torn tail on resume). `expected` lists the (index, sample)
     /// keys that will be written, in output order.
-    pub fn open(plan: &OutputPlan, expected: Vec<(usize, usize)>) -> anyhow::Result<Self> {
+    pub fn open(plan: &OutputPlan, expected: Vec<(usize, usize)>) -> Result<Self> {
+        let mut file = None;
         let (name, out, sidecar, offset): (String, Box<dyn Write>, _, u64) = match &plan.path {
             None => ("<stdout>".to_string(), Box::new(std::io::stdout()), None, 0),
             Some(path) => {
                 let name = path.display().to_string();
-                let ctx = |e: std::io::Error| anyhow::anyhow!("{name}: {}", io_msg(&e));
+                let ctx = |e: std::io::Error| Error::Output(format!("{name}: {}", io_msg(&e)));
                 let mut f = OpenOptions::new()
                     .create(true)
                     .write(true)
@@ -257,8 +250,9 @@ impl RecordWriter {
                 f.seek(SeekFrom::Start(keep)).map_err(ctx)?;
                 let sidecar = if plan.format == OutFormat::Text {
                     let side = sidecar_path(path);
-                    let sctx =
-                        |e: std::io::Error| anyhow::anyhow!("{}: {}", side.display(), io_msg(&e));
+                    let sctx = |e: std::io::Error| {
+                        Error::Output(format!("{}: {}", side.display(), io_msg(&e)))
+                    };
                     let mut s = OpenOptions::new()
                         .create(true)
                         .write(true)
@@ -276,6 +270,7 @@ impl RecordWriter {
                 } else {
                     None
                 };
+                file = f.try_clone().ok();
                 (name.clone(), Box::new(BufWriter::new(f)), sidecar, keep)
             }
         };
@@ -283,6 +278,7 @@ impl RecordWriter {
             name,
             format: plan.format,
             out,
+            file,
             sidecar,
             offset,
             expected: expected.into(),
@@ -292,7 +288,7 @@ impl RecordWriter {
 
     /// Buffer `rec` and write every record whose predecessors are all written.
     /// Returns how many records were written.
-    pub fn push(&mut self, rec: OutRecord) -> anyhow::Result<usize> {
+    pub fn push(&mut self, rec: OutRecord) -> Result<usize> {
         self.pending.insert((rec.index, rec.sample), rec);
         let mut n = 0;
         while let Some(key) = self.expected.front() {
@@ -306,9 +302,9 @@ impl RecordWriter {
         Ok(n)
     }
 
-    fn write_one(&mut self, rec: &OutRecord) -> anyhow::Result<()> {
+    fn write_one(&mut self, rec: &OutRecord) -> Result<()> {
         let name = &self.name;
-        let ctx = |e: std::io::Error| anyhow::anyhow!("{name}: {}", io_msg(&e));
+        let ctx = |e: std::io::Error| Error::Output(format!("{name}: {}", io_msg(&e)));
         let bytes = match self.format {
             OutFormat::Jsonl => format!("{}\n", rec.body),
             OutFormat::Text => {
@@ -326,22 +322,33 @@ impl RecordWriter {
             let line = format!("{}\t{}\t{}\n", rec.id_key, rec.sample, self.offset);
             f.write_all(line.as_bytes())
                 .and_then(|_| f.flush())
-                .map_err(|e| anyhow::anyhow!("{}: {}", side.display(), io_msg(&e)))?;
+                .map_err(|e| Error::Output(format!("{}: {}", side.display(), io_msg(&e))))?;
         }
         Ok(())
     }
 
-    pub fn finish(mut self) -> anyhow::Result<()> {
-        let name = self.name.clone();
-        self.out
-            .flush()
-            .map_err(|e| anyhow::anyhow!("{name}: {}", io_msg(&e)))?;
+    /// Flush what was written and have it reach the disk (output and progress file).
+    pub fn sync(&mut self) -> Result<()> {
+        let name = &self.name;
+        let ctx = |e: std::io::Error| Error::Output(format!("{name}: {}", io_msg(&e)));
+        self.out.flush().map_err(ctx)?;
+        if let Some(f) = &self.file {
+            f.sync_all().map_err(ctx)?;
+        }
+        if let Some((side, f)) = &self.sidecar {
+            f.sync_all()
+                .map_err(|e| Error::Output(format!("{}: {}", side.display(), io_msg(&e))))?;
+        }
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<()> {
+        self.sync()?;
         if let Some(k) = self.expected.front() {
-            anyhow::bail!(
+            return Err(Error::Output(format!(
                 "internal error: record {} (sample {}) was never produced",
-                k.0,
-                k.1
-            );
+                k.0, k.1
+            )));
         }
         Ok(())
     }

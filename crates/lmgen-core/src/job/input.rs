@@ -8,7 +8,7 @@
 //! are not records); that index is the default `id`, the id of an error record written for a
 //! bad line with `--skip-bad-lines`, and what `--resume` matches on. Errors name the 1-based
 //! line number in the file: `IN:LINE: message`.
-use crate::util::UserError;
+use crate::error::{Error, Result};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -69,25 +69,22 @@ impl Entry {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Input {
     /// How the input is named in messages (`-` is shown as `<stdin>`).
     pub name: String,
     pub entries: Vec<Entry>,
+    /// SHA-256 of the input's bytes (hex), the input's identity in a job manifest.
+    pub sha256: String,
 }
 
 impl Input {
     /// Turn an entry into an error: a user error, or (with `--skip-bad-lines`) a bad record
     /// reported as a warning on stderr.
-    pub fn reject(
-        &self,
-        rec: &InputRecord,
-        what: &str,
-        skip_bad: bool,
-    ) -> anyhow::Result<BadRecord> {
+    pub fn reject(&self, rec: &InputRecord, what: &str, skip_bad: bool) -> Result<BadRecord> {
         let message = format!("{}:{}: {}", self.name, rec.line, what);
         if !skip_bad {
-            return Err(UserError(message).into());
+            return Err(Error::BadRequest(message));
         }
         Ok(BadRecord {
             index: rec.index,
@@ -103,32 +100,28 @@ pub enum Format {
     Jsonl,
 }
 
-pub fn read_input(path: &str, skip_bad: bool) -> anyhow::Result<Input> {
+pub fn read_input(path: &str, skip_bad: bool) -> Result<Input> {
     let (name, bytes) = if path == "-" {
         let mut buf = Vec::new();
         std::io::stdin()
             .read_to_end(&mut buf)
-            .map_err(|e| UserError(format!("<stdin>: cannot read: {e}")))?;
+            .map_err(|e| Error::BadRequest(format!("<stdin>: cannot read: {e}")))?;
         ("<stdin>".to_string(), buf)
     } else {
         let p = std::path::Path::new(path);
         if p.is_dir() {
-            return Err(UserError(format!(
+            return Err(Error::BadRequest(format!(
                 "{path}: is a directory, expected an input file (.txt or .jsonl)"
-            ))
-            .into());
+            )));
         }
         let bytes = std::fs::read(p).map_err(|e| {
-            UserError(format!(
-                "{path}: cannot read input: {}",
-                crate::util::io_msg(&e)
-            ))
+            Error::BadRequest(format!("{path}: cannot read input: {}", super::io_msg(&e)))
         })?;
         (path.to_string(), bytes)
     };
     let input = parse_input(&name, path, &bytes, skip_bad)?;
     if input.entries.is_empty() {
-        return Err(UserError(format!("{name}: no prompts")).into());
+        return Err(Error::BadRequest(format!("{name}: no prompts")));
     }
     Ok(input)
 }
@@ -155,7 +148,7 @@ fn detect_format(path: &str, lines: &[&[u8]]) -> Format {
     }
 }
 
-pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> anyhow::Result<Input> {
+pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> Result<Input> {
     let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes); // UTF-8 BOM
     let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
     if lines.last().is_some_and(|l| l.is_empty()) {
@@ -181,7 +174,7 @@ pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> anyh
                 Format::Text => Ok(InputRecord {
                     index,
                     line: line_no,
-                    id: Value::from(index),
+                    id: Value::from(i),
                     prompt: PromptSrc::Text(unescape(s)),
                     overrides: Overrides::default(),
                 }),
@@ -192,11 +185,11 @@ pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> anyh
             Err(what) => {
                 let message = format!("{name}:{line_no}: {what}");
                 if !skip_bad {
-                    return Err(UserError(message).into());
+                    return Err(Error::BadRequest(message));
                 }
                 entries.push(Entry::Bad(BadRecord {
                     index,
-                    id: Value::from(index),
+                    id: Value::from(i),
                     message,
                 }));
             }
@@ -205,6 +198,7 @@ pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> anyh
     Ok(Input {
         name: name.to_string(),
         entries,
+        sha256: super::sha256_hex(bytes),
     })
 }
 
@@ -261,7 +255,7 @@ fn parse_json_line(
     line: usize,
     warned: &mut BTreeSet<String>,
     name: &str,
-) -> Result<InputRecord, String> {
+) -> std::result::Result<InputRecord, String> {
     let v: Value = serde_json::from_str(s).map_err(|e| format!("malformed JSON: {e}"))?;
     let Value::Object(obj) = v else {
         return Err(format!("expected a JSON object, got {}", kind(&v)));
@@ -272,7 +266,7 @@ fn parse_json_line(
         }
     }
     let id = match obj.get("id") {
-        None | Some(Value::Null) => Value::from(index),
+        None | Some(Value::Null) => Value::from(line - 1),
         Some(v @ (Value::String(_) | Value::Number(_))) => v.clone(),
         Some(v) => {
             return Err(format!(
@@ -309,7 +303,7 @@ fn parse_json_line(
         }
     };
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    let uint = |k: &str, min: u64| -> Result<Option<u64>, String> {
+    let uint = |k: &str, min: u64| -> std::result::Result<Option<u64>, String> {
         match get(k) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
@@ -318,7 +312,7 @@ fn parse_json_line(
             },
         }
     };
-    let float = |k: &str| -> Result<Option<f32>, String> {
+    let float = |k: &str| -> std::result::Result<Option<f32>, String> {
         match get(k) {
             None => Ok(None),
             Some(v) => v
@@ -399,7 +393,7 @@ pub fn id_key(id: &Value) -> String {
 mod tests {
     use super::*;
 
-    fn parse(path: &str, text: &str, skip: bool) -> anyhow::Result<Input> {
+    fn parse(path: &str, text: &str, skip: bool) -> Result<Input> {
         parse_input(path, path, text.as_bytes(), skip)
     }
 
@@ -418,7 +412,7 @@ mod tests {
             got,
             vec![
                 (0, 1, PromptSrc::Text("a\nb".into()), Value::from(0)),
-                (1, 3, PromptSrc::Text("c\td\\n".into()), Value::from(1)),
+                (1, 3, PromptSrc::Text("c\td\\n".into()), Value::from(2)),
             ]
         );
     }
@@ -444,7 +438,11 @@ mod tests {
         assert_eq!((r.index, r.line), (1, 3));
         assert_eq!(r.prompt, PromptSrc::Ids(vec![1, 2]));
         assert_eq!(r.overrides.ignore_eos, Some(true));
-        assert_eq!(r.id, Value::from(1));
+        assert_eq!(
+            r.id,
+            Value::from(2),
+            "the default id is the 0-based line number"
+        );
 
         for (bad, what) in [
             ("{\"prompt\":\"x\"\n{oops\n", "in.jsonl:1: malformed JSON"),
@@ -485,7 +483,7 @@ mod tests {
         )
         .unwrap();
         assert!(
-            matches!(&inp.entries[1], Entry::Bad(b) if b.index == 1 && b.message.starts_with("in.jsonl:2:"))
+            matches!(&inp.entries[1], Entry::Bad(b) if b.index == 1 && b.id == Value::from(1) && b.message.starts_with("in.jsonl:2:"))
         );
         assert_eq!(inp.entries.len(), 3);
     }
