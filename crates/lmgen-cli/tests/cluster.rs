@@ -1,6 +1,7 @@
-//! `lmgen sbatch`: the printed job script is valid bash, passes the generate arguments
-//! through intact, and handles the signals SLURM sends (run here with a stand-in lmgen and
-//! scontrol; scripts/test-slurm.sh runs it on a real SLURM).
+//! The cluster-facing commands. `lmgen sbatch`: the printed job script is valid bash, passes
+//! the generate arguments through intact, and handles the signals SLURM sends (run here with
+//! a stand-in lmgen and scontrol; scripts/test-slurm.sh runs it on a real SLURM).
+//! `lmgen --version`: version, commit, features, CPU kernels.
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -241,4 +242,31 @@ fn scancel_stops_lmgen_without_requeue() {
     assert_eq!(signals.trim(), "TERM");
     assert_eq!(scontrol, "");
     assert_eq!(code, Some(75));
+}
+
+#[test]
+fn version_names_commit_features_and_cpu_kernels() {
+    for flag in ["--version", "-V"] {
+        let out = Command::new(BIN).arg(flag).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], format!("lmgen {}", env!("CARGO_PKG_VERSION")), "{text}");
+        let field = |k: &str| {
+            lines
+                .iter()
+                .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+                .unwrap_or_else(|| panic!("no {k}: line in\n{text}"))
+                .to_string()
+        };
+        let commit = field("commit");
+        assert!(
+            commit == "unknown" || commit.chars().take(12).all(|c| c.is_ascii_hexdigit()),
+            "{commit}"
+        );
+        let features = field("features");
+        assert_eq!(features.starts_with("cuda"), cfg!(feature = "cuda"), "{features}");
+        assert!(field("cpu kernels").ends_with("scalar"));
+        assert!(!field("target").is_empty());
+    }
 }
