@@ -10,6 +10,8 @@
 #  3. `srun --ntasks=2 lmgen generate ... --resume --shard auto`, merged, compared;
 #  4. `lmgen sbatch --ntasks 2` submitted as printed: srun ranks, and the merge job that
 #     runs by itself once the job has succeeded; compared.
+#  5. such a job cancelled mid-run (both ranks stop cleanly), the same script submitted
+#     again (it resumes), merged, compared.
 #
 #   scripts/test-slurm.sh            (as root with apt-get: installs slurm-wlm if missing)
 #
@@ -242,6 +244,33 @@ waitgone "$J3,$MJ3" 600 || fail "job $J3 / merge job $MJ3 still queued after 600
 [ "$(state "$MJ3")" = COMPLETED ] && pass "the dependent merge job ran and succeeded" ||
     fail "merge job $MJ3: $(state "$MJ3"): $(cat logs/lmgenrank-merge-"$MJ3".out 2>/dev/null | tail -n 2)"
 check_same "sbatch --ntasks 2 + merge job" ranks.jsonl
+
+echo "=== 5. scancel of a job of 2 srun ranks mid-run, the same script submitted again"
+"$BIN" sbatch --ntasks 2 --cpus-per-task 1 --time 00:20:00 --job-name lmgenrk2 --log-dir logs \
+    -- "$MODEL" --input prompts.jsonl --output ranks2.jsonl "${GEN[@]}" > lmgenrk2.sbatch ||
+    fail "lmgen sbatch --ntasks 2"
+J4=$(sbatch --parsable lmgenrk2.sbatch); J4=${J4%%;*}
+if wait_records ranks2.jsonl.shards/0-of-2.jsonl 300 && wait_records ranks2.jsonl.shards/1-of-2.jsonl 300; then
+    scancel "$J4"
+    waitgone "$J4" 60
+    echo "job $J4 cancelled with $(cat ranks2.jsonl.shards/*-of-2.jsonl | wc -l) records written"
+    n75=$(grep -c "Exited with exit code 75" "logs/lmgenrk2-$J4.err")
+    if [ "$n75" = 2 ]; then
+        pass "scancel: both srun ranks stopped cleanly (exit 75)"
+    elif grep -q "lmgen exited 0" "logs/lmgenrk2-$J4.err"; then
+        echo "note: job $J4 had finished before scancel landed"
+    else
+        fail "scancel of srun ranks: $(tail -n 4 "logs/lmgenrk2-$J4.err" | tr '\n' '|')"
+    fi
+else
+    fail "job $J4 wrote no records within 300 s"
+fi
+J5=$(sbatch --parsable lmgenrk2.sbatch); J5=${J5%%;*}
+waitgone "$J5" 600 || fail "job $J5 still queued after 600 s"
+[ "$(state "$J5")" = COMPLETED ] && pass "submitted again: both ranks resumed and completed" ||
+    fail "job $J5: $(state "$J5")"
+"$BIN" merge ranks2.jsonl && pass "lmgen merge ranks2.jsonl" || fail "lmgen merge ranks2.jsonl: exit $?"
+check_same "srun ranks, cancelled and submitted again" ranks2.jsonl
 
 echo "test-slurm: done in $(elapsed)"
 if [ "$fails" = 0 ]; then echo "test-slurm: all passed"; else echo "test-slurm: $fails failed"; exit 1; fi
