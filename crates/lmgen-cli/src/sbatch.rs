@@ -486,7 +486,7 @@ mod tests {
             "lmgen".into(),
             "sbatch".into(),
             "--chdir".into(),
-            "/work".into(),
+            "/scratch/project".into(),
             "--lmgen".into(),
             "/opt/lmgen/bin/lmgen".into(),
         ];
