@@ -27,6 +27,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 source "$ROOT/scripts/slurm-local.sh"
 
 skip() { echo "test-slurm: SKIP: $*"; exit 0; }
+if ! { command -v slurmctld && command -v slurmd && command -v sbatch; } >/dev/null &&
+   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test-slurm: SLURM not found; installing it (apt-get install slurmctld slurmd slurm-client munge)"
+fi
 slurm_install || skip "SLURM is not installed and cannot be installed here (needs root and apt-get)"
 for c in sbatch srun squeue scancel scontrol slurmctld slurmd; do
     command -v "$c" >/dev/null || skip "SLURM command $c not found"
