@@ -40,8 +40,7 @@ slurm_stop() {
     export SLURM_CONF=$D/slurm.conf
     if _slurm_alive "$D/run/slurmctld.pid"; then
         scancel --quiet --user="$(id -un)" 2>/dev/null
-        local i
-        for i in $(seq 1 40); do
+        for _ in $(seq 1 40); do
             [ -z "$(squeue -h 2>/dev/null)" ] && break
             sleep 0.25
         done
@@ -51,7 +50,7 @@ slurm_stop() {
         if _slurm_alive "$D/run/$p.pid"; then
             pid=$(cat "$D/run/$p.pid")
             kill "$pid"
-            for i in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+            for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
             kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
         fi
         rm -f "$D/run/$p.pid"
@@ -138,8 +137,8 @@ CONF
 
     slurmctld -f "$SLURM_CONF" || return 1
     slurmd -f "$SLURM_CONF" || return 1
-    local s= i
-    for i in $(seq 1 120); do
+    local s=''
+    for _ in $(seq 1 120); do
         s=$(sinfo -h -o %T 2>/dev/null)
         [ "$s" = idle ] && break
         sleep 0.25

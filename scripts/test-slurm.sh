@@ -150,6 +150,7 @@ bash -n lmgentest.sbatch && pass "the printed script is valid bash" || fail "bas
 SUBMIT=$(sed -n 's/^#   \(jid=.*\)$/\1/p' lmgentest.sbatch)
 [ -n "$SUBMIT" ] || { echo "test-slurm: FAIL: no submit line in the printed script"; exit 1; }
 echo "submit (as printed): $SUBMIT"
+jid=
 eval "$SUBMIT" > merge.jid || { echo "test-slurm: FAIL: submission"; exit 1; }
 J=${jid%%;*}
 MJ=$(cut -d';' -f1 merge.jid)
@@ -231,7 +232,7 @@ check_same "array with scancel/requeue/time limit" out.jsonl
 echo "=== 3. srun --ntasks=2 ... --resume --shard auto"
 srun --ntasks=2 --cpus-per-task=1 "$BIN" generate "$MODEL" --input prompts.jsonl --output srun.jsonl \
     "${GEN[@]}" --resume --shard auto 2> srun.err || fail "srun: exit $? ($(tail -n 2 srun.err | tr '\n' '|'))"
-ls srun.jsonl.shards/ | grep -q '^1-of-2\.' && pass "srun ranks wrote shards 0-of-2 and 1-of-2" ||
+[ -s srun.jsonl.shards/0-of-2.jsonl ] && [ -s srun.jsonl.shards/1-of-2.jsonl ] && pass "srun ranks wrote shards 0-of-2 and 1-of-2" ||
     fail "srun shards: $(ls srun.jsonl.shards/ 2>&1 | tr '\n' ' ')"
 "$BIN" merge srun.jsonl && pass "lmgen merge srun.jsonl" || fail "lmgen merge srun.jsonl: exit $?"
 check_same "srun --ntasks=2" srun.jsonl
@@ -241,6 +242,7 @@ echo "=== 4. lmgen sbatch --ntasks 2: srun ranks in a batch job, dependent merge
     -- "$MODEL" --input prompts.jsonl --output ranks.jsonl "${GEN[@]}" > lmgenrank.sbatch ||
     fail "lmgen sbatch --ntasks 2"
 SUBMIT=$(sed -n 's/^#   \(jid=.*\)$/\1/p' lmgenrank.sbatch)
+jid=
 eval "$SUBMIT" > merge2.jid || fail "submission of lmgenrank.sbatch"
 J3=${jid%%;*}; MJ3=$(cut -d';' -f1 merge2.jid)
 waitgone "$J3,$MJ3" 600 || fail "job $J3 / merge job $MJ3 still queued after 600 s"
