@@ -3,8 +3,8 @@
 use crate::config::RawConfig;
 use crate::engine::{RunSeq, Runner, SeqKv};
 use crate::error::Result;
+use crate::families::{self, Loader};
 use crate::kv::BlockTable;
-use crate::model::families::{self, Loader};
 use crate::model::{Decoder, Want};
 use crate::sampling::argmax;
 use crate::weights::WeightStore;
@@ -334,31 +334,30 @@ pub struct BenchOptions {
     pub alloc_counter: Option<fn() -> u64>,
 }
 
-/// Parameters in the matrices every token multiplies with (all linears + head).
-fn matmul_params(d: &Decoder) -> usize {
+/// Sum of `f` over the matrices a token multiplies with (all linears + head; of the experts,
+/// the `top_k` a token is routed to, on average).
+fn per_token(d: &Decoder, f: impl Fn(&crate::model::layers::Linear) -> usize) -> usize {
     let w = &d.weights;
-    let mut n = w.lm_head.param_count();
+    let mut n = f(&w.lm_head);
     for b in &w.blocks {
-        n += b.qkv.param_count() + b.out.param_count();
-        n += b.mlp_in.param_count() + b.mlp_out.param_count();
+        n += f(&b.qkv) + f(&b.out) + f(&b.mlp_in) + f(&b.mlp_out);
+        if let (Some(m), Some(ms)) = (&b.moe, &d.spec.moe) {
+            n += f(&m.router) + m.shared_gate.as_ref().map_or(0, &f);
+            let all: usize = m.experts.iter().map(|(a, b)| f(a) + f(b)).sum();
+            n += all * ms.top_k / m.experts.len().max(1);
+        }
     }
-    n += w.project_in.as_ref().map_or(0, |p| p.param_count());
-    n += w.project_out.as_ref().map_or(0, |p| p.param_count());
-    n
+    n + w.project_in.as_ref().map_or(0, &f) + w.project_out.as_ref().map_or(0, &f)
+}
+
+/// Parameters in the matrices every token multiplies with.
+fn matmul_params(d: &Decoder) -> usize {
+    per_token(d, |l| l.param_count())
 }
 
 /// Stored bytes of the matrices every token multiplies with.
 fn matmul_bytes(d: &Decoder) -> usize {
-    let w = &d.weights;
-    let mut n = w.lm_head.weight_bytes();
-    for b in &w.blocks {
-        n += b.qkv.weight_bytes()
-            + b.out.weight_bytes()
-            + b.mlp_in.weight_bytes()
-            + b.mlp_out.weight_bytes();
-    }
-    n + w.project_in.as_ref().map_or(0, |p| p.weight_bytes())
-        + w.project_out.as_ref().map_or(0, |p| p.weight_bytes())
+    per_token(d, |l| l.weight_bytes())
 }
 
 /// Benchmark a synthetic model of the shape `config` describes.

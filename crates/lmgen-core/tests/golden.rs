@@ -104,6 +104,7 @@ fn check_family(name: &str) {
     // 1. Prompt log-probabilities (one full forward pass).
     let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
     let scores = score_batch(&model, &refs).unwrap();
+    let mut worst = 0f32;
     for (i, (p, s)) in g["prompts"]
         .as_array()
         .unwrap()
@@ -118,12 +119,15 @@ fn check_family(name: &str) {
             "{name} prompt {i}: logprob count"
         );
         for (j, (a, b)) in s.logprobs.iter().zip(&want).enumerate() {
+            worst = worst.max((a - b).abs());
             assert!(
                 (a - b).abs() <= LOGPROB_TOL,
                 "{name} prompt {i} token {j}: logprob {a} vs transformers {b}"
             );
         }
     }
+
+    eprintln!("{name}: max |prompt logprob - transformers| = {worst:.2e}");
 
     // 2. Greedy generation, one prompt at a time, vs transformers' generate().
     let single = greedy(&model, &prompts, max_new, 1, 2048);
@@ -259,6 +263,29 @@ family_tests! {
     llama_rope_yarn => "llama-rope-yarn",
     mistral_swa => "mistral-swa",
     qwen2 => "qwen2",
+    gemma => "gemma",
+    gemma2 => "gemma2",
+    gemma3 => "gemma3",
+    qwen3 => "qwen3",
+    phi3 => "phi3",
+    olmo => "olmo",
+    olmo2 => "olmo2",
+    stablelm => "stablelm",
+    stablelm_qkln_par => "stablelm-qkln-par",
+    starcoder2 => "starcoder2",
+    phi => "phi",
+    phi_qkln => "phi-qkln",
+    gptj => "gptj",
+    falcon => "falcon",
+    falcon_mq => "falcon-mq",
+    falcon_rw => "falcon-rw",
+    gpt_bigcode => "gpt-bigcode",
+    gpt_bigcode_mha => "gpt-bigcode-mha",
+    mpt => "mpt",
+    mixtral => "mixtral",
+    qwen2_moe => "qwen2-moe",
+    qwen3_moe => "qwen3-moe",
+    olmoe => "olmoe",
 }
 
 #[test]

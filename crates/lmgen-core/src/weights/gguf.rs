@@ -6,16 +6,13 @@
 use super::st::one_line;
 use super::{TensorMeta, TensorSource};
 use crate::error::{Error, Result};
-use crate::model::quant::{QMatrix, QuantKind};
+use crate::kernels::quant::{QMatrix, QuantKind};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-
-/// Architectures `config_json` can describe, with their HF class names.
-const SUPPORTED: &[(&str, &str)] = &[("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")];
 
 #[derive(Debug, Clone)]
 struct Mapped {
@@ -279,22 +276,10 @@ impl GgufFile {
         self.md(key).and_then(value_f64)
     }
 
-    /// A Hugging Face `config.json` equivalent built from the GGUF metadata.
-    pub fn config_json(&self) -> Result<serde_json::Value> {
+    /// A Hugging Face `config.json` equivalent built from the GGUF metadata, for the
+    /// transformers class `class` (the family registry says which class an architecture is).
+    pub fn config_json(&self, class: &str) -> Result<serde_json::Value> {
         let arch = self.arch.as_str();
-        let class = SUPPORTED
-            .iter()
-            .find(|(a, _)| *a == arch)
-            .map(|(_, c)| *c)
-            .ok_or_else(|| Error::UnknownArchitecture {
-                path: self.path.clone(),
-                arch: arch.to_string(),
-                supported: SUPPORTED
-                    .iter()
-                    .map(|(a, _)| format!("{a} (GGUF)"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
         let k = |s: &str| format!("{arch}.{s}");
         let layers = self.req_u64(&k("block_count"))?;
         let hidden = self.req_u64(&k("embedding_length"))?;
@@ -714,7 +699,7 @@ mod tests {
             .unwrap();
         assert_eq!(e.dtype(), DType::F16);
 
-        let c = g.config_json().unwrap();
+        let c = g.config_json("LlamaForCausalLM").unwrap();
         assert_eq!(c["architectures"][0], "LlamaForCausalLM");
         assert_eq!(c["model_type"], "llama");
         assert_eq!(c["num_hidden_layers"], 1);
@@ -748,7 +733,7 @@ mod tests {
         assert_eq!(max_diff(&q, &t.q), 0.0);
         let lm = g.load("lm_head.weight", DType::F32, &dev).unwrap();
         assert!(max_diff(&lm, &t.embd) < 0.05);
-        let c = g.config_json().unwrap();
+        let c = g.config_json("Qwen2ForCausalLM").unwrap();
         assert_eq!(c["architectures"][0], "Qwen2ForCausalLM");
         assert_eq!(c["tie_word_embeddings"], false);
     }
@@ -779,7 +764,7 @@ mod tests {
         let up = dir.path().join("phi.gguf");
         write_tiny(&up, "phi9", true);
         let g = GgufFile::open(&up).unwrap();
-        let e = g.config_json().unwrap_err();
+        let e = crate::families::gguf_class(&up, g.architecture()).unwrap_err();
         assert!(
             matches!(e, Error::UnknownArchitecture { ref arch, .. } if arch == "phi9"),
             "{e}"
@@ -816,7 +801,7 @@ mod tests {
         };
         eprintln!("checking {}", p.display());
         let g = GgufFile::open(&p).unwrap();
-        g.config_json().unwrap();
+        g.config_json("LlamaForCausalLM").unwrap();
         let dev = Device::Cpu;
         let metas = g.metas().unwrap();
         for (n, m) in &metas {
