@@ -34,6 +34,31 @@ pub fn preset(name: &str) -> Option<Value> {
             "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
             "tie_word_embeddings": true})
         }
+        "mixtral-8x7b" => {
+            json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+            "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-5})
+        }
+        "gemma-2-9b" => {
+            json!({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+            "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+            "intermediate_size": 14336, "vocab_size": 256000, "max_position_embeddings": 8192,
+            "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6})
+        }
+        "falcon-40b" => {
+            json!({"architectures": ["FalconForCausalLM"], "model_type": "falcon", "hidden_size": 8192,
+            "num_hidden_layers": 60, "num_attention_heads": 128, "num_kv_heads": 8,
+            "new_decoder_architecture": true, "parallel_attn": true, "bias": false, "alibi": false,
+            "vocab_size": 65024, "max_position_embeddings": 2048, "tie_word_embeddings": false})
+        }
+        "phi-3-medium" => {
+            json!({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 5120,
+            "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 10,
+            "intermediate_size": 17920, "vocab_size": 32064, "max_position_embeddings": 4096,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "sliding_window": 2047})
+        }
         _ => return None,
     })
 }
@@ -49,6 +74,10 @@ pub const PRESETS: &[&str] = &[
     "gpt-neox-20b",
     "opt-30b",
     "bloom-176b",
+    "phi-3-medium",
+    "gemma-2-9b",
+    "falcon-40b",
+    "mixtral-8x7b",
 ];
 
 fn opt(h: usize, l: usize, nh: usize, ffn: usize, vocab: usize, act: &str) -> Value {

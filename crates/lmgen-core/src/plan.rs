@@ -625,6 +625,10 @@ mod tests {
             ("bloom-176b", 176.25e9),
             ("gpt-neox-20b", 20.55e9),
             ("smollm2-135m", 0.1348e9),
+            ("mixtral-8x7b", 46.70e9),
+            ("gemma-2-9b", 9.242e9),
+            ("falcon-40b", 41.84e9),
+            ("phi-3-medium", 13.96e9),
         ] {
             let s = spec(name);
             let (b, e, h) = param_counts(&s);

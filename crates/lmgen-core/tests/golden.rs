@@ -288,6 +288,75 @@ family_tests! {
     olmoe => "olmoe",
 }
 
+/// `lmgen bench` builds every family from its config alone, with synthetic weights, and the
+/// result runs on the paged CPU executor.
+#[test]
+fn every_family_builds_from_its_config_with_synthetic_weights() {
+    let mut n = 0;
+    for e in std::fs::read_dir(fixtures().join("golden")).unwrap() {
+        let name = e
+            .unwrap()
+            .path()
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let cfg = model_dir(&name).join("config.json");
+        if !cfg.is_file() {
+            continue;
+        }
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        let d = lmgen_core::bench::synthetic_decoder(
+            json,
+            7,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(d.cpu_step_supported(), "{name}");
+        n += 1;
+    }
+    assert!(n >= 40, "{n} fixture configs");
+}
+
+/// Expert matrices take `--quantize` like the others, and stay as close to f32 as the dense
+/// matrices of a dense model do (these fixtures have large activations: q8_0 moves their
+/// logprobs by tenths).
+#[test]
+fn experts_quantize() {
+    use lmgen_core::model::quant::QuantKind;
+    let worst = |name: &str| -> f32 {
+        let g = golden(name);
+        let model = load(
+            &ModelLocation::Dir(model_dir(name)),
+            &LoadOptions {
+                quantize: Some(QuantKind::Q8_0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        if let Some(moe) = &model.decoder.weights.blocks[0].moe {
+            assert!(matches!(
+                moe.experts[0].0.weight,
+                lmgen_core::model::layers::Weight::Quant(_)
+            ));
+        }
+        let mut w = 0f32;
+        for p in g["prompts"].as_array().unwrap() {
+            let s = score_batch(&model, &[&ids(&p["input_ids"])])
+                .unwrap()
+                .remove(0);
+            for (a, b) in s.logprobs.iter().zip(floats(&p["prompt_logprobs"])) {
+                w = w.max((a - b).abs());
+            }
+        }
+        w
+    };
+    let (moe, dense) = (worst("mixtral"), worst("llama"));
+    eprintln!("q8_0 max |logprob - transformers f32|: mixtral {moe}, llama {dense}");
+    assert!(moe < 3.0 * dense.max(0.1), "mixtral {moe} vs llama {dense}");
+}
+
 #[test]
 fn every_golden_file_has_a_test() {
     let listed = include_str!("golden.rs");
