@@ -1142,6 +1142,52 @@ def smollm2(out_root: Path) -> None:
     dump_json(golden, out_root / "golden" / "smollm2.json")
 
 
+# --------------------------------------------------------------------------------------
+# GGUF files of fixtures, written by llama.cpp's own convert_hf_to_gguf.py
+# --------------------------------------------------------------------------------------
+LLAMA_CPP_PYTHON = "0.3.36"  # the sdist benches/build-llama-cpp.sh uses; its vendor/llama.cpp has the converter
+# fixture -> (GGUF file, tokenizer.ggml.pre to record). The converter recognizes pre-tokenizers by
+# hashing their output on a test string; the fixtures' tiny tokenizers are unknown to it, so the
+# family's real pre-tokenizer name is given.
+GGUF_FIXTURES = {"qwen3": ("qwen3.f16.gguf", "qwen2")}
+
+
+def llama_cpp_src() -> Path:
+    cache = Path(os.environ.get("LMGEN_CACHE") or Path.home() / ".cache" / "lmgen")
+    src = cache / f"llama.cpp-{LLAMA_CPP_PYTHON}" / "src"
+    if not (src / "convert_hf_to_gguf.py").exists():
+        tmp = Path(tempfile.mkdtemp())
+        subprocess.check_call([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+                               "llama-cpp-python", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(tmp)])
+        import tarfile
+        with tarfile.open(tmp / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as t:
+            t.extractall(tmp)
+        src.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"), str(src))
+    return src
+
+
+def gguf_fixtures(out_root: Path, only: set) -> None:
+    src = llama_cpp_src()
+    runner = (
+        "import sys, runpy\n"
+        "src, pre = sys.argv[1], sys.argv[2]\n"
+        "sys.path[:0] = [src, src + '/gguf-py']\n"
+        "import conversion.base as b\n"
+        "b.TextModel.get_vocab_base_pre = lambda self, tok: pre\n"
+        "sys.argv = [src + '/convert_hf_to_gguf.py'] + sys.argv[3:]\n"
+        "runpy.run_path(src + '/convert_hf_to_gguf.py', run_name='__main__')\n"
+    )
+    (out_root / "gguf").mkdir(parents=True, exist_ok=True)
+    for name, (fname, pre) in GGUF_FIXTURES.items():
+        if only and name not in only:
+            continue
+        out = out_root / "gguf" / fname
+        subprocess.check_call([sys.executable, "-c", runner, str(src), pre, str(out_root / name), "--outtype", "f16",
+                               "--outfile", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        print(f"[gguf] {name} -> {out.relative_to(out_root)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
@@ -1167,6 +1213,7 @@ def main() -> None:
             build_fixture(spec, tok_dirs, out_root, summary)
         if summary and not args.no_verify:
             verify(out_root, summary)
+    gguf_fixtures(out_root, only)
     if not args.no_smollm2 and (not only or "smollm2" in only):
         smollm2(out_root)
     print(f"\nversions: torch {torch.__version__}, transformers {transformers.__version__}")

@@ -91,8 +91,12 @@ fn greedy(
 }
 
 fn check_family(name: &str) {
+    check_model(name, &load_fixture(name));
+}
+
+/// The checks of [`check_family`] on `model` against the goldens of fixture `name`.
+fn check_model(name: &str, model: &Model) {
     let g = golden(name);
-    let model = load_fixture(name);
     let prompts: Vec<Vec<u32>> = g["prompts"]
         .as_array()
         .unwrap()
@@ -286,6 +290,28 @@ family_tests! {
     qwen2_moe => "qwen2-moe",
     qwen3_moe => "qwen3-moe",
     olmoe => "olmoe",
+}
+
+/// A GGUF file written by llama.cpp's `convert_hf_to_gguf.py` from a fixture (f16, so the
+/// weights are exactly the fixture's) runs like the checkpoint, with the tokenizer rebuilt from
+/// the GGUF metadata giving the same ids.
+#[test]
+fn gguf_from_llama_cpp_converter() {
+    for (name, file) in [("qwen3", "qwen3.f16.gguf")] {
+        let path = fixtures().join("gguf").join(file);
+        let model = load(&ModelLocation::Gguf(path.clone()), &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(model.spec().architecture, golden(name)["architecture"]);
+        for p in golden(name)["prompts"].as_array().unwrap() {
+            let text = p["text"].as_str().unwrap();
+            assert_eq!(
+                model.tokenizer.encode(text).unwrap(),
+                ids(&p["input_ids"]),
+                "{file}: {text:?}"
+            );
+        }
+        check_model(name, &model);
+    }
 }
 
 /// `lmgen bench` builds every family from its config alone, with synthetic weights, and the

@@ -14,7 +14,11 @@ pub const FAMILY: Family = Family {
         "Qwen3ForCausalLM",
     ],
     model_types: &["llama", "mistral", "qwen2", "qwen3"],
-    gguf: &[("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")],
+    gguf: &[
+        ("llama", "LlamaForCausalLM"),
+        ("qwen2", "Qwen2ForCausalLM"),
+        ("qwen3", "Qwen3ForCausalLM"),
+    ],
     spec,
     load,
 };

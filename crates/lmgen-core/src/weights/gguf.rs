@@ -34,7 +34,7 @@ pub struct GgufFile {
     tensors: BTreeMap<String, Mapped>,
 }
 
-/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2 layout). `None` for names without an
+/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2/Qwen3 layout). `None` for names without an
 /// HF counterpart; those are exposed under their GGUF name (and then reported as unused).
 fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
@@ -60,6 +60,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -296,7 +298,7 @@ impl GgufFile {
             .md_u64(&k("attention.key_length"))
             .or_else(|| self.md_u64(&k("rope.dimension_count")))
             .unwrap_or(hidden / heads);
-        let qwen = arch == "qwen2";
+        let qwen = arch == "qwen2" || arch == "qwen3";
         let eps = self
             .md_f64(&k("attention.layer_norm_rms_epsilon"))
             .unwrap_or(if qwen { 1e-6 } else { 1e-5 });
@@ -349,7 +351,7 @@ impl GgufFile {
         c.insert("tie_word_embeddings".into(), tie.into());
         c.insert("bos_token_id".into(), tok("tokenizer.ggml.bos_token_id"));
         c.insert("eos_token_id".into(), tok("tokenizer.ggml.eos_token_id"));
-        if !qwen {
+        if arch != "qwen2" {
             c.insert("attention_bias".into(), bias.into());
             c.insert("mlp_bias".into(), false.into());
         }
