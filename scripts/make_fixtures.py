@@ -1149,7 +1149,10 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the sdist benches/build-llama-cpp.sh uses; its ve
 # fixture -> (GGUF file, tokenizer.ggml.pre to record). The converter recognizes pre-tokenizers by
 # hashing their output on a test string; the fixtures' tiny tokenizers are unknown to it, so the
 # family's real pre-tokenizer name is given.
-GGUF_FIXTURES = {"qwen3": ("qwen3.f16.gguf", "qwen2")}
+GGUF_FIXTURES = {
+    "qwen3": [("qwen3.f16.gguf", "qwen2", "f16")],
+    "qwen2-moe": [("qwen2-moe.f16.gguf", "qwen2", "f16"), ("qwen2-moe.q8_0.gguf", "qwen2", "q8_0")],
+}
 
 
 def llama_cpp_src() -> Path:
@@ -1179,13 +1182,15 @@ def gguf_fixtures(out_root: Path, only: set) -> None:
         "runpy.run_path(src + '/convert_hf_to_gguf.py', run_name='__main__')\n"
     )
     (out_root / "gguf").mkdir(parents=True, exist_ok=True)
-    for name, (fname, pre) in GGUF_FIXTURES.items():
+    for name, files in GGUF_FIXTURES.items():
         if only and name not in only:
             continue
-        out = out_root / "gguf" / fname
-        subprocess.check_call([sys.executable, "-c", runner, str(src), pre, str(out_root / name), "--outtype", "f16",
-                               "--outfile", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        print(f"[gguf] {name} -> {out.relative_to(out_root)}")
+        for fname, pre, outtype in files:
+            out = out_root / "gguf" / fname
+            subprocess.check_call([sys.executable, "-c", runner, str(src), pre, str(out_root / name), "--outtype",
+                                   outtype, "--outfile", str(out)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+            print(f"[gguf] {name} -> {out.relative_to(out_root)}")
 
 
 def main() -> None:

@@ -107,7 +107,7 @@ fn check_model(name: &str, model: &Model) {
 
     // 1. Prompt log-probabilities (one full forward pass).
     let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
-    let scores = score_batch(&model, &refs).unwrap();
+    let scores = score_batch(model, &refs).unwrap();
     let mut worst = 0f32;
     for (i, (p, s)) in g["prompts"]
         .as_array()
@@ -134,7 +134,7 @@ fn check_model(name: &str, model: &Model) {
     eprintln!("{name}: max |prompt logprob - transformers| = {worst:.2e}");
 
     // 2. Greedy generation, one prompt at a time, vs transformers' generate().
-    let single = greedy(&model, &prompts, max_new, 1, 2048);
+    let single = greedy(model, &prompts, max_new, 1, 2048);
     for (i, (p, (toks, lps, finish))) in g["prompts"]
         .as_array()
         .unwrap()
@@ -179,7 +179,7 @@ fn check_model(name: &str, model: &Model) {
             continue;
         };
         assert_eq!(hs.len(), layers.len(), "{name}: hidden state count");
-        let got = embed_batch(&model, &[&prompts[i]], &layers, Pool::None)
+        let got = embed_batch(model, &[&prompts[i]], &layers, Pool::None)
             .unwrap()
             .remove(0);
         for (l, (t, want)) in got.iter().zip(hs).enumerate() {
@@ -210,8 +210,8 @@ fn check_model(name: &str, model: &Model) {
 
     // 4. Batched == single: identical tokens whatever shares the batch,
     //    also with prompts prefilled in chunks of 3 tokens across steps.
-    let batched = greedy(&model, &prompts, max_new, 3, 2048);
-    let chunked = greedy(&model, &prompts, max_new, 2, 3);
+    let batched = greedy(model, &prompts, max_new, 3, 2048);
+    let chunked = greedy(model, &prompts, max_new, 2, 3);
     for (i, ((a, b), c)) in single.iter().zip(&batched).zip(&chunked).enumerate() {
         assert_eq!(
             a.0, b.0,
@@ -228,7 +228,7 @@ fn check_model(name: &str, model: &Model) {
         for (i, (toks, lps, _)) in single.iter().enumerate() {
             let mut full = prompts[i].clone();
             full.extend(toks);
-            let s = score_batch(&model, &[&full]).unwrap().remove(0);
+            let s = score_batch(model, &[&full]).unwrap().remove(0);
             let tail = &s.logprobs[prompts[i].len() - 1..];
             for (j, (a, b)) in lps.iter().zip(tail).enumerate() {
                 assert!(
@@ -297,7 +297,10 @@ family_tests! {
 /// the GGUF metadata giving the same ids.
 #[test]
 fn gguf_from_llama_cpp_converter() {
-    for (name, file) in [("qwen3", "qwen3.f16.gguf")] {
+    for (name, file) in [
+        ("qwen3", "qwen3.f16.gguf"),
+        ("qwen2-moe", "qwen2-moe.f16.gguf"),
+    ] {
         let path = fixtures().join("gguf").join(file);
         let model = load(&ModelLocation::Gguf(path.clone()), &LoadOptions::default())
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -312,6 +315,38 @@ fn gguf_from_llama_cpp_converter() {
         }
         check_model(name, &model);
     }
+}
+
+/// A Q8_0 GGUF of a mixture of experts keeps its stacked expert matrices quantized (one
+/// expert's rows sliced out of llama.cpp's `[experts, rows, cols]` tensor) and tracks the f32
+/// goldens as closely as quantized dense models do.
+#[test]
+fn gguf_q8_0_experts_stay_quantized() {
+    let path = fixtures().join("gguf/qwen2-moe.q8_0.gguf");
+    let model = load(&ModelLocation::Gguf(path), &LoadOptions::default()).unwrap();
+    let moe = model.decoder.weights.blocks[0].moe.as_ref().unwrap();
+    for (gu, down) in &moe.experts {
+        assert!(matches!(
+            gu.weight,
+            lmgen_core::model::layers::Weight::Quant(_)
+        ));
+        assert!(matches!(
+            down.weight,
+            lmgen_core::model::layers::Weight::Quant(_)
+        ));
+    }
+    let g = golden("qwen2-moe");
+    let mut worst = 0f32;
+    for p in g["prompts"].as_array().unwrap() {
+        let s = score_batch(&model, &[&ids(&p["input_ids"])])
+            .unwrap()
+            .remove(0);
+        for (a, b) in s.logprobs.iter().zip(floats(&p["prompt_logprobs"])) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    eprintln!("qwen2-moe q8_0 GGUF: max |logprob - transformers f32| = {worst}");
+    assert!(worst < 1.0, "{worst}");
 }
 
 /// `lmgen bench` builds every family from its config alone, with synthetic weights, and the

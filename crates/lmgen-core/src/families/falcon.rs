@@ -39,10 +39,11 @@ pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
     let max_positions = c.usize_any(&["max_position_embeddings"])?.unwrap_or(2048);
     let alibi = c.bool_or("alibi", false)?;
     let bias = c.bool_or("bias", false)?;
-    let mut spec_positions = Positions::Alibi;
-    if !alibi {
-        spec_positions = Positions::Rope(rope_spec(c, hd, 1.0, 10000.0, max_positions)?);
-    }
+    let positions = if alibi {
+        Positions::Alibi
+    } else {
+        Positions::Rope(rope_spec(c, hd, 1.0, 10000.0, max_positions)?)
+    };
     Ok(ModelSpec {
         vocab_size: c.req_usize(&["vocab_size"])?,
         hidden_size: e,
@@ -53,7 +54,7 @@ pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
         intermediate_size: c.usize_any(&["ffn_hidden_size"])?.unwrap_or(4 * e),
         max_positions,
         norm_eps: c.f64_any(&["layer_norm_epsilon"])?.unwrap_or(1e-5),
-        positions: spec_positions,
+        positions,
         residual: if parallel {
             Residual::Parallel
         } else {

@@ -179,7 +179,7 @@ pub fn heads(c: &RawConfig, hidden: usize, head_keys: &[&str]) -> Result<(usize,
     if let Some(hd) = c.usize_any(&["head_dim"])? {
         return Ok((nh, hd));
     }
-    c.check(hidden % nh == 0, || {
+    c.check(hidden.is_multiple_of(nh), || {
         format!("hidden size {hidden} not divisible by {nh} attention heads")
     })?;
     Ok((nh, hidden / nh))
@@ -368,7 +368,7 @@ impl<'a> Loader<'a> {
         })
     }
 
-    /// A LayerNorm without bias (OLMo-2 style checkpoints, MPT `no_bias`, StableLM q/k norms).
+    /// A norm whose checkpoint has a weight but no bias (MPT's LayerNorms, StableLM's q/k norms).
     pub fn norm_no_bias(&self, p: &str, kind: NormKind, dim: usize, eps: f64) -> Result<Norm> {
         if !self.affine_norms {
             return self.norm(p, kind, dim, eps);

@@ -17,7 +17,7 @@ pub const FAMILY: Family = Family {
         "OlmoeForCausalLM",
     ],
     model_types: &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"],
-    gguf: &[],
+    gguf: &[("qwen2moe", "Qwen2MoeForCausalLM")],
     spec,
     load,
 };

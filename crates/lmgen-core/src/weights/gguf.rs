@@ -22,6 +22,8 @@ struct Mapped {
     ggml: GgmlDType,
     /// Undo llama.cpp's Q/K row permutation with this many heads.
     unpermute_heads: Option<usize>,
+    /// Expert `j` of a stacked `[experts, rows, cols]` tensor (`shape` is one expert's).
+    expert: Option<usize>,
 }
 
 /// A memory-mapped GGUF file.
@@ -34,7 +36,23 @@ pub struct GgufFile {
     tensors: BTreeMap<String, Mapped>,
 }
 
-/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2/Qwen3 layout). `None` for names without an
+/// `blk.N.ffn_{gate,up,down}_exps.{weight,bias}` (experts stacked in one tensor) ->
+/// `(N, HF projection name, kind)`; each expert is exposed as
+/// `model.layers.N.mlp.experts.J.{proj}.{kind}` (the Qwen-MoE layout).
+fn expert_parts(gguf: &str) -> Option<(usize, &'static str, &str)> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let proj = match part {
+        "ffn_gate_exps" => "gate_proj",
+        "ffn_up_exps" => "up_proj",
+        "ffn_down_exps" => "down_proj",
+        _ => return None,
+    };
+    Some((layer.parse().ok()?, proj, kind))
+}
+
+/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2/Qwen3/Qwen2-MoE layout). `None` for names without an
 /// HF counterpart; those are exposed under their GGUF name (and then reported as unused).
 fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
@@ -62,6 +80,11 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_norm" => "post_attention_layernorm",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate_inp" => "mlp.gate",
+        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -195,6 +218,27 @@ impl GgufFile {
                     )))
                 }
             }
+            if let Some((layer, proj, kind)) = expert_parts(gname) {
+                let [n, rows, cols] = shape[..] else {
+                    return Err(bad(format!(
+                        "expert tensor '{gname}' has shape {shape:?}, expected 3 dimensions"
+                    )));
+                };
+                for j in 0..n {
+                    let name = format!("model.layers.{layer}.mlp.experts.{j}.{proj}.{kind}");
+                    let m = Mapped {
+                        gguf: gname.clone(),
+                        shape: vec![rows, cols],
+                        ggml: info.ggml_dtype,
+                        unpermute_heads: None,
+                        expert: Some(j),
+                    };
+                    if tensors.insert(name.clone(), m).is_some() {
+                        return Err(bad(format!("two tensors map to '{name}'")));
+                    }
+                }
+                continue;
+            }
             let hf = hf_name(gname);
             let mut unpermute_heads = None;
             if arch == "llama" {
@@ -228,6 +272,7 @@ impl GgufFile {
                 shape,
                 ggml: info.ggml_dtype,
                 unpermute_heads,
+                expert: None,
             };
             if let Some(prev) = tensors.insert(name.clone(), m) {
                 return Err(bad(format!(
@@ -298,7 +343,7 @@ impl GgufFile {
             .md_u64(&k("attention.key_length"))
             .or_else(|| self.md_u64(&k("rope.dimension_count")))
             .unwrap_or(hidden / heads);
-        let qwen = arch == "qwen2" || arch == "qwen3";
+        let qwen = matches!(arch, "qwen2" | "qwen3" | "qwen2moe");
         let eps = self
             .md_f64(&k("attention.layer_norm_rms_epsilon"))
             .unwrap_or(if qwen { 1e-6 } else { 1e-5 });
@@ -351,9 +396,29 @@ impl GgufFile {
         c.insert("tie_word_embeddings".into(), tie.into());
         c.insert("bos_token_id".into(), tok("tokenizer.ggml.bos_token_id"));
         c.insert("eos_token_id".into(), tok("tokenizer.ggml.eos_token_id"));
-        if arch != "qwen2" {
+        if !matches!(arch, "qwen2" | "qwen2moe") {
             c.insert("attention_bias".into(), bias.into());
             c.insert("mlp_bias".into(), false.into());
+        }
+        if let Some(n) = self.md_u64(&k("expert_count")) {
+            c.insert("num_experts".into(), n.into());
+            let used = self.req_u64(&k("expert_used_count"))?;
+            c.insert("num_experts_per_tok".into(), used.into());
+            for (key, md) in [
+                ("moe_intermediate_size", "expert_feed_forward_length"),
+                (
+                    "shared_expert_intermediate_size",
+                    "expert_shared_feed_forward_length",
+                ),
+            ] {
+                if let Some(v) = self.md_u64(&k(md)) {
+                    c.insert(key.into(), v.into());
+                }
+            }
+            // llama.cpp records renormalized top-k weights as `expert_weights_norm`.
+            if let Some(Value::Bool(b)) = self.md(&k("expert_weights_norm")) {
+                c.insert("norm_topk_prob".into(), (*b).into());
+            }
         }
         let scaling = match self.md(&k("rope.scaling.type")) {
             Some(Value::String(s)) => s.clone(),
@@ -433,7 +498,8 @@ impl TensorSource for GgufFile {
                     _ => DType::BF16,
                 };
                 let numel: usize = m.shape.iter().product();
-                let start = (self.content.tensor_data_offset + info.offset) as usize;
+                let start = (self.content.tensor_data_offset + info.offset) as usize
+                    + m.expert.unwrap_or(0) * numel * dt.size_in_bytes();
                 let bytes = self
                     .mmap
                     .get(start..start + numel * dt.size_in_bytes())
@@ -453,7 +519,11 @@ impl TensorSource for GgufFile {
                         &cpu,
                     )
                     .map_err(wrap)?;
-                q.dequantize(&cpu).map_err(wrap)?
+                let t = q.dequantize(&cpu).map_err(wrap)?;
+                match m.expert {
+                    Some(j) => t.get(j).map_err(wrap)?,
+                    None => t,
+                }
             }
         };
         let t = match m.unpermute_heads {
@@ -467,8 +537,9 @@ impl TensorSource for GgufFile {
         };
         let t = t.to_device(device).map_err(wrap)?;
         // As for safetensors: the copy is made, drop the file pages read for it.
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
         let len = m.ggml.type_size() * m.shape.iter().product::<usize>() / m.ggml.block_size();
+        let start =
+            (self.content.tensor_data_offset + info.offset) as usize + m.expert.unwrap_or(0) * len;
         super::st::release_pages(&self.mmap, start, start + len);
         Ok(t)
     }
@@ -497,7 +568,8 @@ impl TensorSource for GgufFile {
             )
         })?;
         let rb = kind.row_bytes(cols);
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let start = (self.content.tensor_data_offset + info.offset) as usize
+            + m.expert.unwrap_or(0) * rows * rb;
         let bytes = self.mmap.get(start..start + rows * rb).ok_or_else(|| {
             Error::bad_weights(
                 &self.path,
