@@ -785,3 +785,105 @@ fn load_moe(
         }),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Positions, Residual, RopeScaling};
+    use serde_json::json;
+
+    fn spec_of(v: serde_json::Value) -> ModelSpec {
+        let c = RawConfig::from_value(std::path::Path::new("config.json"), v);
+        let (f, a) = detect(&c).unwrap();
+        spec(f, &a, &c).unwrap()
+    }
+
+    /// Configs as the Hub has them (subsets), in spellings the fixtures do not cover.
+    #[test]
+    fn hub_configs() {
+        // falcon-7b: RefinedWebModel spelling, multi-query, parallel attention.
+        let s = spec_of(
+            json!({"architectures": ["RWForCausalLM"], "model_type": "RefinedWebModel",
+            "hidden_size": 4544, "n_head": 71, "n_layer": 32, "multi_query": true, "parallel_attn": true,
+            "bias": false, "alibi": false, "vocab_size": 65024}),
+        );
+        assert_eq!((s.family, s.num_kv_heads, s.head_dim), ("falcon", 1, 64));
+        assert_eq!(s.residual, Residual::Parallel);
+        // falcon-40b: RefinedWeb = new decoder architecture with n_head_kv groups.
+        let s = spec_of(
+            json!({"architectures": ["RWForCausalLM"], "model_type": "RefinedWeb",
+            "hidden_size": 8192, "n_head": 128, "n_head_kv": 8, "n_layer": 60, "parallel_attn": true,
+            "bias": false, "alibi": false, "vocab_size": 65024}),
+        );
+        assert_eq!((s.num_kv_heads, s.num_layers), (8, 60));
+        // gemma-3-1b: legacy rope keys and the sliding-window pattern.
+        let s = spec_of(
+            json!({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+            "hidden_size": 1152, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+            "intermediate_size": 6912, "num_hidden_layers": 26, "vocab_size": 262144,
+            "max_position_embeddings": 32768, "query_pre_attn_scalar": 256, "rope_theta": 1000000.0,
+            "rope_local_base_freq": 10000.0, "rope_scaling": null, "sliding_window": 512,
+            "sliding_window_pattern": 6, "final_logit_softcapping": null, "attn_logit_softcapping": null}),
+        );
+        assert_eq!(s.sliding_layers.iter().filter(|&&x| !x).count(), 4); // layers 5, 11, 17, 23
+        assert!(!s.sliding_layers[5] && s.sliding_layers[6]);
+        assert_eq!(s.local_rope.as_ref().unwrap().base, 10000.0);
+        let Positions::Rope(r) = &s.positions else {
+            panic!()
+        };
+        assert_eq!(r.base, 1e6);
+        assert_eq!(
+            (s.attn_softcap, s.final_softcap, s.embed_scale.is_some()),
+            (None, None, true)
+        );
+        // Phi-3-mini-128k: "longrope" with short/long factors and the attention factor.
+        let s = spec_of(
+            json!({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+            "hidden_size": 3072, "num_attention_heads": 32, "num_hidden_layers": 32,
+            "intermediate_size": 8192, "vocab_size": 32064, "max_position_embeddings": 131072,
+            "original_max_position_embeddings": 4096, "rope_theta": 10000.0,
+            "rope_scaling": {"type": "longrope", "long_factor": vec![2.0; 48], "short_factor": vec![1.0; 48]},
+            "sliding_window": 262144}),
+        );
+        let Positions::Rope(r) = &s.positions else {
+            panic!()
+        };
+        assert!(
+            (r.attention_factor - 1.190_238).abs() < 1e-5,
+            "{}",
+            r.attention_factor
+        );
+        assert!(matches!(
+            r.scaling,
+            RopeScaling::LongRope {
+                original_max: 4096,
+                ..
+            }
+        ));
+        let long = crate::config::dynamic_inv_freq(r, 5000).unwrap();
+        assert_eq!(long[0], r.inv_freq[0] / 2.0);
+        assert!(crate::config::dynamic_inv_freq(r, 4096).is_none());
+        // mpt-7b: nested attn_config, ALiBi, no clipping.
+        let s = spec_of(
+            json!({"architectures": ["MPTForCausalLM"], "model_type": "mpt", "d_model": 4096,
+            "n_heads": 32, "n_layers": 32, "expansion_ratio": 4, "max_seq_len": 2048, "vocab_size": 50432,
+            "no_bias": true, "attn_config": {"alibi": true, "alibi_bias_max": 8, "clip_qkv": null,
+            "softmax_scale": null, "attn_impl": "torch"}}),
+        );
+        assert_eq!((s.intermediate_size, s.clip_qkv), (16384, None));
+        assert_eq!(s.alibi().unwrap()[0], 0.5f32.powf(0.25));
+        // Mixtral without architectures: the model type picks the class.
+        let s = spec_of(
+            json!({"model_type": "mixtral", "hidden_size": 4096, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_hidden_layers": 32, "intermediate_size": 14336,
+            "vocab_size": 32000, "max_position_embeddings": 32768, "num_local_experts": 8,
+            "num_experts_per_tok": 2}),
+        );
+        assert_eq!(s.architecture, "MixtralForCausalLM");
+        let m = s.moe.unwrap();
+        assert_eq!(
+            (m.experts, m.top_k, m.expert_inter, m.norm_topk),
+            (8, 2, 14336, true)
+        );
+    }
+}
