@@ -2,6 +2,9 @@
 //! layouts (per-head interleaved; multi-query `[q; k; v]`; the new decoder architecture's
 //! per-kv-group `[q heads, k, v]`), rotary or ALiBi (scaled with the scores), parallel or
 //! sequential blocks with one or two LayerNorms, GELU MLP, optional biases, tied head.
+//! With ALiBi, transformers rounds the slopes and also the products slope × position to
+//! bfloat16; lmgen rounds the slopes only, so positions past 256 (where the products stop being
+//! exact in bfloat16) differ slightly.
 use super::{degroup_qkv, heads, Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;

@@ -1,6 +1,12 @@
 //! Phi-3 / 3.5 / 4 (`Phi3ForCausalLM`): the Llama block with fused `qkv_proj` and
 //! `gate_up_proj`, partial rotary (Phi-4-mini), `longrope` scaling (short factors up to
 //! `original_max_position_embeddings`, long ones beyond), sliding window on every layer.
+//! Limitation: when generation carries a sequence past `original_max_position_embeddings`,
+//! transformers drops its KV cache and recomputes everything with the long factors; lmgen
+//! rotates the new tokens with the long factors but keeps the earlier keys and values, so such
+//! continuations are close to, not equal to, transformers'. Prompts longer than the original
+//! context (scoring) use the long factors throughout, as transformers does, when prefilled in
+//! one chunk.
 use super::{heads, layer_types, load_llama_like, Family, Layout, Loader, MlpIn, Qkv, Weights};
 use crate::config::*;
 use crate::error::Result;

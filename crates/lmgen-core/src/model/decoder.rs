@@ -83,8 +83,9 @@ impl Block {
 }
 
 /// Top-k routing of one token as transformers computes it: softmax over all experts (f32),
-/// the `k` largest (lowest index first on ties), renormalized when `norm`. Returns
-/// `(expert, weight)` pairs in `out`.
+/// the `k` largest, renormalized when `norm`. Returns `(expert, weight)` pairs in `out`.
+/// Exactly equal router logits go to the lowest expert index; torch's CPU `topk` orders such
+/// ties by its selection algorithm instead (they do not arise with trained weights).
 pub fn route(logits: &[f32], k: usize, norm: bool, out: &mut Vec<(usize, f32)>) {
     let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = logits.iter().map(|&l| (l - mx).exp()).sum();
