@@ -1146,12 +1146,13 @@ def smollm2(out_root: Path) -> None:
 # GGUF files of fixtures, written by llama.cpp's own convert_hf_to_gguf.py
 # --------------------------------------------------------------------------------------
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist benches/build-llama-cpp.sh uses; its vendor/llama.cpp has the converter
-# fixture -> (GGUF file, tokenizer.ggml.pre to record). The converter recognizes pre-tokenizers by
-# hashing their output on a test string; the fixtures' tiny tokenizers are unknown to it, so the
-# family's real pre-tokenizer name is given.
+# fixture -> [(GGUF file, tokenizer.ggml.pre to record, output type)]. The converter recognizes
+# pre-tokenizers by hashing their output on a test string; the fixtures' tiny tokenizers are unknown
+# to it, so the name of the pre-tokenizer the fixture's tokenizer uses is given.
 GGUF_FIXTURES = {
     "qwen3": [("qwen3.f16.gguf", "qwen2", "f16")],
     "qwen2-moe": [("qwen2-moe.f16.gguf", "qwen2", "f16"), ("qwen2-moe.q8_0.gguf", "qwen2", "q8_0")],
+    "olmo2": [("olmo2.f32.gguf", "gpt-2", "f32")],  # an f32 fixture
 }
 
 

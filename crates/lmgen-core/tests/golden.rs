@@ -300,6 +300,7 @@ fn gguf_from_llama_cpp_converter() {
     for (name, file) in [
         ("qwen3", "qwen3.f16.gguf"),
         ("qwen2-moe", "qwen2-moe.f16.gguf"),
+        ("olmo2", "olmo2.f32.gguf"),
     ] {
         let path = fixtures().join("gguf").join(file);
         let model = load(&ModelLocation::Gguf(path.clone()), &LoadOptions::default())

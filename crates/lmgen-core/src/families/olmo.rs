@@ -9,7 +9,7 @@ pub const FAMILY: Family = Family {
     name: "olmo",
     architectures: &["OlmoForCausalLM", "Olmo2ForCausalLM"],
     model_types: &["olmo", "olmo2"],
-    gguf: &[],
+    gguf: &[("olmo2", "Olmo2ForCausalLM")],
     spec,
     load,
 };

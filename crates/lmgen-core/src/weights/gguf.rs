@@ -52,7 +52,7 @@ fn expert_parts(gguf: &str) -> Option<(usize, &'static str, &str)> {
     Some((layer.parse().ok()?, proj, kind))
 }
 
-/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2/Qwen3/Qwen2-MoE layout). `None` for names without an
+/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2/Qwen3/Qwen2-MoE/OLMo-2 layout). `None` for names without an
 /// HF counterpart; those are exposed under their GGUF name (and then reported as unused).
 fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
@@ -78,6 +78,8 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
         "attn_q_norm" => "self_attn.q_norm",
         "attn_k_norm" => "self_attn.k_norm",
         "ffn_gate_inp" => "mlp.gate",
