@@ -373,15 +373,80 @@ def make_config(spec: dict, tok_info: dict):
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=eos,
                                       eos_token_id=eos, tie_word_embeddings=True, use_sliding_window=False)
+    elif fam in NEW_FAMILIES:
+        cls_name, base = NEW_FAMILIES[fam](V, eos)
+        cls = getattr(transformers, cls_name)
     else:
         raise ValueError(fam)
     base.update(spec.get("cfg", {}))
     c = cls(**base)
     hd = getattr(c, "head_dim", None)
-    if hd is not None:
+    if hd is not None and "head_dim" not in base:
         assert hd * c.num_attention_heads == c.hidden_size, (spec["name"], hd)
     c._attn_implementation = "eager"
     return c
+
+
+# Families added with the registry: config class name and base config (hidden 32, 2 layers).
+def _llama_like(V, eos, **kw):
+    base = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=eos,
+                tie_word_embeddings=False)
+    base.update(kw)
+    return base
+
+
+NEW_FAMILIES = {
+    # Gemma 1 (gemma-2b style: one kv head, head_dim 16 with hidden 32 and 4 heads), tied.
+    "gemma": lambda V, eos: ("GemmaConfig", _llama_like(
+        V, eos, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, hidden_act="gelu_pytorch_tanh")),
+    "gemma2": lambda V, eos: ("Gemma2Config", _llama_like(
+        V, eos, head_dim=16, tie_word_embeddings=True, sliding_window=4, query_pre_attn_scalar=24,
+        attn_logit_softcapping=20.0, final_logit_softcapping=15.0)),
+    "gemma3": lambda V, eos: ("Gemma3TextConfig", _llama_like(
+        V, eos, head_dim=16, tie_word_embeddings=True, sliding_window=4, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    "qwen3": lambda V, eos: ("Qwen3Config", _llama_like(
+        V, eos, head_dim=16, tie_word_embeddings=True, use_sliding_window=False, bos_token_id=eos)),
+    "phi3": lambda V, eos: ("Phi3Config", _llama_like(
+        V, eos, num_key_value_heads=2, sliding_window=8, pad_token_id=0)),
+    "olmo": lambda V, eos: ("OlmoConfig", _llama_like(V, eos, clip_qkv=2.0, pad_token_id=1, bos_token_id=None)),
+    "olmo2": lambda V, eos: ("Olmo2Config", _llama_like(V, eos, pad_token_id=1, bos_token_id=None)),
+    "stablelm": lambda V, eos: ("StableLmConfig", _llama_like(V, eos, bos_token_id=eos)),
+    "starcoder2": lambda V, eos: ("Starcoder2Config", _llama_like(
+        V, eos, sliding_window=8, tie_word_embeddings=True, bos_token_id=eos)),
+    "phi": lambda V, eos: ("PhiConfig", dict(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, bos_token_id=eos, eos_token_id=eos, partial_rotary_factor=0.5)),
+    "gptj": lambda V, eos: ("GPTJConfig", dict(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4, bos_token_id=eos,
+        eos_token_id=eos, tie_word_embeddings=False)),
+    "falcon": lambda V, eos: ("FalconConfig", dict(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+        new_decoder_architecture=True, bias=False, max_position_embeddings=64, bos_token_id=eos,
+        eos_token_id=eos)),
+    "gpt_bigcode": lambda V, eos: ("GPTBigCodeConfig", dict(
+        vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=True, bos_token_id=eos,
+        eos_token_id=eos)),
+    "mixtral": lambda V, eos: ("MixtralConfig", _llama_like(
+        V, eos, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": lambda V, eos: ("Qwen2MoeConfig", _llama_like(
+        V, eos, intermediate_size=48, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=True, use_sliding_window=False,
+        bos_token_id=eos)),
+    "qwen3_moe": lambda V, eos: ("Qwen3MoeConfig", _llama_like(
+        V, eos, head_dim=16, intermediate_size=48, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=True, use_sliding_window=False,
+        bos_token_id=eos)),
+    "olmoe": lambda V, eos: ("OlmoeConfig", _llama_like(
+        V, eos, intermediate_size=32, num_experts=4, num_experts_per_tok=2, clip_qkv=3.0, pad_token_id=1,
+        bos_token_id=None)),
+    "mpt": lambda V, eos: ("MptConfig", dict(
+        vocab_size=V, d_model=36, n_heads=6, n_layers=2, max_seq_len=64, no_bias=True, bos_token_id=eos,
+        eos_token_id=eos, attn_config={"clip_qkv": 3.0, "alibi": True})),
+}
 
 
 def init_weights(model: torch.nn.Module, seed: int, mat_std: float = 0.3) -> None:
@@ -549,6 +614,68 @@ FIXTURES = [
          axes="qkv bias, tied head, vocab padded to multiple of 8; legacy config with use_sliding_window=false "
               "and sliding_window=4 (must be ignored)"),
 ]
+
+
+NEW_FIXTURES = [
+    dict(name="gemma", family="gemma", tok="llama", fmt="safetensors", dtype="float16",
+         axes="Gemma 1: RMSNorm (1+w), embeddings * sqrt(hidden), GeGLU tanh, MQA (1 kv head), head_dim 16 with "
+              "hidden 32 and 4 heads, tied head"),
+    dict(name="gemma2", family="gemma2", tok="llama", fmt="safetensors", dtype="float32",
+         axes="Gemma-2: sandwich norms, attention softcap 20, final softcap 15, query_pre_attn_scalar 24, "
+              "sliding window 4 on layer 0 (alternating), GQA 4/2, head_dim 16"),
+    dict(name="gemma3", family="gemma3", tok="llama", fmt="safetensors", dtype="bfloat16",
+         axes="Gemma-3 text: per-head q/k RMSNorm (1+w), sliding layer with its own rope base 10000, global layer "
+              "rope 1e6 with linear factor 2, sliding window 4"),
+    dict(name="qwen3", family="qwen3", tok="qwen2", fmt="safetensors", dtype="float16",
+         axes="Qwen3: per-head q/k RMSNorm, head_dim 16 with hidden 32 and 4 heads, GQA 4/2, tied"),
+    dict(name="phi3", family="phi3", tok="llama", fmt="safetensors", dtype="bfloat16",
+         axes="Phi-3: fused qkv_proj and gate_up_proj, sliding window 8 on every layer, GQA 4/2"),
+    dict(name="olmo", family="olmo", tok="neox", fmt="safetensors", dtype="bfloat16",
+         axes="OLMo: LayerNorm without parameters, clip_qkv 2.0"),
+    dict(name="olmo2", family="olmo2", tok="neox", fmt="safetensors", dtype="float32",
+         axes="OLMo-2: post-norms only (attention and MLP outputs), RMSNorm over the whole q and k projections"),
+    dict(name="stablelm", family="stablelm", tok="neox", fmt="safetensors", dtype="bfloat16",
+         axes="StableLM: LayerNorm, partial rotary 0.25, sequential residual, GQA 4/2"),
+    dict(name="stablelm-qkln-par", family="stablelm", tok="neox", fmt="safetensors", dtype="float16",
+         cfg=dict(qk_layernorm=True, use_parallel_residual=True, use_qkv_bias=True, num_key_value_heads=4),
+         axes="StableLM 2 (12B style): per-head q/k LayerNorms (one per head), parallel residual with one norm, "
+              "qkv bias"),
+    dict(name="starcoder2", family="starcoder2", tok="gpt2", fmt="safetensors", dtype="float16",
+         axes="StarCoder2: LayerNorm, biases, plain GELU(tanh) MLP, GQA 4/2, sliding window 8, tied"),
+    dict(name="phi", family="phi", tok="gpt2", fmt="safetensors", dtype="float16",
+         axes="Phi-2: parallel block with one LayerNorm, partial rotary 0.5, head bias"),
+    dict(name="phi-qkln", family="phi", tok="gpt2", fmt="safetensors", dtype="bfloat16",
+         cfg=dict(qk_layernorm=True, num_key_value_heads=2),
+         axes="Phi with qk_layernorm (per-head LayerNorm with bias) and GQA 4/2"),
+    dict(name="gptj", family="gptj", tok="gpt2", fmt="safetensors", dtype="bfloat16",
+         axes="GPT-J: parallel block, one LayerNorm, interleaved rotary on 4 of 8 head dims, head bias"),
+    dict(name="falcon", family="falcon", tok="gpt2", fmt="safetensors", dtype="bfloat16",
+         axes="Falcon new_decoder_architecture (40B/180B): grouped fused QKV, 2 kv heads, ln_attn + ln_mlp, "
+              "rotary, no bias"),
+    dict(name="falcon-mq", family="falcon", tok="gpt2", fmt="safetensors", dtype="float16",
+         cfg=dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True, num_kv_heads=None),
+         axes="Falcon-7B style: multi-query, parallel attention with one LayerNorm, rotary"),
+    dict(name="falcon-rw", family="falcon", tok="gpt2", fmt="safetensors", dtype="float32",
+         cfg=dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True, bias=True,
+                  num_kv_heads=None),
+         axes="Falcon-RW style: ALiBi (bf16 slopes, scaled with the scores), sequential block with two norms, "
+              "per-head interleaved QKV, biases"),
+    dict(name="gpt-bigcode", family="gpt_bigcode", tok="gpt2", fmt="safetensors", dtype="bfloat16",
+         axes="GPT-BigCode (StarCoder/SantaCoder): multi-query, learned positions, GELU(tanh)"),
+    dict(name="gpt-bigcode-mha", family="gpt_bigcode", tok="gpt2", fmt="safetensors", dtype="bfloat16",
+         cfg=dict(multi_query=False), axes="GPT-BigCode without multi-query: per-head interleaved c_attn"),
+    dict(name="mixtral", family="mixtral", tok="llama", fmt="safetensors", dtype="bfloat16",
+         axes="Mixtral: 4 experts, top-2 renormalized, GQA 4/2"),
+    dict(name="qwen2-moe", family="qwen2_moe", tok="qwen2", fmt="safetensors", dtype="float16",
+         axes="Qwen2-MoE: 4 experts of 32, top-2 not renormalized, shared expert of 48 with sigmoid gate, qkv bias"),
+    dict(name="qwen3-moe", family="qwen3_moe", tok="qwen2", fmt="safetensors", dtype="bfloat16",
+         axes="Qwen3-MoE: 4 experts, top-2 renormalized, layer 1 dense (mlp_only_layers), q/k norms, head_dim 16"),
+    dict(name="olmoe", family="olmoe", tok="neox", fmt="safetensors", dtype="float16",
+         axes="OLMoE: 4 experts, top-2 not renormalized, whole q/k RMSNorm then clip_qkv 3.0"),
+    dict(name="mpt", family="mpt", tok="neox", fmt="safetensors", dtype="bfloat16",
+         axes="MPT: ALiBi with MPT slopes over 6 heads (non-power of two), clip_qkv 3.0, no biases, tied"),
+]
+FIXTURES += NEW_FIXTURES
 
 
 def to_legacy_config(d: dict, spec: dict) -> dict:
@@ -1015,6 +1142,58 @@ def smollm2(out_root: Path) -> None:
     dump_json(golden, out_root / "golden" / "smollm2.json")
 
 
+# --------------------------------------------------------------------------------------
+# GGUF files of fixtures, written by llama.cpp's own convert_hf_to_gguf.py
+# --------------------------------------------------------------------------------------
+LLAMA_CPP_PYTHON = "0.3.36"  # the sdist benches/build-llama-cpp.sh uses; its vendor/llama.cpp has the converter
+# fixture -> [(GGUF file, tokenizer.ggml.pre to record, output type)]. The converter recognizes
+# pre-tokenizers by hashing their output on a test string; the fixtures' tiny tokenizers are unknown
+# to it, so the name of the pre-tokenizer the fixture's tokenizer uses is given.
+GGUF_FIXTURES = {
+    "qwen3": [("qwen3.f16.gguf", "qwen2", "f16")],
+    "qwen2-moe": [("qwen2-moe.f16.gguf", "qwen2", "f16"), ("qwen2-moe.q8_0.gguf", "qwen2", "q8_0")],
+    "olmo2": [("olmo2.f32.gguf", "gpt-2", "f32")],  # an f32 fixture
+}
+
+
+def llama_cpp_src() -> Path:
+    cache = Path(os.environ.get("LMGEN_CACHE") or Path.home() / ".cache" / "lmgen")
+    src = cache / f"llama.cpp-{LLAMA_CPP_PYTHON}" / "src"
+    if not (src / "convert_hf_to_gguf.py").exists():
+        tmp = Path(tempfile.mkdtemp())
+        subprocess.check_call([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
+                               "llama-cpp-python", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(tmp)])
+        import tarfile
+        with tarfile.open(tmp / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as t:
+            t.extractall(tmp)
+        src.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"), str(src))
+    return src
+
+
+def gguf_fixtures(out_root: Path, only: set) -> None:
+    src = llama_cpp_src()
+    runner = (
+        "import sys, runpy\n"
+        "src, pre = sys.argv[1], sys.argv[2]\n"
+        "sys.path[:0] = [src, src + '/gguf-py']\n"
+        "import conversion.base as b\n"
+        "b.TextModel.get_vocab_base_pre = lambda self, tok: pre\n"
+        "sys.argv = [src + '/convert_hf_to_gguf.py'] + sys.argv[3:]\n"
+        "runpy.run_path(src + '/convert_hf_to_gguf.py', run_name='__main__')\n"
+    )
+    (out_root / "gguf").mkdir(parents=True, exist_ok=True)
+    for name, files in GGUF_FIXTURES.items():
+        if only and name not in only:
+            continue
+        for fname, pre, outtype in files:
+            out = out_root / "gguf" / fname
+            subprocess.check_call([sys.executable, "-c", runner, str(src), pre, str(out_root / name), "--outtype",
+                                   outtype, "--outfile", str(out)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+            print(f"[gguf] {name} -> {out.relative_to(out_root)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
@@ -1040,6 +1219,7 @@ def main() -> None:
             build_fixture(spec, tok_dirs, out_root, summary)
         if summary and not args.no_verify:
             verify(out_root, summary)
+    gguf_fixtures(out_root, only)
     if not args.no_smollm2 and (not only or "smollm2" in only):
         smollm2(out_root)
     print(f"\nversions: torch {torch.__version__}, transformers {transformers.__version__}")

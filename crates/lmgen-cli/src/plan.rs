@@ -2,7 +2,7 @@
 use crate::args::{DTypeArg, PlanArgs};
 use crate::user_err;
 use lmgen_core::config::RawConfig;
-use lmgen_core::model::families;
+use lmgen_core::families;
 use lmgen_core::plan::{self, human, DeviceBudget, GpuSelection, PlanRequest, Workload};
 
 pub fn plan(a: PlanArgs) -> anyhow::Result<()> {

@@ -3,8 +3,8 @@
 use crate::config::RawConfig;
 use crate::engine::{RunSeq, Runner, SeqKv};
 use crate::error::Result;
+use crate::families::{self, Loader};
 use crate::kv::BlockTable;
-use crate::model::families::{self, Loader};
 use crate::model::{Decoder, Want};
 use crate::sampling::argmax;
 use crate::weights::WeightStore;
@@ -34,6 +34,31 @@ pub fn preset(name: &str) -> Option<Value> {
             "vocab_size": 49152, "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
             "tie_word_embeddings": true})
         }
+        "mixtral-8x7b" => {
+            json!({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "intermediate_size": 14336, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+            "max_position_embeddings": 32768, "rope_theta": 1e6, "rms_norm_eps": 1e-5})
+        }
+        "gemma-2-9b" => {
+            json!({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+            "num_hidden_layers": 42, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+            "intermediate_size": 14336, "vocab_size": 256000, "max_position_embeddings": 8192,
+            "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6})
+        }
+        "falcon-40b" => {
+            json!({"architectures": ["FalconForCausalLM"], "model_type": "falcon", "hidden_size": 8192,
+            "num_hidden_layers": 60, "num_attention_heads": 128, "num_kv_heads": 8,
+            "new_decoder_architecture": true, "parallel_attn": true, "bias": false, "alibi": false,
+            "vocab_size": 65024, "max_position_embeddings": 2048, "tie_word_embeddings": false})
+        }
+        "phi-3-medium" => {
+            json!({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 5120,
+            "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 10,
+            "intermediate_size": 17920, "vocab_size": 32064, "max_position_embeddings": 4096,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "sliding_window": 2047})
+        }
         _ => return None,
     })
 }
@@ -49,6 +74,10 @@ pub const PRESETS: &[&str] = &[
     "gpt-neox-20b",
     "opt-30b",
     "bloom-176b",
+    "phi-3-medium",
+    "gemma-2-9b",
+    "falcon-40b",
+    "mixtral-8x7b",
 ];
 
 fn opt(h: usize, l: usize, nh: usize, ffn: usize, vocab: usize, act: &str) -> Value {
@@ -334,17 +363,25 @@ pub struct BenchOptions {
     pub alloc_counter: Option<fn() -> u64>,
 }
 
-/// Parameters in the matrices every token multiplies with (all linears + head).
-fn matmul_params(d: &Decoder) -> usize {
+/// Sum of `f` over the matrices a token multiplies with (all linears + head; of the experts,
+/// the `top_k` a token is routed to, on average).
+fn per_token(d: &Decoder, f: impl Fn(&crate::model::layers::Linear) -> usize) -> usize {
     let w = &d.weights;
-    let mut n = w.lm_head.param_count();
+    let mut n = f(&w.lm_head);
     for b in &w.blocks {
-        n += b.qkv.param_count() + b.out.param_count();
-        n += b.mlp_in.param_count() + b.mlp_out.param_count();
+        n += f(&b.qkv) + f(&b.out) + f(&b.mlp_in) + f(&b.mlp_out);
+        if let (Some(m), Some(ms)) = (&b.moe, &d.spec.moe) {
+            n += f(&m.router) + m.shared_gate.as_ref().map_or(0, &f);
+            let all: usize = m.experts.iter().map(|(a, b)| f(a) + f(b)).sum();
+            n += all * ms.top_k / m.experts.len().max(1);
+        }
     }
-    n += w.project_in.as_ref().map_or(0, |p| p.param_count());
-    n += w.project_out.as_ref().map_or(0, |p| p.param_count());
-    n
+    n + w.project_in.as_ref().map_or(0, &f) + w.project_out.as_ref().map_or(0, &f)
+}
+
+/// Parameters in the matrices every token multiplies with.
+fn matmul_params(d: &Decoder) -> usize {
+    per_token(d, |l| l.param_count())
 }
 
 /// The storage formats of the matrices every token multiplies with, e.g. `f32` or
@@ -372,16 +409,7 @@ fn weight_formats(d: &Decoder) -> String {
 
 /// Stored bytes of the matrices every token multiplies with.
 fn matmul_bytes(d: &Decoder) -> usize {
-    let w = &d.weights;
-    let mut n = w.lm_head.weight_bytes();
-    for b in &w.blocks {
-        n += b.qkv.weight_bytes()
-            + b.out.weight_bytes()
-            + b.mlp_in.weight_bytes()
-            + b.mlp_out.weight_bytes();
-    }
-    n + w.project_in.as_ref().map_or(0, |p| p.weight_bytes())
-        + w.project_out.as_ref().map_or(0, |p| p.weight_bytes())
+    per_token(d, |l| l.weight_bytes())
 }
 
 /// Benchmark a synthetic model of the shape `config` describes.

@@ -4,16 +4,6 @@ use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Gpt2,
-    Opt,
-    GptNeox,
-    Bloom,
-    /// Llama, Mistral, Qwen2 (and SmolLM, which is Llama).
-    Llama,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum NormKind {
     LayerNorm,
@@ -53,6 +43,12 @@ pub enum RopeScaling {
         factor: f64,
         max_positions: usize,
     },
+    /// Phi-3 "longrope": `inv_freq` (short factors) while the sequence fits `original_max`,
+    /// `long_inv_freq` beyond it (chosen per call from the length seen, as transformers does).
+    LongRope {
+        long_inv_freq: Vec<f32>,
+        original_max: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -88,11 +84,24 @@ pub enum MlpKind {
     Gated,
 }
 
+/// How ALiBi slopes are derived from the head count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AlibiSlopes {
+    /// BLOOM: geometric from 2^(-8/n), interleaved extras for non-powers of two.
+    Bloom,
+    /// Falcon: BLOOM's slopes rounded to bfloat16 (as transformers builds them).
+    BloomBf16,
+    /// MPT: `1 / 2^(i * bias_max / n)`, odd-then-even for non-powers of two.
+    Mpt { bias_max: f64 },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Residual {
-    /// x += attn(ln1(x)); x += mlp(ln2(x))
+    /// x += post1(attn(ln1(x))); x += post2(mlp(ln2(x)))   (absent norms are the identity:
+    /// OLMo-2 has only the post norms, Gemma-2/3 all four)
     Sequential,
-    /// x += attn(ln1(x)) + mlp(ln2(x))   (GPT-NeoX `use_parallel_residual`)
+    /// x += attn(ln1(x)) + mlp(ln2(x))   (GPT-NeoX `use_parallel_residual`; without `ln2`
+    /// both read `ln1(x)`, as GPT-J, Phi, Falcon)
     Parallel,
     /// x = ln1(x + attn(x)); x = ln2(x + mlp(x))   (OPT `do_layer_norm_before=False`)
     PostNorm,
@@ -100,10 +109,27 @@ pub enum Residual {
     SequentialFromNormed,
 }
 
+/// Mixture of experts in place of the MLP: a router picks `top_k` of `experts` gated MLPs per
+/// token (softmax over all experts, then top-k, lowest index first on ties).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeSpec {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Width of each expert's MLP.
+    pub expert_inter: usize,
+    /// The top-k probabilities are renormalized to sum to 1 (Mixtral; Qwen `norm_topk_prob`).
+    pub norm_topk: bool,
+    /// A shared expert of this width runs on every token, scaled by a sigmoid gate (Qwen2-MoE).
+    pub shared_inter: Option<usize>,
+    /// Per layer: whether it has the experts (else a dense MLP of `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
+}
+
 /// Normalized model description. All families run through one decoder using this.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
-    pub family: Family,
+    /// Registry name of the family (`families::FAMILIES`).
+    pub family: &'static str,
     pub architecture: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -139,15 +165,39 @@ pub struct ModelSpec {
     pub embed_dim: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Multiplier on the token embeddings (Gemma: sqrt(hidden_size)).
+    pub embed_scale: Option<f32>,
+    /// Attention scores soft-capped as `cap * tanh(s / cap)` before the mask (Gemma-2).
+    pub attn_softcap: Option<f32>,
+    /// Final logits soft-capped the same way (Gemma-2).
+    pub final_softcap: Option<f32>,
+    /// q, k, v clamped to `[-c, c]` after the projection (OLMo, MPT `clip_qkv`).
+    pub clip_qkv: Option<f32>,
+    /// Blocks normalize q and k before the rotary (Qwen3, Gemma-3, OLMo-2, Phi, StableLM).
+    pub qk_norm: bool,
+    /// q/k norms normalize the whole q and k projections (OLMo-2)
+    /// instead of each head (Qwen3, Gemma-3, Phi, StableLM).
+    pub qk_norm_whole: bool,
+    /// Rotary of the sliding-window layers where it differs from `positions` (Gemma-3).
+    pub local_rope: Option<RopeSpec>,
+    pub alibi_slopes: AlibiSlopes,
+    /// Multiplier on the ALiBi slopes (Falcon scales the bias with the scores).
+    pub alibi_scale: f32,
+    /// The output head has a bias (GPT-J, Phi).
+    pub head_bias: bool,
+    /// Mixture of experts in place of the MLP (Mixtral, Qwen-MoE, OLMoE).
+    pub moe: Option<MoeSpec>,
+    /// `clip_qkv` applies after the q/k norms (OLMoE) rather than to the projection (OLMo, MPT).
+    pub clip_after_qk_norm: bool,
 }
 
 impl ModelSpec {
     /// The common case (pre-norm LayerNorm block, plain MLP, biases, final norm, untied,
     /// 1/sqrt(head_dim) scaling filled in by the family) with the token ids from `c`;
     /// family files override what differs with struct-update syntax.
-    pub fn defaults(family: Family, c: &RawConfig) -> Self {
+    pub fn defaults(c: &RawConfig) -> Self {
         Self {
-            family,
+            family: "",
             architecture: String::new(),
             vocab_size: 0,
             hidden_size: 0,
@@ -177,7 +227,53 @@ impl ModelSpec {
             embed_dim: 0,
             bos_token_id: c.token_id("bos_token_id"),
             eos_token_ids: c.token_ids("eos_token_id"),
+            embed_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            clip_qkv: None,
+            qk_norm: false,
+            qk_norm_whole: false,
+            local_rope: None,
+            alibi_slopes: AlibiSlopes::Bloom,
+            alibi_scale: 1.0,
+            head_bias: false,
+            moe: None,
+            clip_after_qk_norm: false,
         }
+    }
+
+    /// ALiBi slope per head (already multiplied by the attention scale where the family
+    /// scales the bias), for models with ALiBi positions.
+    pub fn alibi(&self) -> Option<Vec<f32>> {
+        if !matches!(self.positions, Positions::Alibi) {
+            return None;
+        }
+        let n = self.num_heads;
+        let mut s = match self.alibi_slopes {
+            AlibiSlopes::Bloom => bloom_alibi_slopes(n),
+            AlibiSlopes::BloomBf16 => bloom_alibi_slopes(n).into_iter().map(round_bf16).collect(),
+            AlibiSlopes::Mpt { bias_max } => {
+                let p2 = n.next_power_of_two();
+                let all: Vec<f32> = (1..=p2)
+                    .map(|i| 1.0 / 2f32.powf(i as f32 * (bias_max / p2 as f64) as f32))
+                    .collect();
+                if p2 == n {
+                    all
+                } else {
+                    all.iter()
+                        .skip(1)
+                        .step_by(2)
+                        .chain(all.iter().step_by(2))
+                        .take(n)
+                        .copied()
+                        .collect()
+                }
+            }
+        };
+        if self.alibi_scale != 1.0 {
+            s.iter_mut().for_each(|x| *x *= self.alibi_scale);
+        }
+        Some(s)
     }
 
     pub fn q_dim(&self) -> usize {
@@ -333,7 +429,25 @@ pub fn rope_spec(
     default_base: f64,
     max_positions: usize,
 ) -> Result<RopeSpec> {
-    let p = cfg.rope_params();
+    rope_spec_from(
+        cfg,
+        &cfg.rope_params(),
+        head_dim,
+        default_partial,
+        default_base,
+        max_positions,
+    )
+}
+
+/// [`rope_spec`] over explicit rope parameters (one entry of a per-layer-type map).
+pub fn rope_spec_from(
+    cfg: &RawConfig,
+    p: &serde_json::Map<String, Value>,
+    head_dim: usize,
+    default_partial: f64,
+    default_base: f64,
+    max_positions: usize,
+) -> Result<RopeSpec> {
     let num = |k: &str| p.get(k).and_then(|v| v.as_f64());
     let base = num("rope_theta")
         .or(cfg.f64_any(&["rope_theta", "rotary_emb_base"])?)
@@ -358,7 +472,9 @@ pub fn rope_spec(
             Error::bad_config(&cfg.path, format!("rope type '{rope_type}' needs 'factor'"))
         })
     };
-    let orig_max = num("original_max_position_embeddings").map(|x| x as usize);
+    let orig_max = num("original_max_position_embeddings")
+        .or(cfg.f64_any(&["original_max_position_embeddings"])?)
+        .map(|x| x as usize);
     let mut attention_factor = 1.0f32;
     let mut scaling = RopeScaling::None;
     let inv_freq = match rope_type.as_str() {
@@ -448,6 +564,42 @@ pub fn rope_spec(
                 })
                 .collect()
         }
+        "longrope" | "su" => {
+            let orig = orig_max.unwrap_or(max_positions);
+            let factors = |k: &str| -> Result<Vec<f32>> {
+                let v: Vec<f32> = p
+                    .get(k)
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_f64())
+                            .map(|x| x as f32)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                cfg.check(v.len() == dim / 2, || {
+                    format!("longrope '{k}' needs {} numbers", dim / 2)
+                })?;
+                Ok(v)
+            };
+            let (short, long) = (factors("short_factor")?, factors("long_factor")?);
+            let factor = factor.unwrap_or(max_positions as f64 / orig as f64);
+            attention_factor = match num("attention_factor") {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / (orig as f64).ln()).sqrt(),
+            } as f32;
+            let with = |ext: &[f32]| -> Vec<f32> {
+                (0..dim / 2)
+                    .map(|i| 1.0 / (ext[i] * (base as f32).powf((2 * i) as f32 / dim as f32)))
+                    .collect()
+            };
+            scaling = RopeScaling::LongRope {
+                long_inv_freq: with(&long),
+                original_max: orig,
+            };
+            with(&short)
+        }
         other => {
             return Err(Error::bad_config(
                 &cfg.path,
@@ -474,12 +626,16 @@ pub fn default_inv_freq(base: f64, dim: usize) -> Vec<f32> {
 
 /// Dynamic-NTK inverse frequencies for a sequence of length `seq_len` (transformers' formula).
 pub fn dynamic_inv_freq(rope: &RopeSpec, seq_len: usize) -> Option<Vec<f32>> {
-    let RopeScaling::Dynamic {
-        factor,
-        max_positions,
-    } = rope.scaling
-    else {
-        return None;
+    let (factor, max_positions) = match &rope.scaling {
+        RopeScaling::Dynamic {
+            factor,
+            max_positions,
+        } => (*factor, *max_positions),
+        RopeScaling::LongRope {
+            long_inv_freq,
+            original_max,
+        } => return (seq_len > *original_max).then(|| long_inv_freq.clone()),
+        RopeScaling::None => return None,
     };
     if seq_len <= max_positions {
         return None;
@@ -489,4 +645,24 @@ pub fn dynamic_inv_freq(rope: &RopeSpec, seq_len: usize) -> Option<Vec<f32>> {
         * ((factor * seq_len as f64 / max_positions as f64) - (factor - 1.0))
             .powf(dim / (dim - 2.0));
     Some(default_inv_freq(base, rope.rotary_dim))
+}
+
+/// BLOOM's ALiBi slopes for any head count (computed in f32 as transformers does).
+pub fn bloom_alibi_slopes(n: usize) -> Vec<f32> {
+    let cp = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let base = 2f64.powf(-(2f64.powf(-((cp as f64).log2() - 3.0)))) as f32;
+    let mut slopes: Vec<f32> = (1..=cp).map(|i| base.powi(i as i32)).collect();
+    if cp != n {
+        let extra = 2f64.powf(-(2f64.powf(-(((2 * cp) as f64).log2() - 3.0)))) as f32;
+        let rem = (n - cp).min(cp);
+        slopes.extend((0..rem).map(|i| extra.powi((1 + 2 * i) as i32)));
+    }
+    slopes
+}
+
+/// Round to the nearest bfloat16 (ties to even), returned as f32.
+pub fn round_bf16(x: f32) -> f32 {
+    let b = x.to_bits();
+    let r = b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000;
+    f32::from_bits(r)
 }

@@ -2,9 +2,9 @@
 //! weight store → canonical weights (strictly accounted), tokenizer, EOS set.
 use crate::config::{ModelSpec, Positions, RawConfig, RopeScaling};
 use crate::error::{Error, Result};
+use crate::families::{self, Loader};
 use crate::hub::ModelLocation;
-use crate::model::families::{self, Loader};
-use crate::model::quant::QuantKind;
+use crate::kernels::quant::QuantKind;
 use crate::model::Decoder;
 use crate::plan::{self, Placement, Plan};
 use crate::tokenizer::LmTokenizer;
@@ -107,9 +107,7 @@ pub fn read_spec(location: &ModelLocation) -> Result<ModelSpec> {
             }
             RawConfig::from_file(&p)?
         }
-        ModelLocation::Gguf(file) => {
-            RawConfig::from_value(file, GgufFile::open(file)?.config_json()?)
-        }
+        ModelLocation::Gguf(file) => gguf_config(file, &GgufFile::open(file)?)?,
     };
     let (family, arch) = families::detect(&cfg)?;
     families::spec(family, &arch, &cfg)
@@ -149,7 +147,7 @@ fn load_dir(dir: &Path, location: &ModelLocation, opts: &LoadOptions) -> Result<
 
 fn load_gguf(file: &Path, location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {
     let g = GgufFile::open(file)?;
-    let cfg = RawConfig::from_value(file, g.config_json()?);
+    let cfg = gguf_config(file, &g)?;
     let (family, arch) = families::detect(&cfg)?;
     let spec = families::spec(family, &arch, &cfg)?;
     let tokenizer = LmTokenizer::from_gguf(g.content(), file)?;
@@ -159,6 +157,12 @@ fn load_gguf(file: &Path, location: &ModelLocation, opts: &LoadOptions) -> Resul
     }
     let store = WeightStore::new(vec![Box::new(g)])?;
     build(spec, store, tokenizer, eos, location, opts)
+}
+
+/// The config of a GGUF file, as the class its architecture stands for in the registry.
+fn gguf_config(file: &Path, g: &GgufFile) -> Result<RawConfig> {
+    let class = families::gguf_class(file, g.architecture())?;
+    Ok(RawConfig::from_value(file, g.config_json(class)?))
 }
 
 fn build(

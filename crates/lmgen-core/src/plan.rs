@@ -7,7 +7,7 @@
 //! [`crate::loader::load`]) and sizes the default KV pool ([`kv_budget_bytes`]).
 use crate::config::{MlpKind, ModelSpec, Positions};
 use crate::error::Error;
-use crate::model::quant::QuantKind;
+use crate::kernels::quant::QuantKind;
 use candle_core::{DType, Device};
 use std::cell::RefCell;
 
@@ -204,10 +204,19 @@ pub fn param_counts(s: &ModelSpec) -> (u64, u64, u64) {
     } else {
         inter
     };
-    let block = e * (q + 2 * kv) + q * e + e * mlp_in + inter * e + 4 * e // matrices + norms
+    let dense_mlp = e * mlp_in + inter * e + if s.mlp_bias { mlp_in + e } else { 0 };
+    // Blocks with experts: all experts, the router and the shared expert (the largest block;
+    // the few dense layers some MoE models have are counted as this too).
+    let mlp = match &s.moe {
+        Some(m) => {
+            let (n, ei) = (m.experts as u64, m.expert_inter as u64);
+            n * 3 * e * ei + n * e + m.shared_inter.map_or(0, |si| 3 * e * si as u64 + e)
+        }
+        None => dense_mlp,
+    };
+    let block = e * (q + 2 * kv) + q * e + mlp + 4 * e // matrices + norms
         + if s.qkv_bias { q + 2 * kv } else { 0 }
-        + if s.out_bias { e } else { 0 }
-        + if s.mlp_bias { mlp_in + e } else { 0 };
+        + if s.out_bias { e } else { 0 };
     let mut embed = (s.vocab_size * s.embed_dim) as u64;
     if let Positions::Learned { table_size, .. } = s.positions {
         embed += (table_size * s.hidden_size) as u64;
@@ -587,7 +596,7 @@ pub fn detect_budgets(gpus: GpuSelection) -> Vec<DeviceBudget> {
 mod tests {
     use super::*;
     use crate::config::RawConfig;
-    use crate::model::families;
+    use crate::families;
 
     fn spec(name: &str) -> ModelSpec {
         let cfg = RawConfig::from_value(
@@ -618,6 +627,10 @@ mod tests {
             ("bloom-176b", 176.25e9),
             ("gpt-neox-20b", 20.55e9),
             ("smollm2-135m", 0.1348e9),
+            ("mixtral-8x7b", 46.70e9),
+            ("gemma-2-9b", 9.242e9),
+            ("falcon-40b", 41.84e9),
+            ("phi-3-medium", 13.96e9),
         ] {
             let s = spec(name);
             let (b, e, h) = param_counts(&s);

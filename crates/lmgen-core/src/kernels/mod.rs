@@ -1,3 +1,6 @@
-//! Raw compute on slices, no tensors: the CPU step executor's kernels.
+//! Raw compute on slices, no tensors: matrix products (f32 and the quantized block formats),
+//! paged attention, row operations.
 pub mod attention;
+pub mod matmul;
 pub mod ops;
+pub mod quant;

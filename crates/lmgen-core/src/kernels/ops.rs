@@ -155,3 +155,40 @@ pub fn rope_row(
         }
     }
 }
+
+/// Normalize one row in place (LayerNorm or RMSNorm), scale and optional shift of its width.
+pub fn norm_in_place(
+    kind: NormKind,
+    x: &mut [f32],
+    scale: &[f32],
+    shift: Option<&[f32]>,
+    eps: f32,
+) {
+    let n = x.len() as f32;
+    match kind {
+        NormKind::LayerNorm => {
+            let mean = sum8(x, |v| v) / n;
+            let var = sum8(x, |v| (v - mean) * (v - mean)) / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            for i in 0..x.len() {
+                x[i] = (x[i] - mean) * inv * scale[i] + shift.map_or(0.0, |b| b[i]);
+            }
+        }
+        NormKind::RmsNorm => {
+            let inv = 1.0 / (sum8(x, |v| v * v) / n + eps).sqrt();
+            for i in 0..x.len() {
+                x[i] = x[i] * inv * scale[i];
+            }
+        }
+    }
+}
+
+/// `x = cap * tanh(x / cap)` in place (soft-capping).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    x.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+}
+
+/// `x = clamp(x, -c, c)` in place.
+pub fn clamp(x: &mut [f32], c: f32) {
+    x.iter_mut().for_each(|v| *v = v.clamp(-c, c));
+}

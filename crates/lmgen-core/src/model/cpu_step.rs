@@ -6,9 +6,9 @@
 //! reading K/V through the block tables) → output product → residual in place → norm → MLP
 //! (bias + activation + gate in one pass) → residual. Logits only for the rows that sample.
 //! Same numbers as the tensor path (`decoder.rs`), which remains for GPUs and half precision.
-use super::decoder::{Decoder, Want};
+use super::decoder::{route, Decoder, Moe, Want};
 use super::layers::{Linear, Norm, Weight};
-use crate::config::{dynamic_inv_freq, MlpKind, Positions, Residual};
+use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual, RopeSpec};
 use crate::kernels::attention::{paged_attention, AttnParams, AttnSeq};
 use crate::kernels::ops;
 use crate::kv::{KvPool, BLOCK_SIZE};
@@ -40,6 +40,9 @@ pub struct Workspace {
     sel: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Rotary tables of the sliding-window layers when they have their own (Gemma-3).
+    cos_local: Vec<f32>,
+    sin_local: Vec<f32>,
     attn: Vec<AttnSeq<'static>>,
     /// Logits of the wanted rows, `[rows, vocab_padded]`.
     logits: Vec<f32>,
@@ -48,6 +51,21 @@ pub struct Workspace {
     vocab: usize,
     /// Hidden states of the last step when asked for: `0..=layers`, each `[n_tokens, width]`.
     pub hidden: Vec<Vec<f32>>,
+    moe: MoeBufs,
+}
+
+/// Buffers of the expert MLPs: router logits, per-expert token lists, gathered rows.
+#[derive(Default)]
+struct MoeBufs {
+    logits: Vec<f32>,
+    picked: Vec<(usize, f32)>,
+    /// Per expert: (token row, weight).
+    groups: Vec<Vec<(usize, f32)>>,
+    x: Vec<f32>,
+    mlp: Vec<f32>,
+    act: Vec<f32>,
+    y: Vec<f32>,
+    gate: Vec<f32>,
 }
 
 impl Workspace {
@@ -105,7 +123,7 @@ fn linear(l: &Linear, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         Weight::Quant(q) => q.matmul_into(x, m, bias, out),
         Weight::Dense(w) => {
             let w = f32_of(w)?;
-            super::kernels::matmul_wt_into(x, m, k, w.s(), n, bias, out);
+            crate::kernels::matmul::matmul_wt_into(x, m, k, w.s(), n, bias, out);
         }
     }
     Ok(())
@@ -122,6 +140,171 @@ fn norm(nm: &Norm, x: &[f32], out: &mut [f32]) -> Result<()> {
         None => ops::norm_rows(nm.kind, x, out, width, w.s(), None, nm.eps),
     }
     Ok(())
+}
+
+/// q/k norm in place on the q (or k) part of every QKV row: over the whole part, or per head
+/// (weight of one head shared by all, or one weight per head).
+fn qk_norm(
+    nm: &Norm,
+    rows: &mut [f32],
+    stride: usize,
+    off: usize,
+    heads: usize,
+    hd: usize,
+    whole: bool,
+) -> Result<()> {
+    let w = f32_of(&nm.weight)?;
+    let b = nm.bias.as_ref().map(f32_of).transpose()?;
+    let (w, b) = (w.s(), b.as_ref().map(|b| b.s()));
+    for row in rows.chunks_mut(stride) {
+        let part = &mut row[off..off + heads * hd];
+        if whole {
+            ops::norm_in_place(nm.kind, part, w, b, nm.eps);
+            continue;
+        }
+        for (h, x) in part.chunks_mut(hd).enumerate() {
+            let at = (h * hd) % w.len();
+            ops::norm_in_place(
+                nm.kind,
+                x,
+                &w[at..at + hd],
+                b.map(|b| &b[at..at + hd]),
+                nm.eps,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// cos/sin `[n, rot/2]` of the packed tokens of `seqs` for `r`.
+fn rope_tables(
+    r: &RopeSpec,
+    seqs: &[PagedSeq<'_>],
+    n: usize,
+    cos: &mut Vec<f32>,
+    sin: &mut Vec<f32>,
+) {
+    let half = r.rotary_dim / 2;
+    let (cos, sin) = (fit(cos, n * half), fit(sin, n * half));
+    let mut i = 0;
+    for s in seqs {
+        let t = s.tokens.len();
+        let dynamic = dynamic_inv_freq(r, s.past + t);
+        let inv = dynamic.as_deref().unwrap_or(&r.inv_freq);
+        for p in s.past..s.past + t {
+            for (j, &f) in inv.iter().enumerate() {
+                let a = p as f32 * f;
+                cos[i * half + j] = a.cos() * r.attention_factor;
+                sin[i * half + j] = a.sin() * r.attention_factor;
+            }
+            i += 1;
+        }
+    }
+}
+
+/// `out = mlp_out(act(mlp_in(x)))` (gated or plain) over `n` rows.
+#[allow(clippy::too_many_arguments)]
+fn dense_mlp(
+    spec: &ModelSpec,
+    mlp_in: &Linear,
+    mlp_out: &Linear,
+    x: &[f32],
+    n: usize,
+    mlp: &mut Vec<f32>,
+    act: &mut Vec<f32>,
+    out: &mut [f32],
+) -> Result<()> {
+    let w = mlp_in.out_dim();
+    let mlp = fit(mlp, n * w);
+    linear(mlp_in, x, n, mlp)?;
+    let inner: &[f32] = match spec.mlp {
+        MlpKind::Plain => {
+            ops::activate(spec.activation, mlp);
+            mlp
+        }
+        MlpKind::Gated => {
+            let act = fit(act, n * w / 2);
+            ops::gate(spec.activation, mlp, act, w / 2);
+            act
+        }
+    };
+    linear(mlp_out, inner, n, out)
+}
+
+/// The experts of a block over `n` rows of `x` into `out`: each token's top-k experts, run
+/// for the tokens routed to them only (grouped per expert), summed in expert order with their
+/// routing weights; plus the gated shared expert (`shared`) when the block has one.
+#[allow(clippy::too_many_arguments)]
+fn moe_mlp(
+    spec: &ModelSpec,
+    moe: &Moe,
+    shared: (&Linear, &Linear),
+    x: &[f32],
+    n: usize,
+    width: usize,
+    b: &mut MoeBufs,
+    out: &mut [f32],
+) -> Result<()> {
+    let ms = spec.moe.as_ref().ok_or_else(|| {
+        candle_core::Error::Msg("experts without a mixture-of-experts spec".into())
+    })?;
+    let ne = moe.experts.len();
+    let logits = fit(&mut b.logits, n * ne);
+    linear(&moe.router, x, n, logits)?;
+    b.groups.resize_with(ne, Vec::new);
+    b.groups.iter_mut().for_each(|g| g.clear());
+    for t in 0..n {
+        route(
+            &logits[t * ne..(t + 1) * ne],
+            ms.top_k,
+            ms.norm_topk,
+            &mut b.picked,
+        );
+        for &(e, w) in &b.picked {
+            b.groups[e].push((t, w));
+        }
+    }
+    let out = &mut out[..n * width];
+    out.fill(0.0);
+    for (e, group) in b.groups.iter().enumerate() {
+        let m = group.len();
+        if m == 0 {
+            continue;
+        }
+        let xe = fit(&mut b.x, m * width);
+        for (r, &(t, _)) in group.iter().enumerate() {
+            xe[r * width..(r + 1) * width].copy_from_slice(&x[t * width..(t + 1) * width]);
+        }
+        let (gu, down) = &moe.experts[e];
+        let y = fit(&mut b.y, m * width);
+        dense_mlp(spec, gu, down, xe, m, &mut b.mlp, &mut b.act, y)?;
+        for (r, &(t, w)) in group.iter().enumerate() {
+            let dst = &mut out[t * width..(t + 1) * width];
+            for (d, &v) in dst.iter_mut().zip(&y[r * width..(r + 1) * width]) {
+                *d += v * w;
+            }
+        }
+    }
+    if let Some(g) = &moe.shared_gate {
+        let y = fit(&mut b.y, n * width);
+        dense_mlp(spec, shared.0, shared.1, x, n, &mut b.mlp, &mut b.act, y)?;
+        let gate = fit(&mut b.gate, n);
+        linear(g, x, n, gate)?;
+        for t in 0..n {
+            let s = 1.0 / (1.0 + (-gate[t]).exp());
+            for (d, &v) in out[t * width..(t + 1) * width]
+                .iter_mut()
+                .zip(&y[t * width..(t + 1) * width])
+            {
+                *d += v * s;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn need(n: Option<&Norm>) -> Result<&Norm> {
+    n.ok_or_else(|| candle_core::Error::Msg("this residual layout needs both norms".into()))
 }
 
 /// Reuse a vector's allocation for another lifetime; it is emptied first.
@@ -145,6 +328,7 @@ impl Decoder {
             }) && l.bias.as_ref().is_none_or(t_ok)
         };
         let n_ok = |n: &Norm| t_ok(&n.weight) && n.bias.as_ref().is_none_or(t_ok);
+        let on_ok = |n: &Option<Norm>| n.as_ref().is_none_or(n_ok);
         t_ok(&w.embed)
             && w.pos_embed.as_ref().is_none_or(t_ok)
             && w.embed_norm.as_ref().is_none_or(n_ok)
@@ -153,11 +337,17 @@ impl Decoder {
             && w.project_out.as_ref().is_none_or(l_ok)
             && l_ok(&w.lm_head)
             && w.blocks.iter().all(|b| {
-                n_ok(&b.ln1)
-                    && b.ln2.as_ref().is_none_or(n_ok)
-                    && [&b.qkv, &b.out, &b.mlp_in, &b.mlp_out]
-                        .into_iter()
-                        .all(l_ok)
+                [
+                    &b.ln1,
+                    &b.ln2,
+                    &b.post_attn_norm,
+                    &b.post_mlp_norm,
+                    &b.q_norm,
+                    &b.k_norm,
+                ]
+                .into_iter()
+                .all(on_ok)
+                    && b.linears().into_iter().all(l_ok)
             })
     }
 
@@ -216,6 +406,9 @@ impl Decoder {
                     candle_core::Error::Msg(format!("token id {t} outside the vocabulary"))
                 })?;
                 row.copy_from_slice(src);
+                if let Some(sc) = spec.embed_scale {
+                    row.iter_mut().for_each(|v| *v *= sc);
+                }
             }
         }
         drop(emb);
@@ -250,22 +443,10 @@ impl Decoder {
             _ => None,
         };
         if let Some(r) = rope {
-            let half = r.rotary_dim / 2;
-            let (cos, sin) = (fit(&mut ws.cos, n * half), fit(&mut ws.sin, n * half));
-            let mut i = 0;
-            for s in seqs {
-                let t = s.tokens.len();
-                let dynamic = dynamic_inv_freq(r, s.past + t);
-                let inv = dynamic.as_deref().unwrap_or(&r.inv_freq);
-                for p in s.past..s.past + t {
-                    for (j, &f) in inv.iter().enumerate() {
-                        let a = p as f32 * f;
-                        cos[i * half + j] = a.cos() * r.attention_factor;
-                        sin[i * half + j] = a.sin() * r.attention_factor;
-                    }
-                    i += 1;
-                }
-            }
+            rope_tables(r, seqs, n, &mut ws.cos, &mut ws.sin);
+        }
+        if let Some(r) = &spec.local_rope {
+            rope_tables(r, seqs, n, &mut ws.cos_local, &mut ws.sin_local);
         }
 
         let mut attn = recycle(std::mem::take(&mut ws.attn));
@@ -280,7 +461,6 @@ impl Decoder {
             q0 += s.tokens.len();
         }
         ws.hidden.clear();
-        let inter_w = w.blocks.first().map_or(0, |b| b.mlp_in.out_dim());
         for (li, b) in w.blocks.iter().enumerate() {
             if want_hidden {
                 ws.hidden.push(ws.x[..n * hidden].to_vec());
@@ -291,16 +471,33 @@ impl Decoder {
             let att = fit(&mut ws.att, n * nh * hd);
             let tmp = fit(&mut ws.tmp, n * hidden);
             let tmp2 = fit(&mut ws.tmp2, n * hidden);
-            let mlp = fit(&mut ws.mlp, n * inter_w);
-            let act = fit(&mut ws.act, n * spec.intermediate_size);
 
+            let windowed = spec.sliding_layers.get(li).copied().unwrap_or(false);
+            let (cos_t, sin_t) = if windowed && spec.local_rope.is_some() {
+                (&ws.cos_local, &ws.sin_local)
+            } else {
+                (&ws.cos, &ws.sin)
+            };
             // Attention of `input` (normed rows) into `tmp`.
             let mut attention = |input: &[f32], tmp: &mut [f32]| -> Result<()> {
                 linear(&b.qkv, input, n, qkv)?;
+                let clip = spec.clip_qkv.filter(|_| !spec.clip_after_qk_norm);
+                if let Some(c) = clip {
+                    ops::clamp(qkv, c);
+                }
+                if let Some(nm) = &b.q_norm {
+                    qk_norm(nm, qkv, qkv_w, 0, nh, hd, spec.qk_norm_whole)?;
+                }
+                if let Some(nm) = &b.k_norm {
+                    qk_norm(nm, qkv, qkv_w, nh * hd, nkv, hd, spec.qk_norm_whole)?;
+                }
+                if let (Some(c), true) = (spec.clip_qkv, spec.clip_after_qk_norm) {
+                    ops::clamp(qkv, c);
+                }
                 if let Some(r) = rope {
                     let half = r.rotary_dim / 2;
                     for (t, row) in qkv.chunks_mut(qkv_w).enumerate() {
-                        let (c, s) = (&ws.cos[t * half..][..half], &ws.sin[t * half..][..half]);
+                        let (c, s) = (&cos_t[t * half..][..half], &sin_t[t * half..][..half]);
                         let (q, k) = row.split_at_mut(nh * hd);
                         ops::rope_row(q, nh, hd, r.rotary_dim, c, s, r.interleaved);
                         ops::rope_row(k, nkv, hd, r.rotary_dim, c, s, r.interleaved);
@@ -319,7 +516,6 @@ impl Decoder {
                 if spec.scale_by_inverse_layer {
                     scale /= (li + 1) as f64;
                 }
-                let windowed = spec.sliding_layers.get(li).copied().unwrap_or(false);
                 let params = AttnParams {
                     num_heads: nh,
                     num_kv_heads: nkv,
@@ -328,50 +524,77 @@ impl Decoder {
                     scale: scale as f32,
                     window: if windowed { spec.sliding_window } else { None },
                     alibi: self.alibi_slopes(),
+                    softcap: spec.attn_softcap,
                 };
                 let (kc, vc) = pool.layer(li);
                 paged_attention(&params, &attn, qkv, qkv_w, kc, vc, att, nh * hd);
                 linear(&b.out, att, n, tmp)
             };
+            let (mlp, act, moe_bufs) = (&mut ws.mlp, &mut ws.act, &mut ws.moe);
             let mut mlp_fn = |input: &[f32], out: &mut [f32]| -> Result<()> {
-                linear(&b.mlp_in, input, n, mlp)?;
-                let inner: &[f32] = match spec.mlp {
-                    MlpKind::Plain => {
-                        ops::activate(spec.activation, mlp);
-                        mlp
-                    }
-                    MlpKind::Gated => {
-                        ops::gate(spec.activation, mlp, act, inter_w / 2);
-                        act
-                    }
-                };
-                linear(&b.mlp_out, inner, n, out)
+                match &b.moe {
+                    None => dense_mlp(spec, &b.mlp_in, &b.mlp_out, input, n, mlp, act, out),
+                    Some(moe) => moe_mlp(
+                        spec,
+                        moe,
+                        (&b.mlp_in, &b.mlp_out),
+                        input,
+                        n,
+                        hidden,
+                        moe_bufs,
+                        out,
+                    ),
+                }
             };
-            let ln2 = b.ln2.as_ref().unwrap_or(&b.ln1);
+            let (ln1, ln2) = (b.ln1.as_ref(), b.ln2.as_ref());
             match spec.residual {
                 Residual::Sequential => {
-                    norm(&b.ln1, x, h)?;
-                    attention(h, tmp)?;
-                    ops::add_assign(x, tmp);
-                    norm(ln2, x, h)?;
-                    mlp_fn(h, tmp)?;
-                    ops::add_assign(x, tmp);
+                    let input: &[f32] = match ln1 {
+                        Some(nm) => {
+                            norm(nm, x, h)?;
+                            h
+                        }
+                        None => x,
+                    };
+                    attention(input, tmp)?;
+                    match &b.post_attn_norm {
+                        Some(nm) => {
+                            norm(nm, tmp, tmp2)?;
+                            ops::add_assign(x, tmp2);
+                        }
+                        None => ops::add_assign(x, tmp),
+                    }
+                    let input: &[f32] = match ln2 {
+                        Some(nm) => {
+                            norm(nm, x, h)?;
+                            h
+                        }
+                        None => x,
+                    };
+                    mlp_fn(input, tmp)?;
+                    match &b.post_mlp_norm {
+                        Some(nm) => {
+                            norm(nm, tmp, tmp2)?;
+                            ops::add_assign(x, tmp2);
+                        }
+                        None => ops::add_assign(x, tmp),
+                    }
                 }
                 Residual::SequentialFromNormed => {
-                    norm(&b.ln1, x, h)?;
+                    norm(need(ln1)?, x, h)?;
                     attention(h, tmp)?;
                     x.copy_from_slice(h);
                     ops::add_assign(x, tmp);
-                    norm(ln2, x, h)?;
+                    norm(need(ln2)?, x, h)?;
                     mlp_fn(h, tmp)?;
                     x.copy_from_slice(h);
                     ops::add_assign(x, tmp);
                 }
                 Residual::Parallel => {
-                    norm(&b.ln1, x, h)?;
+                    norm(need(ln1)?, x, h)?;
                     attention(h, tmp)?;
-                    if b.ln2.is_some() {
-                        norm(ln2, x, h)?;
+                    if let Some(nm) = ln2 {
+                        norm(nm, x, h)?;
                     }
                     mlp_fn(h, tmp2)?;
                     ops::add_assign(x, tmp);
@@ -380,10 +603,10 @@ impl Decoder {
                 Residual::PostNorm => {
                     attention(x, tmp)?;
                     ops::add_assign(tmp, x);
-                    norm(&b.ln1, tmp, x)?;
+                    norm(need(ln1)?, tmp, x)?;
                     mlp_fn(x, tmp)?;
                     ops::add_assign(tmp, x);
-                    norm(ln2, tmp, x)?;
+                    norm(need(ln2)?, tmp, x)?;
                 }
             }
         }
@@ -439,6 +662,9 @@ impl Decoder {
             }
             let logits = fit(&mut ws.logits, total * vocab);
             linear(&w.lm_head, sel, total, logits)?;
+            if let Some(cap) = spec.final_softcap {
+                ops::softcap(logits, cap);
+            }
         }
         Ok(())
     }

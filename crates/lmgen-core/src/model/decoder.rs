@@ -7,23 +7,107 @@
 //! decode tokens alike) share a step without padding, so no prompt's numbers depend on its
 //! neighbours.
 use super::layers::{activate, Linear, Norm, Weight};
-use super::quant::QuantKind;
-use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual};
+use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual, RopeSpec};
+use crate::kernels::quant::QuantKind;
 use crate::kv::SeqCache;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 /// One transformer block in canonical form.
 #[derive(Debug, Clone)]
 pub struct Block {
-    pub ln1: Norm,
-    /// `None` when attention and MLP share `ln1` (parallel blocks with one norm).
+    /// Norm before attention; `None`: none (OLMo-2).
+    pub ln1: Option<Norm>,
+    /// Norm before the MLP. `None`: in parallel blocks attention and MLP share `ln1`'s output
+    /// (GPT-J, Phi, Falcon); in sequential blocks there is none (OLMo-2).
     pub ln2: Option<Norm>,
+    /// Norms of the attention and MLP outputs before their residual adds (Gemma-2/3, OLMo-2).
+    pub post_attn_norm: Option<Norm>,
+    pub post_mlp_norm: Option<Norm>,
+    /// Norms of q and k before the rotary: per head (weight `[head_dim]`, or `[heads*head_dim]`
+    /// for StableLM's one norm per head), or over the whole projection (`spec.qk_norm_whole`).
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
     /// Fused projection with output rows `[q (heads*hd); k (kv_heads*hd); v (kv_heads*hd)]`.
     pub qkv: Linear,
     pub out: Linear,
-    /// `Plain`: `[inter, hidden]`; `Gated`: `[gate; up]` = `[2*inter, hidden]`.
+    /// `Plain`: `[inter, hidden]`; `Gated`: `[gate; up]` = `[2*inter, hidden]`. In blocks with
+    /// experts: the shared expert (Qwen2-MoE), or no rows when there is none.
     pub mlp_in: Linear,
     pub mlp_out: Linear,
+    /// Experts in place of (or, with a shared expert, beside) the dense MLP.
+    pub moe: Option<Moe>,
+}
+
+/// The experts of one block (see [`crate::config::MoeSpec`]).
+#[derive(Debug, Clone)]
+pub struct Moe {
+    /// `[experts, hidden]`
+    pub router: Linear,
+    /// Per expert: `[gate; up]` `[2*inter, hidden]` and down `[hidden, inter]`.
+    pub experts: Vec<(Linear, Linear)>,
+    /// Qwen2-MoE: `[1, hidden]`, the shared expert's output is scaled by `sigmoid(gate · x)`.
+    pub shared_gate: Option<Linear>,
+}
+
+impl Block {
+    /// Every projection matrix of the block (experts included).
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v = vec![
+            &mut self.qkv,
+            &mut self.out,
+            &mut self.mlp_in,
+            &mut self.mlp_out,
+        ];
+        if let Some(m) = &mut self.moe {
+            for (a, b) in &mut m.experts {
+                v.push(a);
+                v.push(b);
+            }
+        }
+        v
+    }
+
+    /// Every projection matrix of the block (experts and routers included).
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.qkv, &self.out, &self.mlp_in, &self.mlp_out];
+        if let Some(m) = &self.moe {
+            v.push(&m.router);
+            v.extend(m.shared_gate.iter());
+            for (a, b) in &m.experts {
+                v.push(a);
+                v.push(b);
+            }
+        }
+        v
+    }
+}
+
+/// Top-k routing of one token as transformers computes it: softmax over all experts (f32),
+/// the `k` largest, renormalized when `norm`. Returns `(expert, weight)` pairs in `out`.
+/// Exactly equal router logits go to the lowest expert index; torch's CPU `topk` orders such
+/// ties by its selection algorithm instead (they do not arise with trained weights).
+pub fn route(logits: &[f32], k: usize, norm: bool, out: &mut Vec<(usize, f32)>) {
+    let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f32 = logits.iter().map(|&l| (l - mx).exp()).sum();
+    out.clear();
+    for _ in 0..k.min(logits.len()) {
+        let mut best: Option<(usize, f32)> = None;
+        for (e, &l) in logits.iter().enumerate() {
+            if out.iter().any(|&(o, _)| o == e) {
+                continue;
+            }
+            if best.is_none_or(|(_, b)| l > b) {
+                best = Some((e, l));
+            }
+        }
+        if let Some((e, l)) = best {
+            out.push((e, (l - mx).exp() / sum));
+        }
+    }
+    if norm {
+        let s: f32 = out.iter().map(|&(_, w)| w).sum();
+        out.iter_mut().for_each(|(_, w)| *w /= s);
+    }
 }
 
 /// All weights of a model in canonical form.
@@ -54,7 +138,7 @@ impl Weights {
         };
         let mut linears: Vec<&mut Linear> = Vec::new();
         for b in &mut self.blocks {
-            linears.extend([&mut b.qkv, &mut b.out, &mut b.mlp_in, &mut b.mlp_out]);
+            linears.extend(b.linears_mut().into_iter().filter(|l| l.param_count() > 0));
         }
         linears.push(&mut self.lm_head);
         for l in linears {
@@ -116,8 +200,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(spec: ModelSpec, weights: Weights, device: Device) -> Self {
-        let alibi =
-            matches!(spec.positions, Positions::Alibi).then(|| alibi_slopes(spec.num_heads));
+        let alibi = spec.alibi();
         Self {
             spec,
             weights,
@@ -152,6 +235,11 @@ impl Decoder {
         let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
         let w = &self.weights;
         let mut x = w.embed.index_select(&ids_t, 0)?;
+        if let Some(s) = spec.embed_scale {
+            // transformers multiplies by the scale cast to the weights' dtype.
+            let s = Tensor::new(s, &self.device)?.to_dtype(x.dtype())?;
+            x = x.broadcast_mul(&s)?;
+        }
         if let Some(p) = &w.project_in {
             x = p.forward(&x)?;
         }
@@ -163,7 +251,14 @@ impl Decoder {
         if let Some(norm) = &w.embed_norm {
             x = norm.forward(&x)?;
         }
-        let rope = self.rope_tables(seqs, &positions)?;
+        let rope = match &spec.positions {
+            Positions::Rope(r) => Some(self.rope_tables(r, seqs, &positions)?),
+            _ => None,
+        };
+        let local_rope = match &spec.local_rope {
+            Some(r) => Some(self.rope_tables(r, seqs, &positions)?),
+            None => None,
+        };
         // Attention biases depend only on each sequence's lengths: build them once per step.
         let biases = seqs
             .iter()
@@ -177,19 +272,23 @@ impl Decoder {
                 Ok((full, windowed))
             })
             .collect::<Result<Vec<_>>>()?;
-        let (mut rope, mut biases) = (rope, biases);
+        let (mut rope, mut local_rope, mut biases) = (rope, local_rope, biases);
         let mut hidden = want_hidden.then(Vec::new);
         for (li, block) in w.blocks.iter().enumerate() {
             // Layers may live on different devices (--device auto): move the activations
             // and this step's tables along with them.
-            let dev = block.ln1.weight.device();
+            let dev = block.qkv.device();
+            let dev = &dev;
             if !dev.same_device(x.device()) {
                 x = x.to_device(dev)?;
-                rope = rope
-                    .map(|(c, s)| {
+                let mv = |r: Option<(Tensor, Tensor)>| {
+                    r.map(|(c, s)| {
                         Ok::<_, candle_core::Error>((c.to_device(dev)?, s.to_device(dev)?))
                     })
-                    .transpose()?;
+                    .transpose()
+                };
+                rope = mv(rope)?;
+                local_rope = mv(local_rope)?;
                 biases = biases
                     .into_iter()
                     .map(|(f, w)| Ok((f.to_device(dev)?, w.map(|w| w.to_device(dev)).transpose()?)))
@@ -198,7 +297,12 @@ impl Decoder {
             if let Some(h) = hidden.as_mut() {
                 h.push(x.clone());
             }
-            x = self.block(li, block, &x, seqs, rope.as_ref(), &biases)?;
+            let windowed = spec.sliding_layers.get(li).copied().unwrap_or(false);
+            let r = match (&local_rope, windowed) {
+                (Some(l), true) => Some(l),
+                _ => rope.as_ref(),
+            };
+            x = self.block(li, block, &x, seqs, r, &biases)?;
         }
         let tail = w.lm_head.device();
         if !tail.same_device(x.device()) {
@@ -234,7 +338,10 @@ impl Decoder {
             } else {
                 x.index_select(&Tensor::new(rows.as_slice(), x.device())?, 0)?
             };
-            let all = w.lm_head.forward(&sel)?.to_dtype(DType::F32)?;
+            let mut all = w.lm_head.forward(&sel)?.to_dtype(DType::F32)?;
+            if let Some(cap) = spec.final_softcap {
+                all = ((all / cap as f64)?.tanh()? * cap as f64)?;
+            }
             let mut r = 0;
             for s in seqs.iter() {
                 let k = match s.want {
@@ -256,12 +363,10 @@ impl Decoder {
     /// cos/sin tables `[n_tokens, rotary_dim/2]` for the packed tokens.
     fn rope_tables(
         &self,
+        rope: &RopeSpec,
         seqs: &[SeqStep<'_>],
         positions: &[u32],
-    ) -> Result<Option<(Tensor, Tensor)>> {
-        let Positions::Rope(rope) = &self.spec.positions else {
-            return Ok(None);
-        };
+    ) -> Result<(Tensor, Tensor)> {
         let half = rope.rotary_dim / 2;
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -283,10 +388,10 @@ impl Decoder {
         }
         let n = positions.len();
         let dtype = self.weights.embed.dtype();
-        Ok(Some((
+        Ok((
             Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(dtype)?,
             Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(dtype)?,
-        )))
+        ))
     }
 
     fn block(
@@ -298,8 +403,8 @@ impl Decoder {
         rope: Option<&(Tensor, Tensor)>,
         biases: &[(Tensor, Option<Tensor>)],
     ) -> Result<Tensor> {
-        let mlp = |h: &Tensor| -> Result<Tensor> {
-            let a = b.mlp_in.forward(h)?;
+        let dense = |h: &Tensor, mlp_in: &Linear, mlp_out: &Linear| -> Result<Tensor> {
+            let a = mlp_in.forward(h)?;
             let a = match self.spec.mlp {
                 MlpKind::Plain => activate(self.spec.activation, &a)?,
                 MlpKind::Gated => {
@@ -308,30 +413,78 @@ impl Decoder {
                     (gate * a.narrow(1, inter, inter)?)?
                 }
             };
-            b.mlp_out.forward(&a)
+            mlp_out.forward(&a)
         };
-        let ln2 = b.ln2.as_ref().unwrap_or(&b.ln1);
+        let mlp = |h: &Tensor| -> Result<Tensor> {
+            let Some(moe) = &b.moe else {
+                return dense(h, &b.mlp_in, &b.mlp_out);
+            };
+            let spec = self.spec.moe.as_ref().ok_or_else(|| {
+                candle_core::Error::Msg("experts without a mixture-of-experts spec".into())
+            })?;
+            let logits: Vec<Vec<f32>> = moe.router.forward(h)?.to_dtype(DType::F32)?.to_vec2()?;
+            // Tokens grouped by expert: (rows, weights).
+            let mut groups: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); moe.experts.len()];
+            let mut picked = Vec::new();
+            for (t, l) in logits.iter().enumerate() {
+                route(l, spec.top_k, spec.norm_topk, &mut picked);
+                for &(e, w) in &picked {
+                    groups[e].0.push(t as u32);
+                    groups[e].1.push(w);
+                }
+            }
+            let mut out = h.zeros_like()?;
+            for (e, (rows, ws)) in groups.iter().enumerate() {
+                if rows.is_empty() {
+                    continue;
+                }
+                let idx = Tensor::new(rows.as_slice(), h.device())?;
+                let (gu, down) = &moe.experts[e];
+                let y = dense(&h.index_select(&idx, 0)?, gu, down)?;
+                let w = Tensor::new(ws.as_slice(), h.device())?
+                    .to_dtype(y.dtype())?
+                    .unsqueeze(1)?;
+                out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+            }
+            if let Some(g) = &moe.shared_gate {
+                let shared = dense(h, &b.mlp_in, &b.mlp_out)?;
+                let gate = candle_nn::ops::sigmoid(&g.forward(h)?)?;
+                out = (out + shared.broadcast_mul(&gate)?)?;
+            }
+            Ok(out)
+        };
+        let norm = |n: Option<&Norm>, x: &Tensor| -> Result<Tensor> {
+            match n {
+                Some(n) => n.forward(x),
+                None => Ok(x.clone()),
+            }
+        };
+        let (ln1, ln2) = (b.ln1.as_ref(), b.ln2.as_ref());
         match self.spec.residual {
             Residual::Sequential => {
-                let h = (x + self.attention(li, b, biases, &b.ln1.forward(x)?, seqs, rope)?)?;
-                &h + mlp(&ln2.forward(&h)?)?
+                let a = self.attention(li, b, biases, &norm(ln1, x)?, seqs, rope)?;
+                let h = (x + norm(b.post_attn_norm.as_ref(), &a)?)?;
+                let m = mlp(&norm(ln2, &h)?)?;
+                &h + norm(b.post_mlp_norm.as_ref(), &m)?
             }
             Residual::SequentialFromNormed => {
-                let n1 = b.ln1.forward(x)?;
+                let n1 = norm(ln1, x)?;
                 let h = (&n1 + self.attention(li, b, biases, &n1, seqs, rope)?)?;
-                let n2 = ln2.forward(&h)?;
+                let n2 = norm(ln2, &h)?;
                 &n2 + mlp(&n2)?
             }
             Residual::Parallel => {
-                let attn = self.attention(li, b, biases, &b.ln1.forward(x)?, seqs, rope)?;
-                let m = mlp(&ln2.forward(x)?)?;
+                let n1 = norm(ln1, x)?;
+                let attn = self.attention(li, b, biases, &n1, seqs, rope)?;
+                let m = match ln2 {
+                    Some(n) => mlp(&n.forward(x)?)?,
+                    None => mlp(&n1)?,
+                };
                 (x + attn)? + m
             }
             Residual::PostNorm => {
-                let h = b
-                    .ln1
-                    .forward(&(x + self.attention(li, b, biases, x, seqs, rope)?)?)?;
-                ln2.forward(&(&h + mlp(&h)?)?)
+                let h = norm(ln1, &(x + self.attention(li, b, biases, x, seqs, rope)?)?)?;
+                norm(ln2, &(&h + mlp(&h)?)?)
             }
         }
     }
@@ -348,7 +501,22 @@ impl Decoder {
         let spec = &self.spec;
         let (nh, nkv, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let n = h.dim(0)?;
-        let qkv = b.qkv.forward(h)?;
+        let mut qkv = b.qkv.forward(h)?;
+        let clip = spec.clip_qkv.filter(|_| !spec.clip_after_qk_norm);
+        if let Some(c) = clip {
+            qkv = qkv.clamp(-c, c)?;
+        }
+        if b.q_norm.is_some() || b.k_norm.is_some() {
+            let q = qkv.narrow(1, 0, nh * hd)?;
+            let k = qkv.narrow(1, nh * hd, nkv * hd)?;
+            let v = qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?;
+            let q = qk_norm(b.q_norm.as_ref(), &q, nh, hd, spec.qk_norm_whole)?;
+            let k = qk_norm(b.k_norm.as_ref(), &k, nkv, hd, spec.qk_norm_whole)?;
+            qkv = Tensor::cat(&[&q, &k, &v], 1)?;
+        }
+        if let (Some(c), true) = (spec.clip_qkv, spec.clip_after_qk_norm) {
+            qkv = qkv.clamp(-c, c)?;
+        }
         let to_heads = |t: Tensor, heads: usize| -> Result<Tensor> {
             t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous()
         };
@@ -356,6 +524,7 @@ impl Decoder {
         let mut k = to_heads(qkv.narrow(1, nh * hd, nkv * hd)?, nkv)?;
         let v = to_heads(qkv.narrow(1, (nh + nkv) * hd, nkv * hd)?, nkv)?;
         if let (Some((cos, sin)), Positions::Rope(r)) = (rope, &spec.positions) {
+            // A local rope (Gemma-3) differs in frequencies only: same rotary dims and layout.
             q = apply_rope(&q, cos, sin, r.rotary_dim, r.interleaved)?;
             k = apply_rope(&k, cos, sin, r.rotary_dim, r.interleaved)?;
         }
@@ -376,8 +545,11 @@ impl Decoder {
             let total = past + t;
             let qs = q.narrow(1, start, t)?.reshape((nkv, group * t, hd))?;
             // Scores, mask and softmax in f32 whatever the compute dtype (bf16 on GPUs).
-            let scores =
+            let mut scores =
                 (qs.matmul(&kk.t()?)?.to_dtype(DType::F32)? * scale)?.reshape((nh, t, total))?;
+            if let Some(cap) = spec.attn_softcap {
+                scores = ((scores / cap as f64)?.tanh()? * cap as f64)?;
+            }
             let bias = if windowed {
                 win.as_ref().unwrap_or(full)
             } else {
@@ -455,15 +627,38 @@ fn apply_rope(
     }
 }
 
-/// BLOOM's ALiBi slopes for any head count (computed in f32 as transformers does).
-pub fn alibi_slopes(n: usize) -> Vec<f32> {
-    let cp = 1usize << (usize::BITS - 1 - n.leading_zeros());
-    let base = 2f64.powf(-(2f64.powf(-((cp as f64).log2() - 3.0)))) as f32;
-    let mut slopes: Vec<f32> = (1..=cp).map(|i| base.powi(i as i32)).collect();
-    if cp != n {
-        let extra = 2f64.powf(-(2f64.powf(-(((2 * cp) as f64).log2() - 3.0)))) as f32;
-        let rem = (n - cp).min(cp);
-        slopes.extend((0..rem).map(|i| extra.powi((1 + 2 * i) as i32)));
+/// Norm of q or k rows `[n, heads*hd]`: over the whole row, or per head (weight `[hd]` shared
+/// by all heads, or `[heads*hd]` with one norm per head).
+fn qk_norm(n: Option<&Norm>, x: &Tensor, heads: usize, hd: usize, whole: bool) -> Result<Tensor> {
+    let Some(n) = n else {
+        return Ok(x.clone());
+    };
+    let x = &x.contiguous()?;
+    if whole {
+        return n.forward(x);
     }
-    slopes
+    let rows = x.dim(0)?;
+    if n.weight.dim(0)? == hd {
+        return n
+            .forward(&x.reshape((rows * heads, hd))?)?
+            .reshape((rows, heads * hd));
+    }
+    let parts = (0..heads)
+        .map(|h| {
+            let one = Norm {
+                kind: n.kind,
+                weight: n.weight.narrow(0, h * hd, hd)?,
+                bias: n
+                    .bias
+                    .as_ref()
+                    .map(|b| b.narrow(0, h * hd, hd))
+                    .transpose()?,
+                eps: n.eps,
+            };
+            one.forward(&x.narrow(1, h * hd, hd)?.contiguous()?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&parts, 1)
 }
+
+pub use crate::config::bloom_alibi_slopes as alibi_slopes;

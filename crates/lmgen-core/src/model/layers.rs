@@ -1,7 +1,7 @@
 //! Building blocks: linear (dense or weight-only quantized), norms, activations.
-use super::kernels;
-use super::quant::{QMatrix, QuantKind};
 use crate::config::{Activation, NormKind};
+use crate::kernels::matmul as kernels;
+use crate::kernels::quant::{QMatrix, QuantKind};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, D};
 use std::sync::Arc;
 

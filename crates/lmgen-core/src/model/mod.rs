@@ -1,10 +1,9 @@
-//! Model definition: the generic decoder, its layers, and the per-family mappings.
+//! Model definition: the generic decoder and its layers.
 pub mod cpu_step;
 pub mod decoder;
-pub mod families;
-pub mod kernels;
 pub mod layers;
-pub mod quant;
 
+/// Kept at their old paths for callers outside the crate.
+pub use crate::kernels::{matmul as kernels, quant};
 pub use cpu_step::{PagedSeq, Workspace};
 pub use decoder::{Decoder, SeqStep, StepOutput, Want};

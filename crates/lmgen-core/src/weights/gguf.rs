@@ -6,16 +6,13 @@
 use super::st::one_line;
 use super::{TensorMeta, TensorSource};
 use crate::error::{Error, Result};
-use crate::model::quant::{QMatrix, QuantKind};
+use crate::kernels::quant::{QMatrix, QuantKind};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-
-/// Architectures `config_json` can describe, with their HF class names.
-const SUPPORTED: &[(&str, &str)] = &[("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")];
 
 #[derive(Debug, Clone)]
 struct Mapped {
@@ -25,6 +22,8 @@ struct Mapped {
     ggml: GgmlDType,
     /// Undo llama.cpp's Q/K row permutation with this many heads.
     unpermute_heads: Option<usize>,
+    /// Expert `j` of a stacked `[experts, rows, cols]` tensor (`shape` is one expert's).
+    expert: Option<usize>,
 }
 
 /// A memory-mapped GGUF file.
@@ -37,7 +36,23 @@ pub struct GgufFile {
     tensors: BTreeMap<String, Mapped>,
 }
 
-/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2 layout). `None` for names without an
+/// `blk.N.ffn_{gate,up,down}_exps.{weight,bias}` (experts stacked in one tensor) ->
+/// `(N, HF projection name, kind)`; each expert is exposed as
+/// `model.layers.N.mlp.experts.J.{proj}.{kind}` (the Qwen-MoE layout).
+fn expert_parts(gguf: &str) -> Option<(usize, &'static str, &str)> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, kind) = rest.rsplit_once('.')?;
+    let proj = match part {
+        "ffn_gate_exps" => "gate_proj",
+        "ffn_up_exps" => "up_proj",
+        "ffn_down_exps" => "down_proj",
+        _ => return None,
+    };
+    Some((layer.parse().ok()?, proj, kind))
+}
+
+/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2/Qwen3/Qwen2-MoE/OLMo-2 layout). `None` for names without an
 /// HF counterpart; those are exposed under their GGUF name (and then reported as unused).
 fn hf_name(gguf: &str) -> Option<String> {
     match gguf {
@@ -63,6 +78,15 @@ fn hf_name(gguf: &str) -> Option<String> {
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate_inp" => "mlp.gate",
+        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
+        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -196,6 +220,27 @@ impl GgufFile {
                     )))
                 }
             }
+            if let Some((layer, proj, kind)) = expert_parts(gname) {
+                let [n, rows, cols] = shape[..] else {
+                    return Err(bad(format!(
+                        "expert tensor '{gname}' has shape {shape:?}, expected 3 dimensions"
+                    )));
+                };
+                for j in 0..n {
+                    let name = format!("model.layers.{layer}.mlp.experts.{j}.{proj}.{kind}");
+                    let m = Mapped {
+                        gguf: gname.clone(),
+                        shape: vec![rows, cols],
+                        ggml: info.ggml_dtype,
+                        unpermute_heads: None,
+                        expert: Some(j),
+                    };
+                    if tensors.insert(name.clone(), m).is_some() {
+                        return Err(bad(format!("two tensors map to '{name}'")));
+                    }
+                }
+                continue;
+            }
             let hf = hf_name(gname);
             let mut unpermute_heads = None;
             if arch == "llama" {
@@ -229,6 +274,7 @@ impl GgufFile {
                 shape,
                 ggml: info.ggml_dtype,
                 unpermute_heads,
+                expert: None,
             };
             if let Some(prev) = tensors.insert(name.clone(), m) {
                 return Err(bad(format!(
@@ -279,22 +325,10 @@ impl GgufFile {
         self.md(key).and_then(value_f64)
     }
 
-    /// A Hugging Face `config.json` equivalent built from the GGUF metadata.
-    pub fn config_json(&self) -> Result<serde_json::Value> {
+    /// A Hugging Face `config.json` equivalent built from the GGUF metadata, for the
+    /// transformers class `class` (the family registry says which class an architecture is).
+    pub fn config_json(&self, class: &str) -> Result<serde_json::Value> {
         let arch = self.arch.as_str();
-        let class = SUPPORTED
-            .iter()
-            .find(|(a, _)| *a == arch)
-            .map(|(_, c)| *c)
-            .ok_or_else(|| Error::UnknownArchitecture {
-                path: self.path.clone(),
-                arch: arch.to_string(),
-                supported: SUPPORTED
-                    .iter()
-                    .map(|(a, _)| format!("{a} (GGUF)"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
         let k = |s: &str| format!("{arch}.{s}");
         let layers = self.req_u64(&k("block_count"))?;
         let hidden = self.req_u64(&k("embedding_length"))?;
@@ -311,7 +345,7 @@ impl GgufFile {
             .md_u64(&k("attention.key_length"))
             .or_else(|| self.md_u64(&k("rope.dimension_count")))
             .unwrap_or(hidden / heads);
-        let qwen = arch == "qwen2";
+        let qwen = matches!(arch, "qwen2" | "qwen3" | "qwen2moe");
         let eps = self
             .md_f64(&k("attention.layer_norm_rms_epsilon"))
             .unwrap_or(if qwen { 1e-6 } else { 1e-5 });
@@ -364,9 +398,29 @@ impl GgufFile {
         c.insert("tie_word_embeddings".into(), tie.into());
         c.insert("bos_token_id".into(), tok("tokenizer.ggml.bos_token_id"));
         c.insert("eos_token_id".into(), tok("tokenizer.ggml.eos_token_id"));
-        if !qwen {
+        if !matches!(arch, "qwen2" | "qwen2moe") {
             c.insert("attention_bias".into(), bias.into());
             c.insert("mlp_bias".into(), false.into());
+        }
+        if let Some(n) = self.md_u64(&k("expert_count")) {
+            c.insert("num_experts".into(), n.into());
+            let used = self.req_u64(&k("expert_used_count"))?;
+            c.insert("num_experts_per_tok".into(), used.into());
+            for (key, md) in [
+                ("moe_intermediate_size", "expert_feed_forward_length"),
+                (
+                    "shared_expert_intermediate_size",
+                    "expert_shared_feed_forward_length",
+                ),
+            ] {
+                if let Some(v) = self.md_u64(&k(md)) {
+                    c.insert(key.into(), v.into());
+                }
+            }
+            // llama.cpp records renormalized top-k weights as `expert_weights_norm`.
+            if let Some(Value::Bool(b)) = self.md(&k("expert_weights_norm")) {
+                c.insert("norm_topk_prob".into(), (*b).into());
+            }
         }
         let scaling = match self.md(&k("rope.scaling.type")) {
             Some(Value::String(s)) => s.clone(),
@@ -446,7 +500,8 @@ impl TensorSource for GgufFile {
                     _ => DType::BF16,
                 };
                 let numel: usize = m.shape.iter().product();
-                let start = (self.content.tensor_data_offset + info.offset) as usize;
+                let start = (self.content.tensor_data_offset + info.offset) as usize
+                    + m.expert.unwrap_or(0) * numel * dt.size_in_bytes();
                 let bytes = self
                     .mmap
                     .get(start..start + numel * dt.size_in_bytes())
@@ -466,7 +521,11 @@ impl TensorSource for GgufFile {
                         &cpu,
                     )
                     .map_err(wrap)?;
-                q.dequantize(&cpu).map_err(wrap)?
+                let t = q.dequantize(&cpu).map_err(wrap)?;
+                match m.expert {
+                    Some(j) => t.get(j).map_err(wrap)?,
+                    None => t,
+                }
             }
         };
         let t = match m.unpermute_heads {
@@ -480,8 +539,9 @@ impl TensorSource for GgufFile {
         };
         let t = t.to_device(device).map_err(wrap)?;
         // As for safetensors: the copy is made, drop the file pages read for it.
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
         let len = m.ggml.type_size() * m.shape.iter().product::<usize>() / m.ggml.block_size();
+        let start =
+            (self.content.tensor_data_offset + info.offset) as usize + m.expert.unwrap_or(0) * len;
         super::st::release_pages(&self.mmap, start, start + len);
         Ok(t)
     }
@@ -510,7 +570,8 @@ impl TensorSource for GgufFile {
             )
         })?;
         let rb = kind.row_bytes(cols);
-        let start = (self.content.tensor_data_offset + info.offset) as usize;
+        let start = (self.content.tensor_data_offset + info.offset) as usize
+            + m.expert.unwrap_or(0) * rows * rb;
         let bytes = self.mmap.get(start..start + rows * rb).ok_or_else(|| {
             Error::bad_weights(
                 &self.path,
@@ -714,7 +775,7 @@ mod tests {
             .unwrap();
         assert_eq!(e.dtype(), DType::F16);
 
-        let c = g.config_json().unwrap();
+        let c = g.config_json("LlamaForCausalLM").unwrap();
         assert_eq!(c["architectures"][0], "LlamaForCausalLM");
         assert_eq!(c["model_type"], "llama");
         assert_eq!(c["num_hidden_layers"], 1);
@@ -748,7 +809,7 @@ mod tests {
         assert_eq!(max_diff(&q, &t.q), 0.0);
         let lm = g.load("lm_head.weight", DType::F32, &dev).unwrap();
         assert!(max_diff(&lm, &t.embd) < 0.05);
-        let c = g.config_json().unwrap();
+        let c = g.config_json("Qwen2ForCausalLM").unwrap();
         assert_eq!(c["architectures"][0], "Qwen2ForCausalLM");
         assert_eq!(c["tie_word_embeddings"], false);
     }
@@ -779,7 +840,7 @@ mod tests {
         let up = dir.path().join("phi.gguf");
         write_tiny(&up, "phi9", true);
         let g = GgufFile::open(&up).unwrap();
-        let e = g.config_json().unwrap_err();
+        let e = crate::families::gguf_class(&up, g.architecture()).unwrap_err();
         assert!(
             matches!(e, Error::UnknownArchitecture { ref arch, .. } if arch == "phi9"),
             "{e}"
@@ -816,7 +877,7 @@ mod tests {
         };
         eprintln!("checking {}", p.display());
         let g = GgufFile::open(&p).unwrap();
-        g.config_json().unwrap();
+        g.config_json("LlamaForCausalLM").unwrap();
         let dev = Device::Cpu;
         let metas = g.metas().unwrap();
         for (n, m) in &metas {

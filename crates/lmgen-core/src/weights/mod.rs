@@ -1,7 +1,7 @@
 //! Checkpoint readers. Every format exposes the same [`TensorSource`] interface; the
 //! [`WeightStore`] merges shards and does strict accounting (every tensor used exactly once).
 use crate::error::{Error, Result};
-use crate::model::quant::QMatrix;
+use crate::kernels::quant::QMatrix;
 use candle_core::{DType, Device, Tensor};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};

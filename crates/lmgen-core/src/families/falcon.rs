@@ -1,0 +1,148 @@
+//! Falcon (`FalconForCausalLM`, and the older `RWForCausalLM` configs): fused QKV in three
+//! layouts (per-head interleaved; multi-query `[q; k; v]`; the new decoder architecture's
+//! per-kv-group `[q heads, k, v]`), rotary or ALiBi (scaled with the scores), parallel or
+//! sequential blocks with one or two LayerNorms, GELU MLP, optional biases, tied head.
+//! With ALiBi, transformers rounds the slopes and also the products slope × position to
+//! bfloat16; lmgen rounds the slopes only, so positions past 256 (where the products stop being
+//! exact in bfloat16) differ slightly.
+use super::{degroup_qkv, heads, Family, Loader, Weights};
+use crate::config::*;
+use crate::error::Result;
+use crate::model::decoder::Block;
+
+pub const FAMILY: Family = Family {
+    name: "falcon",
+    architectures: &["FalconForCausalLM", "RWForCausalLM"],
+    model_types: &["falcon", "RefinedWebModel", "RefinedWeb"],
+    gguf: &[],
+    spec,
+    load,
+};
+
+/// `(new_decoder_architecture, multi_query, parallel_attn)`.
+fn variant(c: &RawConfig) -> Result<(bool, bool, bool)> {
+    let refined_web = c.get("model_type").and_then(|m| m.as_str()) == Some("RefinedWeb");
+    let new = c.bool_or("new_decoder_architecture", refined_web)?;
+    let mq = c.bool_or("multi_query", true)?;
+    let parallel = new || c.bool_or("parallel_attn", true)?;
+    Ok((new, mq, parallel))
+}
+
+pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
+    let e = c.req_usize(&["hidden_size", "n_embed"])?;
+    let (nh, hd) = heads(c, e, &["num_attention_heads", "n_head"])?;
+    let (new, mq, parallel) = variant(c)?;
+    let nkv = if new {
+        c.usize_any(&["num_kv_heads", "n_head_kv"])?.unwrap_or(nh)
+    } else if mq {
+        1
+    } else {
+        nh
+    };
+    let max_positions = c.usize_any(&["max_position_embeddings"])?.unwrap_or(2048);
+    let alibi = c.bool_or("alibi", false)?;
+    let bias = c.bool_or("bias", false)?;
+    let positions = if alibi {
+        Positions::Alibi
+    } else {
+        Positions::Rope(rope_spec(c, hd, 1.0, 10000.0, max_positions)?)
+    };
+    Ok(ModelSpec {
+        vocab_size: c.req_usize(&["vocab_size"])?,
+        hidden_size: e,
+        num_layers: c.req_usize(&["num_hidden_layers", "n_layer"])?,
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        intermediate_size: c.usize_any(&["ffn_hidden_size"])?.unwrap_or(4 * e),
+        max_positions,
+        norm_eps: c.f64_any(&["layer_norm_epsilon"])?.unwrap_or(1e-5),
+        positions,
+        residual: if parallel {
+            Residual::Parallel
+        } else {
+            Residual::Sequential
+        },
+        activation: c.activation(&["activation"], "gelu")?,
+        qkv_bias: bias,
+        out_bias: bias,
+        mlp_bias: bias,
+        attn_scale: 1.0 / (hd as f64).sqrt(),
+        alibi_slopes: AlibiSlopes::BloomBf16,
+        // transformers adds the ALiBi bias twice, each time scaled by 1/sqrt(head_dim): inside
+        // the attention, (scores + alibi) / sqrt(hd), and again in the causal mask it builds.
+        alibi_scale: 2.0 / (hd as f32).sqrt(),
+        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+        embed_dim: e,
+        ..ModelSpec::defaults(c)
+    })
+}
+
+pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
+    let (e, inter, hd, nh, nkv) = (
+        s.hidden_size,
+        s.intermediate_size,
+        s.head_dim,
+        s.num_heads,
+        s.num_kv_heads,
+    );
+    l.ignore_buffers(&[".rotary_emb.inv_freq"]);
+    // The new decoder architecture has `ln_attn` and `ln_mlp` (unless num_ln_in_parallel_attn=1).
+    let two_norms = l.store.contains("transformer.h.0.ln_attn.weight");
+    let blocks = (0..s.num_layers)
+        .map(|i| {
+            let l = l.block(i);
+            let p = format!("transformer.h.{i}");
+            let norm = |n: &str| l.norm(&format!("{p}.{n}"), s.norm, e, s.norm_eps);
+            let (ln1, ln2) = if two_norms {
+                (norm("ln_attn")?, Some(norm("ln_mlp")?))
+            } else if s.residual == Residual::Parallel {
+                (norm("input_layernorm")?, None)
+            } else {
+                (
+                    norm("input_layernorm")?,
+                    Some(norm("post_attention_layernorm")?),
+                )
+            };
+            let qkv = l.linear(
+                &format!("{p}.self_attention.query_key_value"),
+                (nh + 2 * nkv) * hd,
+                e,
+                s.qkv_bias,
+            )?;
+            // Every layout is per kv group `[group's q heads, k, v]`: one q head per group
+            // without multi-query, all heads in one group with it.
+            let qkv = degroup_qkv(qkv, nh, nkv, hd)?;
+            Ok(Block {
+                ln1: Some(ln1),
+                ln2,
+                post_attn_norm: None,
+                post_mlp_norm: None,
+                q_norm: None,
+                k_norm: None,
+                moe: None,
+                qkv,
+                out: l.linear(&format!("{p}.self_attention.dense"), e, e, s.out_bias)?,
+                mlp_in: l.linear(&format!("{p}.mlp.dense_h_to_4h"), inter, e, s.mlp_bias)?,
+                mlp_out: l.linear(&format!("{p}.mlp.dense_4h_to_h"), e, inter, s.mlp_bias)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let embed = l.abs("transformer.word_embeddings.weight", &[s.vocab_size, e])?;
+    let t = l.tail();
+    Ok(Weights {
+        pos_embed: None,
+        embed_norm: None,
+        project_in: None,
+        blocks,
+        final_norm: Some(t.norm("transformer.ln_f", s.norm, e, s.norm_eps)?),
+        project_out: None,
+        lm_head: t.head(
+            s,
+            &embed,
+            "transformer.word_embeddings.weight",
+            "lm_head.weight",
+        )?,
+        embed,
+    })
+}

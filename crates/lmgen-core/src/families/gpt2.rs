@@ -1,0 +1,92 @@
+//! GPT-2 (`GPT2LMHeadModel`): learned positions, Conv1D weights, fused QKV (q|k|v blocks).
+use super::{Family, Loader, Weights};
+use crate::config::*;
+use crate::error::Result;
+use crate::model::decoder::Block;
+
+pub const FAMILY: Family = Family {
+    name: "gpt2",
+    architectures: &["GPT2LMHeadModel"],
+    model_types: &["gpt2"],
+    gguf: &[],
+    spec,
+    load,
+};
+
+pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
+    let e = c.req_usize(&["n_embd", "hidden_size"])?;
+    let nh = c.req_usize(&["n_head", "num_attention_heads"])?;
+    c.check(e % nh == 0, || {
+        format!("n_embd {e} not divisible by n_head {nh}")
+    })?;
+    let hd = e / nh;
+    let positions = c.req_usize(&["n_positions", "max_position_embeddings"])?;
+    Ok(ModelSpec {
+        vocab_size: c.req_usize(&["vocab_size"])?,
+        hidden_size: e,
+        num_layers: c.req_usize(&["n_layer", "num_hidden_layers"])?,
+        num_heads: nh,
+        num_kv_heads: nh,
+        head_dim: hd,
+        intermediate_size: c.usize_any(&["n_inner"])?.unwrap_or(4 * e),
+        max_positions: positions,
+        norm_eps: c.f64_any(&["layer_norm_epsilon"])?.unwrap_or(1e-5),
+        positions: Positions::Learned {
+            offset: 0,
+            table_size: positions,
+        },
+        activation: c.activation(&["activation_function"], "gelu_new")?,
+        attn_scale: if c.bool_or("scale_attn_weights", true)? {
+            1.0 / (hd as f64).sqrt()
+        } else {
+            1.0
+        },
+        scale_by_inverse_layer: c.bool_or("scale_attn_by_inverse_layer_idx", false)?,
+        tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
+        embed_dim: e,
+
+        ..ModelSpec::defaults(c)
+    })
+}
+
+pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
+    let l = l.clone().with_prefix("transformer.", "wte.weight");
+    // Causal-mask buffers saved by old transformers versions.
+    l.ignore_buffers(&[".attn.bias", ".attn.masked_bias"]);
+    let (e, inter) = (s.hidden_size, s.intermediate_size);
+    let embed = l.t("wte.weight", &[s.vocab_size, e])?;
+    let Positions::Learned { table_size, .. } = s.positions else {
+        unreachable!("gpt2 uses learned positions")
+    };
+    let blocks = (0..s.num_layers)
+        .map(|i| {
+            let l = l.block(i);
+            let p = format!("h.{i}");
+            Ok(Block {
+                ln1: Some(l.norm(&format!("{p}.ln_1"), s.norm, e, s.norm_eps)?),
+                ln2: Some(l.norm(&format!("{p}.ln_2"), s.norm, e, s.norm_eps)?),
+                qkv: l.conv1d(&format!("{p}.attn.c_attn"), 3 * e, e)?,
+                out: l.conv1d(&format!("{p}.attn.c_proj"), e, e)?,
+                mlp_in: l.conv1d(&format!("{p}.mlp.c_fc"), inter, e)?,
+                mlp_out: l.conv1d(&format!("{p}.mlp.c_proj"), e, inter)?,
+                post_attn_norm: None,
+                post_mlp_norm: None,
+                q_norm: None,
+                k_norm: None,
+                moe: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Weights {
+        pos_embed: Some(l.t("wpe.weight", &[table_size, e])?),
+        embed_norm: None,
+        project_in: None,
+        blocks,
+        final_norm: Some(l.tail().norm("ln_f", s.norm, e, s.norm_eps)?),
+        project_out: None,
+        lm_head: l
+            .tail()
+            .head(s, &embed, &l.name("wte.weight"), "lm_head.weight")?,
+        embed,
+    })
+}

@@ -1,0 +1,70 @@
+//! Phi-3 / 3.5 / 4 (`Phi3ForCausalLM`): the Llama block with fused `qkv_proj` and
+//! `gate_up_proj`, partial rotary (Phi-4-mini), `longrope` scaling (short factors up to
+//! `original_max_position_embeddings`, long ones beyond), sliding window on every layer.
+//! Limitation: when generation carries a sequence past `original_max_position_embeddings`,
+//! transformers drops its KV cache and recomputes everything with the long factors; lmgen
+//! rotates the new tokens with the long factors but keeps the earlier keys and values, so such
+//! continuations are close to, not equal to, transformers'. Prompts longer than the original
+//! context (scoring) use the long factors throughout, as transformers does, when prefilled in
+//! one chunk.
+use super::{heads, layer_types, load_llama_like, Family, Layout, Loader, MlpIn, Qkv, Weights};
+use crate::config::*;
+use crate::error::Result;
+
+pub const FAMILY: Family = Family {
+    name: "phi3",
+    architectures: &["Phi3ForCausalLM"],
+    model_types: &["phi3"],
+    gguf: &[],
+    spec,
+    load,
+};
+
+pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
+    let e = c.req_usize(&["hidden_size"])?;
+    let (nh, hd) = heads(c, e, &["num_attention_heads"])?;
+    let layers = c.req_usize(&["num_hidden_layers"])?;
+    let max_positions = c.req_usize(&["max_position_embeddings"])?;
+    let mut rope = c.rope_params();
+    // transformers reads "su" and "yarn" in Phi-3 configs as longrope.
+    for k in ["rope_type", "type"] {
+        if matches!(rope.get(k).and_then(|v| v.as_str()), Some("su" | "yarn")) {
+            rope.insert(k.into(), "longrope".into());
+        }
+    }
+    let sliding_window = c.usize_any(&["sliding_window"])?;
+    let bias = c.bool_or("attention_bias", false)?;
+    Ok(ModelSpec {
+        vocab_size: c.req_usize(&["vocab_size"])?,
+        hidden_size: e,
+        num_layers: layers,
+        num_heads: nh,
+        num_kv_heads: c.usize_any(&["num_key_value_heads"])?.unwrap_or(nh),
+        head_dim: hd,
+        intermediate_size: c.req_usize(&["intermediate_size"])?,
+        max_positions,
+        norm: NormKind::RmsNorm,
+        norm_eps: c.f64_any(&["rms_norm_eps"])?.unwrap_or(1e-5),
+        positions: Positions::Rope(rope_spec_from(c, &rope, hd, 1.0, 10000.0, max_positions)?),
+        mlp: MlpKind::Gated,
+        activation: c.activation(&["hidden_act"], "silu")?,
+        qkv_bias: bias,
+        out_bias: bias,
+        mlp_bias: false,
+        attn_scale: 1.0 / (hd as f64).sqrt(),
+        sliding_layers: layer_types(c, layers, |_| sliding_window.is_some())?,
+        sliding_window,
+        tie_embeddings: c.bool_or("tie_word_embeddings", false)?,
+        embed_dim: e,
+        ..ModelSpec::defaults(c)
+    })
+}
+
+pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
+    let layout = Layout {
+        qkv: Qkv::Fused("self_attn.qkv_proj"),
+        mlp_in: MlpIn::One("mlp.gate_up_proj"),
+        ..Layout::LLAMA
+    };
+    load_llama_like(s, l, &layout, "model.norm")
+}
