@@ -260,8 +260,9 @@ if wait_records ranks2.jsonl.shards/0-of-2.jsonl 300 && wait_records ranks2.json
     scancel "$J4"
     waitgone "$J4" 60
     echo "job $J4 cancelled with $(cat ranks2.jsonl.shards/*-of-2.jsonl | wc -l) records written"
-    n75=$(grep -c "Exited with exit code 75" "logs/lmgenrk2-$J4.err")
-    if [ "$n75" = 2 ]; then
+    # srun reports each rank ("task 1: Exited with exit code 75") or both at once ("tasks 0-1: ...")
+    n75=$(grep -c "task [01]: Exited with exit code 75" "logs/lmgenrk2-$J4.err")
+    if [ "$n75" = 2 ] || grep -q "tasks 0-1: Exited with exit code 75" "logs/lmgenrk2-$J4.err"; then
         pass "scancel: both srun ranks stopped cleanly (exit 75)"
     elif grep -q "lmgen exited 0" "logs/lmgenrk2-$J4.err"; then
         echo "note: job $J4 had finished before scancel landed"
