@@ -664,7 +664,12 @@ fn open_job(
                 .unwrap_or_default()
         );
     }
-    note_resume(&job.plan, output, &job.input);
+    let written_to = job
+        .plan
+        .path
+        .as_deref()
+        .map_or_else(|| output.to_string(), |p| p.display().to_string());
+    note_resume(&job.plan, &written_to, &job.input);
     Ok((job, location))
 }
 
@@ -697,6 +702,11 @@ fn end_job(
             let _ = job.finish(false, interrupted.then_some(signal));
             synced?;
             if interrupted {
+                let out = job
+                    .plan
+                    .path
+                    .as_deref()
+                    .map_or_else(|| out.to_string(), |p| p.display().to_string());
                 return Err(lmgen_core::Error::Interrupted(format!(
                     "stopped by {signal}; every finished record is in {out}; run the same command with --resume to finish"
                 ))

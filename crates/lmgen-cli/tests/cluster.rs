@@ -251,7 +251,11 @@ fn version_names_commit_features_and_cpu_kernels() {
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], format!("lmgen {}", env!("CARGO_PKG_VERSION")), "{text}");
+        assert_eq!(
+            lines[0],
+            format!("lmgen {}", env!("CARGO_PKG_VERSION")),
+            "{text}"
+        );
         let field = |k: &str| {
             lines
                 .iter()
@@ -265,7 +269,11 @@ fn version_names_commit_features_and_cpu_kernels() {
             "{commit}"
         );
         let features = field("features");
-        assert_eq!(features.starts_with("cuda"), cfg!(feature = "cuda"), "{features}");
+        assert_eq!(
+            features.starts_with("cuda"),
+            cfg!(feature = "cuda"),
+            "{features}"
+        );
         assert!(field("cpu kernels").ends_with("scalar"));
         assert!(!field("target").is_empty());
     }

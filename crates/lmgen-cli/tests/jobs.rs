@@ -333,6 +333,13 @@ fn lock_identity_and_paths() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("missing (id 0, id 1, id 2"), "{e}");
     assert!(!sharded.exists());
+    // Another split of the same output, or the whole job beside unmerged shards: refused.
+    for extra in [&["--shard", "0/3"][..], &[][..]] {
+        let mut args = vec!["--max-new-tokens", "2", "--resume"];
+        args.extend_from_slice(extra);
+        let e = two_lines(&run(job(&input, &sharded, &args)));
+        assert!(e.contains("holds shards of a 2-way split"), "{e}");
+    }
 }
 
 #[test]

@@ -147,6 +147,25 @@ impl Job {
         let out = Path::new(cfg.output);
         check_not_input_or_model(out, cfg.input, cfg.model_path, &model_files)?;
         let target = shard.path(out);
+        // Shards of another split (or an unmerged sharded job under a whole-job run) would
+        // mix two jobs in one output.
+        let dir = shard::shard_dir(out);
+        if dir.is_dir() && !cfg.overwrite {
+            if let Some((other, _)) = shard::list_shards(&dir)?
+                .into_iter()
+                .find(|(s, _)| s.n != shard.n)
+            {
+                if !shard.is_whole() || !out.exists() {
+                    return Err(Error::BadRequest(format!(
+                        "{}: holds shards of a {}-way split of this output; run with --shard K/{} (or `lmgen merge {}` first, or remove it)",
+                        dir.display(),
+                        other.n,
+                        other.n,
+                        out.display()
+                    )));
+                }
+            }
+        }
         if !shard.is_whole() {
             sink::check_output_path(cfg.output)?;
             let dir = shard::shard_dir(out);
