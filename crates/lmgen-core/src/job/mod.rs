@@ -10,6 +10,7 @@
 pub mod input;
 pub mod manifest;
 pub mod merge;
+pub mod openai;
 pub mod shard;
 pub mod sink;
 
@@ -125,6 +126,12 @@ impl Job {
     /// output belongs to this same job, and record the job in the manifest.
     pub fn open(cfg: JobConfig) -> Result<Job> {
         let input = read_input(cfg.input, cfg.skip_bad)?;
+        if input.openai && cfg.command != "generate" {
+            return Err(Error::BadRequest(format!(
+                "{}: an OpenAI batch file (lines with custom_id, url, body) is read by `lmgen generate`, not `{}`",
+                input.name, cfg.command
+            )));
+        }
         let shard = cfg.shard;
         if !shard.is_whole() {
             if cfg.output == "-" {
