@@ -300,3 +300,68 @@ fn format_checks_and_missing_template() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("OpenAI batch file"));
 }
+
+/// Start the job, send SIGTERM once `out` has `at_least` lines, and return its exit code.
+fn stop_after(c: &mut Command, out: &Path, at_least: usize) -> Option<i32> {
+    let count = || {
+        std::fs::read_to_string(out)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let mut child = c
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while count() < at_least {
+        if let Ok(Some(st)) = child.try_wait() {
+            return st.code();
+        }
+        assert!(start.elapsed().as_secs() < 300, "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    // SAFETY: sending a signal to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    child.wait().unwrap().code()
+}
+
+#[test]
+fn sigterm_then_resume_gives_the_same_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("qwen2");
+    let input = dir.path().join("in.jsonl");
+    let rows: Vec<String> = (0..150)
+        .map(|i| {
+            let mut body = serde_json::json!({"prompt": format!("Question {i}: what is {i} plus 2?"), "max_tokens": 24, "temperature": 0.9});
+            if i % 3 == 0 {
+                body["seed"] = Value::from(i);
+            }
+            if i % 5 == 0 {
+                body["n"] = Value::from(2);
+            }
+            line(&format!("q{i}"), body)
+        })
+        .collect();
+    std::fs::write(&input, rows.join("\n") + "\n").unwrap();
+    let whole = dir.path().join("whole.jsonl");
+    ok(&generate(&model, &input, &whole, &[]));
+    let stopped = dir.path().join("stopped.jsonl");
+    let run = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_lmgen"));
+        c.args(["generate", model.to_str().unwrap()])
+            .args(["--input", input.to_str().unwrap()])
+            .args(["--output", stopped.to_str().unwrap()])
+            .args(ARGS)
+            .args(extra);
+        c
+    };
+    assert_eq!(stop_after(&mut run(&["--resume"]), &stopped, 10), Some(75));
+    let partial = records(&stopped).len();
+    assert!(partial < 150, "{partial}");
+    let mut c = run(&["--resume"]);
+    ok(&c.stdin(Stdio::null()).output().unwrap());
+    assert_eq!(records(&stopped), records(&whole));
+}

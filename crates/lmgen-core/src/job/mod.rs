@@ -132,6 +132,12 @@ impl Job {
                 input.name, cfg.command
             )));
         }
+        if input.openai && cfg.format != OutFormat::Jsonl {
+            return Err(Error::BadRequest(format!(
+                "{}: an OpenAI batch file gives JSONL output; name the output .jsonl (or - for standard output)",
+                cfg.output
+            )));
+        }
         let shard = cfg.shard;
         if !shard.is_whole() {
             if cfg.output == "-" {

@@ -574,7 +574,8 @@ pub fn completion_body(
     })
 }
 
-/// A `/v1/completions` choice. `logprobs`: each generated token's text and log-probability.
+/// A `/v1/completions` choice. `logprobs`: each generated token's text and log-probability
+/// (`text_offset` counts characters, as Python's `len` does).
 pub fn completion_choice(
     index: usize,
     text: &str,
@@ -587,7 +588,7 @@ pub fn completion_choice(
             .iter()
             .map(|t| {
                 let o = offset;
-                offset += t.len();
+                offset += t.chars().count();
                 o
             })
             .collect();
@@ -734,6 +735,27 @@ mod tests {
         ]));
         assert!(!is_batch_file(&[b"{\"prompt\":\"x\",\"id\":\"a\"}"]));
         assert!(!is_batch_file(&[b"{oops"]));
+    }
+
+    #[test]
+    fn batch_input_entries_are_keyed_by_custom_id() {
+        use crate::job::input::{parse_input, Entry};
+        let text = "{\"custom_id\": \"a\", \"url\": \"/v1/completions\", \"body\": {}}\n\n{oops\n{\"url\": \"/v1/embeddings\", \"body\": {}}\n";
+        // Bad lines are entries (error responses), even without --skip-bad-lines.
+        let inp = parse_input("b.jsonl", "b.jsonl", text.as_bytes(), false).unwrap();
+        assert!(inp.openai);
+        let ids: Vec<Value> = inp.entries.iter().map(|e| e.id().clone()).collect();
+        assert_eq!(ids, vec![json!("a"), json!(2), json!(3)]);
+        assert!(
+            matches!(&inp.entries[1], Entry::Bad(b) if b.message.starts_with("line 3: malformed JSON"))
+        );
+        let Entry::Ok(r) = &inp.entries[2] else {
+            panic!()
+        };
+        assert_eq!((r.index, r.line, r.overrides.n), (2, 4, Some(1)));
+        assert!(r.batch.is_some());
+        let plain = parse_input("p.jsonl", "p.jsonl", b"{\"prompt\": \"x\"}\n", false).unwrap();
+        assert!(!plain.openai);
     }
 
     #[test]
