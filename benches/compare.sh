@@ -22,8 +22,13 @@
 # because memory bandwidth on shared VMs switches between modes within seconds; the table
 # gives medians, the per-run numbers are in OUT/runs.jsonl and below the table.
 #
+# Throughput rows: unless --no-throughput, the script then runs benches/throughput.sh
+# --sizes 64,256 (64 and 256 concurrent sequences of 128 prompt + 128 new tokens, lmgen
+# `generate --ignore-eos` against `llama-batched-bench -npp 128 -ntg 128 -npl 64,256`) and
+# appends its table to the report.
+#
 # Usage: benches/compare.sh [--only lmgen,transformers,llama.cpp] [--reps N] [--threads N]
-#                           [--reuse OLD_OUT_DIR] | --report OUT_DIR
+#                           [--reuse OLD_OUT_DIR] [--no-throughput] | --report OUT_DIR
 #   --reuse takes the rows of the systems not run now from an earlier run's output directory
 #   (e.g. rerun only lmgen after a change: --only lmgen --reuse target/bench-compare/<old>).
 #   --report OUT_DIR only prints the report of an earlier run again (benches/report.py).
@@ -47,8 +52,10 @@ threads=$(nproc)
 reps=3
 only="lmgen,transformers,llama.cpp"
 reuse=""
+throughput=1
 while [ $# -gt 0 ]; do
   case "$1" in
+    --no-throughput) throughput=0; shift ;;
     --only) only="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
@@ -305,5 +312,10 @@ fi
 
 # ---- the report --------------------------------------------------------------------------
 "$py" "$here/report.py" "$out" > "$out/report.md"
+if [ "$throughput" = 1 ]; then
+  { echo; echo "### Throughput: 64 and 256 concurrent sequences (benches/throughput.sh)"; echo
+    LMGEN_BIN="${LMGEN_BIN:-}" OUT="$out/throughput" "$here/throughput.sh" --threads "$threads" --sizes 64,256
+  } >> "$out/report.md"
+fi
 cat "$out/report.md"
 log "report: $out/report.md (raw: $runs)"

@@ -163,13 +163,17 @@ pub struct BenchArgs {
 
 const GENERATE_AFTER_HELP: &str = "\
 Output: OUT ending in .jsonl (or `-` for stdout) gets one JSON record per input and sample,
-{\"id\",\"prompt\",\"text\",\"token_ids\",\"finish_reason\",\"logprobs\"?,\"sample\"?}, in input order.
+{\"id\",\"prompt\",\"text\",\"token_ids\",\"finish_reason\",\"prompt_tokens\",\"completion_tokens\",
+\"logprobs\"?,\"sample\"?}, in input order. The default id is the 0-based line number.
 Any other OUT gets plain text: prompt + continuation, records separated by a blank line;
 its progress is kept in OUT.lmgen-done (one `id<TAB>sample<TAB>end offset` line per record)
 so that --resume can continue it.
 
---resume skips inputs whose id is already in OUT (a torn last record is cut off first);
+--resume skips inputs whose id is already in OUT (a torn last record is cut off first) and
+starts OUT when it does not exist; it refuses an OUT of another job (OUT.lmgen-manifest.json).
 --overwrite starts OUT afresh. Without either, an existing OUT is an error (exit 2).
+On SIGTERM/SIGINT/SIGUSR1: finished records are written, exit 75; rerun with --resume.
+--shard K/N|auto writes OUT.shards/K-of-N.*; `lmgen merge OUT` joins them in input order.
 
 Per-request JSONL overrides: max_new_tokens, temperature, top_p, top_k, repetition_penalty,
 seed, stop (string or list), n (samples per prompt), ignore_eos (true/false).
@@ -190,7 +194,8 @@ const SCORE_AFTER_HELP: &str = "\
 Output: one JSON record per input, in input order:
 {\"id\",\"token_ids\",\"logprobs\",\"sum_logprob\",\"ppl\"}. token_ids are the prompt's ids (with
 the BOS token the tokenizer adds, if any); logprobs[i] = log p(token_ids[i+1] | token_ids[..=i])
-(n-1 values, natural log); sum_logprob is their sum and ppl = exp(-sum_logprob / len(logprobs)).
+(n-1 values, natural log); sum_logprob is their sum and ppl = exp(-sum_logprob / len(logprobs)),
+null for a one-token input (nothing is predicted).
 With --skip-bad-lines a bad input becomes {\"id\",\"error\"}. --resume skips inputs whose id is
 already in OUT; --overwrite replaces OUT; without either an existing OUT is an error (exit 2).
 
@@ -338,6 +343,23 @@ pub struct GenerateArgs {
     /// Do not reuse the KV cache of a prompt prefix shared with an earlier request
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Also write the hidden states of these layers (as `embed --layers`) for every record,
+    /// in OUT.hidden/ (safetensors chunks + index.jsonl; `lmgen merge OUT` makes one
+    /// OUT.hidden.safetensors in input order)
+    #[arg(
+        long,
+        value_name = "LAYERS",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    pub hidden_states: Option<Vec<String>>,
+    /// Pooling of the hidden states over the tokens chosen by --hidden-of
+    #[arg(long, value_enum, default_value = "last", value_name = "POOL")]
+    pub hidden_pool: PoolArg,
+    /// Which tokens' hidden states: the prompt's, the generated ones (each generated token
+    /// as the model reads it back), or all
+    #[arg(long, value_enum, default_value = "generated", value_name = "TOKENS")]
+    pub hidden_of: HiddenOf,
     /// Step executor on CPUs: `paged` (the fused CPU executor over the paged KV pool; f32 and
     /// quantized weights) or `tensor` (the candle tensor path, as on GPUs; for comparisons)
     #[arg(long, default_value = "paged", value_name = "KIND", value_parser = ["paged", "tensor"])]
@@ -425,6 +447,23 @@ pub enum Truncate {
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenOf {
+    Prompt,
+    Generated,
+    All,
+}
+
+impl HiddenOf {
+    pub fn name(&self) -> &'static str {
+        match self {
+            HiddenOf::Prompt => "prompt",
+            HiddenOf::Generated => "generated",
+            HiddenOf::All => "all",
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolArg {
     Last,
     Mean,
@@ -432,6 +471,14 @@ pub enum PoolArg {
 }
 
 impl PoolArg {
+    pub fn pool(self) -> lmgen_core::engine::Pool {
+        match self {
+            PoolArg::Last => lmgen_core::engine::Pool::Last,
+            PoolArg::Mean => lmgen_core::engine::Pool::Mean,
+            PoolArg::None => lmgen_core::engine::Pool::None,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             PoolArg::Last => "last",

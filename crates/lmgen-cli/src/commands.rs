@@ -1,14 +1,18 @@
 //! The three subcommands. Order of work in each: arguments → input file (fully validated)
 //! → output checks → model → per-prompt checks (tokenize, context) → output opened → run.
 use crate::args::{
-    EmbedArgs, GenerateArgs, InputArgs, ModelArgs, PoolArg, ResumeArgs, ScoreArgs, Truncate,
+    EmbedArgs, GenerateArgs, HiddenOf, InputArgs, ModelArgs, PoolArg, ResumeArgs, ScoreArgs,
+    Truncate,
 };
 use crate::progress::Progress;
 use crate::user_err;
 use crate::util::placement_and_dtype;
 use candle_core::DType;
-use lmgen_core::engine::{embed_batch, score_batch, GenOutput, GenRequest, Generator, Pool};
+use lmgen_core::engine::{
+    embed_batch, embed_ranges, score_batch, GenOutput, GenRequest, Generator, Pool,
+};
 use lmgen_core::hub::ModelLocation;
+use lmgen_core::job::hidden::HiddenSink;
 use lmgen_core::job::{
     format_for, id_key, BadRecord, Entry, Input, InputRecord, Job as JobState, JobConfig,
     OutFormat, OutRecord, OutputPlan, PromptSrc, RecordWriter, Shard,
@@ -238,7 +242,18 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         "n": a.num_return_sequences,
         "logprobs": a.logprobs,
         "ignore_eos": a.ignore_eos,
+        "hidden_states": a.hidden_states,
+        "hidden_pool": a.hidden_states.as_ref().map(|_| a.hidden_pool.name()),
+        "hidden_of": a.hidden_states.as_ref().map(|_| a.hidden_of.name()),
     }));
+    if a.hidden_states.is_some() && a.output == "-" {
+        return Err(user_err!(
+            "--hidden-states writes files beside the output; give --output FILE"
+        ));
+    }
+    if let Some(l) = &a.hidden_states {
+        check_layers(l)?;
+    }
     let (mut job, location) = open_job(
         "generate", &a.model, &a.input, &a.output, format, &a.resume, dtype, settings,
     )?;
@@ -373,14 +388,48 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         .collect();
     let progress = RefCell::new(Progress::new(expected.len()));
     crate::signals::writing(true);
-    let mut writer = RecordWriter::open(&job.plan, expected)?;
+    let hidden = match &a.hidden_states {
+        None => None,
+        Some(specs) => {
+            let layers = resolve_layers(specs, model.spec().num_layers)?;
+            let meta = serde_json::json!({
+                "model": a.model.model,
+                "model_path": model.location.path().display().to_string(),
+                "layers": layers,
+                "pool": a.hidden_pool.name(),
+                "hidden_of": a.hidden_of.name(),
+            });
+            let out = job.plan.path.clone().expect("an output file");
+            let sink = HiddenSink::open(
+                &out,
+                done_set.is_empty(),
+                &done_set,
+                meta,
+                layers.clone(),
+                a.hidden_pool != PoolArg::None,
+            )?;
+            Some(HiddenOut {
+                model: &model,
+                sink,
+                layers,
+                pool: a.hidden_pool.pool(),
+                of: a.hidden_of,
+                every: a.input.batch_size.max(16),
+                pending: Vec::new(),
+            })
+        }
+    };
+    let mut emit = Emitter {
+        writer: RecordWriter::open(&job.plan, expected)?,
+        job,
+        hidden,
+    };
     let mut requests = Vec::new();
     for j in jobs {
         match j {
             Job::Bad(b) => {
-                let n = writer.push(error_record(format, &b))?;
+                let n = emit.write(error_record(format, &b), 0)?;
                 progress.borrow_mut().records(n);
-                job.progress(n, 0)?;
             }
             Job::Gen {
                 samples, request, ..
@@ -402,7 +451,6 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     generator.prefix_cache = !a.no_prefix_cache;
     generator.paged = a.executor == "paged";
     generator.stop = Some(stop.clone());
-    let job = RefCell::new(job);
     let result = generator.run(
         requests,
         |out: GenOutput| {
@@ -428,29 +476,122 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
                 id_key: id_key(&inf.id),
                 body,
             };
-            let tokens = (out.prompt_ids.len() + out.token_ids.len()) as u64;
-            match writer
-                .push(rec)
-                .and_then(|n| job.borrow_mut().progress(n, tokens).map(|_| n))
-            {
+            match emit.generated(rec, &inf.id, &out) {
                 Ok(n) => {
                     progress.borrow_mut().records(n);
                     Ok(())
                 }
                 Err(e) => {
-                    write_err = Some(e.into());
+                    write_err = Some(e);
                     Err(lmgen_core::Error::BadRequest("output failed".into()))
                 }
             }
         },
         |stats| progress.borrow_mut().tokens(stats.generated_tokens),
     );
-    let mut job = job.into_inner();
     if let Some(e) = write_err {
         return Err(e);
     }
+    // Finished records still waiting for their hidden states (also when stopped by a signal).
+    let n = emit.flush_hidden()?;
+    progress.borrow_mut().records(n);
+    let Emitter {
+        writer, mut job, ..
+    } = emit;
     end_job(&mut job, writer, result.map_err(Into::into), &a.output)?;
     progress.into_inner().finish();
+    Ok(())
+}
+
+/// Records on their way to the output: written at once, or, with `--hidden-states`, after
+/// their states are computed (a full pass over prompt + continuation, batched) and on disk.
+struct Emitter<'m> {
+    writer: RecordWriter,
+    job: JobState,
+    hidden: Option<HiddenOut<'m>>,
+}
+
+struct HiddenOut<'m> {
+    model: &'m Model,
+    sink: HiddenSink,
+    layers: Vec<usize>,
+    pool: Pool,
+    of: HiddenOf,
+    /// Records per chunk.
+    every: usize,
+    /// (record, id, sample, prompt + continuation, positions whose states are kept)
+    pending: Vec<(OutRecord, Value, Vec<u32>, std::ops::Range<usize>)>,
+}
+
+impl Emitter<'_> {
+    /// Write a record now; returns how many records reached the output.
+    fn write(&mut self, rec: OutRecord, tokens: u64) -> anyhow::Result<usize> {
+        let n = self.writer.push(rec)?;
+        self.job.progress(n, tokens)?;
+        Ok(n)
+    }
+
+    /// A generated record: written now, or queued for its hidden states.
+    fn generated(&mut self, rec: OutRecord, id: &Value, out: &GenOutput) -> anyhow::Result<usize> {
+        let Some(h) = &mut self.hidden else {
+            let tokens = (out.prompt_ids.len() + out.token_ids.len()) as u64;
+            return self.write(rec, tokens);
+        };
+        let p = out.prompt_ids.len();
+        let all: Vec<u32> = out
+            .prompt_ids
+            .iter()
+            .chain(&out.token_ids)
+            .copied()
+            .collect();
+        let range = match h.of {
+            HiddenOf::Prompt => 0..p,
+            HiddenOf::Generated => p..all.len(),
+            HiddenOf::All => 0..all.len(),
+        };
+        h.pending.push((rec, id.clone(), all, range));
+        if h.pending.len() >= h.every {
+            return self.flush_hidden();
+        }
+        Ok(0)
+    }
+
+    /// Compute and store the states of the queued records, then write the records.
+    fn flush_hidden(&mut self) -> anyhow::Result<usize> {
+        let Some(h) = &mut self.hidden else {
+            return Ok(0);
+        };
+        if h.pending.is_empty() {
+            return Ok(0);
+        }
+        let pending = std::mem::take(&mut h.pending);
+        let inputs: Vec<&[u32]> = pending
+            .iter()
+            .map(|(_, _, ids, _)| ids.as_slice())
+            .collect();
+        let ranges: Vec<_> = pending.iter().map(|(_, _, _, r)| r.clone()).collect();
+        let states = embed_ranges(h.model, &inputs, &ranges, &h.layers, h.pool)?;
+        for ((rec, id, _, _), st) in pending.iter().zip(&states) {
+            h.sink.push(id, rec.sample, st)?;
+        }
+        h.sink.flush()?;
+        let mut n = 0;
+        for (rec, _, ids, _) in pending {
+            n += self.write(rec, ids.len() as u64)?;
+        }
+        Ok(n)
+    }
+}
+
+/// `--layers`-style specs must at least parse before any work.
+fn check_layers(specs: &[String]) -> anyhow::Result<()> {
+    for s in specs {
+        if s.trim().parse::<i64>().is_err() {
+            return Err(user_err!(
+                "--layers: '{s}' is not an integer (e.g. --layers -1 or --layers 0,6,-1)"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -604,14 +745,7 @@ pub fn score(a: ScoreArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     let model = load_model(&location, &a.model, placement, dtype)?;
     let prep = Prep::new(&model, a.input.truncate)?;
-    let all: Vec<&Entry> = input.entries.iter().collect();
-    let (good, bad) = prepare_all(&input, &prep, all, a.input.skip_bad_lines)?;
-    // Cost of each entry for the split between shards: its tokens.
-    let mut costs = vec![1u64; input.entries.len()];
-    for (r, ids) in &good {
-        costs[r.index] = ids.len() as u64;
-    }
-    let owned = job.owned(&costs);
+    let (good, bad, owned) = prepare_owned(&job, &input, &prep, a.input.skip_bad_lines)?;
     job.set_total(owned.iter().filter(|&&o| o).count())?;
     let entries = &input.entries;
     let good: Vec<_> = good
@@ -668,6 +802,23 @@ pub fn score(a: ScoreArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     end_job(&mut job, writer, result, &a.output)?;
     progress.finish();
     Ok(())
+}
+
+/// [`prepare_all`] on every entry, and which of them this shard owns (split by tokens).
+#[allow(clippy::type_complexity)]
+fn prepare_owned<'e>(
+    job: &JobState,
+    input: &'e Input,
+    prep: &Prep,
+    skip: bool,
+) -> anyhow::Result<(Vec<(&'e InputRecord, Vec<u32>)>, Vec<BadRecord>, Vec<bool>)> {
+    let (good, bad) = prepare_all(input, prep, input.entries.iter().collect(), skip)?;
+    let mut costs = vec![1u64; input.entries.len()];
+    for (r, ids) in &good {
+        costs[r.index] = ids.len() as u64;
+    }
+    let owned = job.owned(&costs);
+    Ok((good, bad, owned))
 }
 
 /// Tokenize and check every entry; bad ones become error records (or a user error).
@@ -727,14 +878,7 @@ pub fn embed(a: EmbedArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
             "embed writes a safetensors file; give --output FILE.safetensors"
         ));
     }
-    // Layers must at least parse before any work.
-    for s in &a.layers {
-        if s.trim().parse::<i64>().is_err() {
-            return Err(user_err!(
-                "--layers: '{s}' is not an integer (e.g. --layers -1 or --layers 0,6,-1)"
-            ));
-        }
-    }
+    check_layers(&a.layers)?;
     let lower = a.output.to_ascii_lowercase();
     if [".jsonl", ".ndjson", ".json", ".txt"]
         .iter()
@@ -771,19 +915,9 @@ pub fn embed(a: EmbedArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     let input = std::mem::take(&mut job.input);
     let model = load_model(&location, &a.model, placement, dtype)?;
     let layers = resolve_layers(&a.layers, model.spec().num_layers)?;
-    let pool = match a.pool {
-        PoolArg::Last => Pool::Last,
-        PoolArg::Mean => Pool::Mean,
-        PoolArg::None => Pool::None,
-    };
+    let pool = a.pool.pool();
     let prep = Prep::new(&model, a.input.truncate)?;
-    let all: Vec<&Entry> = input.entries.iter().collect();
-    let (good, bad) = prepare_all(&input, &prep, all, a.input.skip_bad_lines)?;
-    let mut costs = vec![1u64; input.entries.len()];
-    for (r, ids) in &good {
-        costs[r.index] = ids.len() as u64;
-    }
-    let owned = job.owned(&costs);
+    let (good, bad, owned) = prepare_owned(&job, &input, &prep, a.input.skip_bad_lines)?;
     let good: Vec<_> = good.into_iter().filter(|(r, _)| owned[r.index]).collect();
     let bad: Vec<_> = bad.into_iter().filter(|b| owned[b.index]).collect();
     job.set_total(good.len())?;

@@ -29,6 +29,11 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         None => detect_devices(&a.device)?,
     };
     let any_gpu = devices.iter().any(|d| d.name.starts_with("cuda"));
+    if any_gpu && a.quantize.is_some() {
+        return Err(user_err!(
+            "--quantize runs on CPUs only; plan it for a CPU (--max-memory cpu=SIZE) or leave it out for GPUs"
+        ));
+    }
     let compute = plan::compute_dtype(a.dtype.map(DTypeArg::dtype), any_gpu);
     let format = plan::weight_format(a.quantize, compute);
     let workload = Workload {

@@ -398,3 +398,157 @@ fn embed_shards_merge_into_the_whole() {
         assert_eq!(mode(&whole), mode(&probe));
     }
 }
+
+/// f32 values of tensor `name` in a safetensors file's bytes, with its shape.
+fn tensor(data: &[u8], name: &str) -> (Vec<usize>, Vec<f32>) {
+    let st = safetensors::SafeTensors::deserialize(data).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+fn close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert!(
+            (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+            "{what}: {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn hidden_states_while_generating_equal_embed_of_the_continuation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    let prompts: Vec<Vec<u32>> = (0..9)
+        .map(|i| (0..3 + i % 4).map(|t| 5 + 7 * t + i as u32).collect())
+        .collect();
+    let text: String = prompts
+        .iter()
+        .map(|p| serde_json::json!({"input_ids": p}).to_string() + "\n")
+        .collect();
+    std::fs::write(&input, text).unwrap();
+    let gen = |out: &Path, extra: &[&str], merge: bool| {
+        let mut c = lmgen();
+        c.args(["generate", fixture("llama").to_str().unwrap()])
+            .args([
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                out.to_str().unwrap(),
+            ])
+            .args([
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0",
+                "--ignore-eos",
+                "--batch-size",
+                "4",
+            ])
+            .args(["--hidden-states", "0,-1"])
+            .args(extra);
+        ok(&run(c));
+        if !merge {
+            return vec![];
+        }
+        let mut c = lmgen();
+        c.args(["merge", out.to_str().unwrap()]);
+        ok(&run(c));
+        std::fs::read(tmp.path().join(format!(
+            "{}.hidden.safetensors",
+            out.file_name().unwrap().to_str().unwrap()
+        )))
+        .unwrap()
+    };
+    // All tokens, unpooled, from a job split in two shards.
+    let all_out = tmp.path().join("all.jsonl");
+    for k in 0..2 {
+        gen(
+            &all_out,
+            &[
+                "--hidden-of",
+                "all",
+                "--hidden-pool",
+                "none",
+                "--shard",
+                &format!("{k}/2"),
+            ],
+            false,
+        );
+    }
+    let all = {
+        let mut c = lmgen();
+        c.args(["merge", all_out.to_str().unwrap()]);
+        ok(&run(c));
+        std::fs::read(tmp.path().join("all.jsonl.hidden.safetensors")).unwrap()
+    };
+    // embed on prompt + continuation.
+    let recs: Vec<Value> = lines(&all_out)
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 9);
+    let full: String = recs
+        .iter()
+        .zip(&prompts)
+        .map(|(r, p)| {
+            let mut ids = p.clone();
+            ids.extend(
+                r["token_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_u64().unwrap() as u32),
+            );
+            serde_json::json!({"input_ids": ids}).to_string() + "\n"
+        })
+        .collect();
+    let full_in = tmp.path().join("full.jsonl");
+    std::fs::write(&full_in, full).unwrap();
+    let emb = tmp.path().join("emb.safetensors");
+    let mut c = lmgen();
+    c.args(["embed", fixture("llama").to_str().unwrap()])
+        .args([
+            "--input",
+            full_in.to_str().unwrap(),
+            "--output",
+            emb.to_str().unwrap(),
+        ])
+        .args(["--layers", "0,-1", "--pool", "none", "--batch-size", "3"]);
+    ok(&run(c));
+    let emb = std::fs::read(&emb).unwrap();
+    let last_layer = 2; // the llama fixture has 2 blocks: -1 = 2
+    for row in 0..9 {
+        for layer in [0, last_layer] {
+            let name = format!("hidden.{layer}.{row}");
+            let (sa, a) = tensor(&all, &name);
+            let (sb, b) = tensor(&emb, &name);
+            assert_eq!(sa, sb, "{name}");
+            assert_eq!(sa[0], prompts[row].len() + 5);
+            close(&a, &b, &name);
+        }
+    }
+    // Generated tokens only, last token pooled: the last row of the full states.
+    let last = gen(
+        &tmp.path().join("last.jsonl"),
+        &["--hidden-of", "generated", "--hidden-pool", "last"],
+        true,
+    );
+    let (shape, pooled) = tensor(&last, &format!("hidden.{last_layer}"));
+    assert_eq!(shape[0], 9);
+    let w = shape[1];
+    for row in 0..9 {
+        let (s, v) = tensor(&emb, &format!("hidden.{last_layer}.{row}"));
+        close(
+            &pooled[row * w..(row + 1) * w],
+            &v[(s[0] - 1) * w..],
+            "last generated token",
+        );
+    }
+}

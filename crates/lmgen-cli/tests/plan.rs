@@ -15,18 +15,32 @@ fn plan(args: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
-fn bloom_176b_needs_4bit_on_one_h200() {
+fn bloom_176b_needs_gpus_or_4bit_on_a_cpu() {
     let (code, out, _) = plan(&["--preset", "bloom-176b", "--max-memory", "cuda:0=139GiB"]);
     assert_eq!(code, 0);
+    // --quantize runs on CPUs only: not advised for a GPU, and refused there.
     assert!(
-        out.contains("fits: no") && out.contains("--quantize q4_k would need"),
+        out.contains("fits: no") && out.contains("GPUs of") && !out.contains("--quantize"),
         "{out}"
     );
-    let (code, out, _) = plan(&[
+    let (code, _, err) = plan(&[
         "--preset",
         "bloom-176b",
         "--max-memory",
         "cuda:0=139GiB",
+        "--quantize",
+        "q4_k",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--quantize runs on CPUs only"), "{err}");
+    let (code, out, _) = plan(&["--preset", "bloom-176b", "--max-memory", "cpu=180GiB"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--quantize q4_k would need"), "{out}");
+    let (code, out, _) = plan(&[
+        "--preset",
+        "bloom-176b",
+        "--max-memory",
+        "cpu=180GiB",
         "--quantize",
         "q4_k",
         "--json",

@@ -347,6 +347,29 @@ fn matmul_params(d: &Decoder) -> usize {
     n
 }
 
+/// The storage formats of the matrices every token multiplies with, e.g. `f32` or
+/// `q4_1+q6_k` (a GGUF file's own mix), not only the compute dtype.
+fn weight_formats(d: &Decoder) -> String {
+    use crate::model::layers::Weight;
+    let w = &d.weights;
+    let mut names: Vec<String> = Vec::new();
+    let linears = w
+        .blocks
+        .iter()
+        .flat_map(|b| [&b.qkv, &b.out, &b.mlp_in, &b.mlp_out])
+        .chain(std::iter::once(&w.lm_head));
+    for l in linears {
+        let name = match &l.weight {
+            Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
+            Weight::Quant(q) => q.kind().name().to_string(),
+        };
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names.join("+")
+}
+
 /// Stored bytes of the matrices every token multiplies with.
 fn matmul_bytes(d: &Decoder) -> usize {
     let w = &d.weights;
@@ -495,7 +518,7 @@ pub fn run_decoder(
             .to_lowercase()
             .replace("cuda { gpu_id: ", "cuda:")
             .replace(" }", ""),
-        dtype: format!("{:?}", dec.weights.embed.dtype()).to_lowercase(),
+        dtype: weight_formats(dec),
         limits,
     })
 }

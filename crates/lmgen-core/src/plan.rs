@@ -286,7 +286,9 @@ pub fn plan(s: &ModelSpec, r: &PlanRequest) -> Plan {
             human(budget)
         ));
         let params = (embed_p + head_p + block_p * n as u64) as f64;
-        for q in ["q8_0", "q4_k"] {
+        // Weight-only quantization runs on CPUs only.
+        let cpu_only = r.devices.iter().all(|d| d.name == "cpu");
+        for q in ["q8_0", "q4_k"].into_iter().filter(|_| cpu_only) {
             let need = params * bytes_per_param(q).unwrap_or(4.0) + total_kv_bytes as f64;
             if (need as u64) < budget && wb > bytes_per_param(q).unwrap_or(0.0) {
                 advice.push(format!(
@@ -633,6 +635,14 @@ mod tests {
         assert!(p.fits && p.devices.len() == 1 && p.devices[0].head && p.devices[0].embeddings);
         let p = plan(&spec("bloom-176b"), &req("bf16", "cuda:0=139GiB"));
         assert!(!p.fits);
+        // --quantize is for CPUs: not advised for a GPU.
+        assert!(
+            !p.advice.iter().any(|a| a.contains("--quantize"))
+                && p.advice.iter().any(|a| a.contains("GPUs of")),
+            "{:?}",
+            p.advice
+        );
+        let p = plan(&spec("bloom-176b"), &req("f32", "cpu=180GiB"));
         assert!(
             p.advice.iter().any(|a| a.contains("--quantize q4_k")),
             "{:?}",

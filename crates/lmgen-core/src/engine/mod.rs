@@ -5,4 +5,4 @@ mod score;
 
 pub use generate::{FinishReason, GenOutput, GenRequest, Generator, RunStats, StepStats};
 pub use runner::{RunSeq, Runner, SeqKv};
-pub use score::{embed_batch, score_batch, Pool, ScoreOutput};
+pub use score::{embed_batch, embed_ranges, score_batch, Pool, ScoreOutput};

@@ -100,6 +100,19 @@ pub fn embed_batch(
     layers: &[usize],
     pool: Pool,
 ) -> Result<Vec<Vec<Tensor>>> {
+    let ranges: Vec<std::ops::Range<usize>> = inputs.iter().map(|ids| 0..ids.len()).collect();
+    embed_ranges(model, inputs, &ranges, layers, pool)
+}
+
+/// [`embed_batch`] over the positions `ranges[i]` of input `i` only (all positions are
+/// computed; the range selects and pools). An empty range pools to NaN (`[0, width]` unpooled).
+pub fn embed_ranges(
+    model: &Model,
+    inputs: &[&[u32]],
+    ranges: &[std::ops::Range<usize>],
+    layers: &[usize],
+    pool: Pool,
+) -> Result<Vec<Vec<Tensor>>> {
     let runner = full_pass(model, inputs, Want::Nothing, true)?;
     let n: usize = inputs.iter().map(|ids| ids.len()).sum();
     let hidden = runner
@@ -109,21 +122,22 @@ pub fn embed_batch(
         .collect::<candle_core::Result<Vec<Tensor>>>()?;
     let mut start = 0;
     let mut res = Vec::with_capacity(inputs.len());
-    for ids in inputs {
-        let t = ids.len();
+    for (ids, r) in inputs.iter().zip(ranges) {
         let per_layer = layers
             .iter()
             .map(|&l| {
-                let h = hidden[l].narrow(0, start, t)?;
+                let h = hidden[l].narrow(0, start + r.start, r.len())?;
+                let width = h.dim(1)?;
                 Ok(match pool {
                     Pool::None => h.contiguous()?,
-                    Pool::Last => h.narrow(0, t - 1, 1)?.squeeze(0)?.contiguous()?,
+                    _ if r.is_empty() => Tensor::full(f32::NAN, width, &Device::Cpu)?,
+                    Pool::Last => h.narrow(0, r.len() - 1, 1)?.squeeze(0)?.contiguous()?,
                     Pool::Mean => h.mean(D::Minus2)?,
                 })
             })
             .collect::<Result<Vec<Tensor>>>()?;
         res.push(per_layer);
-        start += t;
+        start += ids.len();
     }
     Ok(res)
 }

@@ -56,6 +56,21 @@ pub struct Merged {
 /// in input order (atomically), with a manifest saying the whole job is complete. When
 /// records are missing or duplicated, nothing is written and the error lists them.
 pub fn merge(out: &Path) -> Result<Merged> {
+    if !shard_dir(out).is_dir() && super::hidden::dir_for(out).is_dir() {
+        // Not sharded: only the hidden-state chunks to put together.
+        let format = format_for(&out.to_string_lossy());
+        let order: Vec<(String, usize)> = read_records(out, format)?
+            .into_iter()
+            .filter(|(_, _, is_err)| !is_err)
+            .map(|(k, _, _)| k)
+            .collect();
+        let n =
+            super::hidden::consolidate(&[super::hidden::dir_for(out)], &order, &hidden_file(out))?;
+        return Ok(Merged {
+            records: n,
+            shards: 1,
+        });
+    }
     let shards = shards_of(out)?;
     let n = shards[0].0.n;
     let first = &shards[0].2;
@@ -115,6 +130,7 @@ pub fn merge(out: &Path) -> Result<Merged> {
     }
     let mut ordered: Vec<&[u8]> = Vec::new();
     let mut keys: Vec<(String, usize)> = Vec::new();
+    let mut with_states: Vec<(String, usize)> = Vec::new();
     let mut lost: Vec<String> = Vec::new();
     for e in &input.entries {
         let key = id_key(e.id());
@@ -129,9 +145,12 @@ pub fn merge(out: &Path) -> Result<Merged> {
         };
         for s in 0..n {
             match records.get(&(key.clone(), s)) {
-                Some((b, _)) => {
+                Some((b, is_err)) => {
                     ordered.push(b);
                     keys.push((key.clone(), s));
+                    if !is_err {
+                        with_states.push((key.clone(), s));
+                    }
                 }
                 None => lost.push(describe(&(key.clone(), s))),
             }
@@ -184,6 +203,17 @@ pub fn merge(out: &Path) -> Result<Merged> {
             }
         }
     }
+    if first
+        .settings
+        .get("hidden_states")
+        .is_some_and(|v| !v.is_null())
+    {
+        let dirs: Vec<PathBuf> = shards
+            .iter()
+            .map(|(_, p, _)| super::hidden::dir_for(p))
+            .collect();
+        super::hidden::consolidate(&dirs, &with_states, &hidden_file(out))?;
+    }
     if format == OutFormat::Text {
         write_atomic(&sidecar_path(out), &side)?;
     }
@@ -201,6 +231,11 @@ pub fn merge(out: &Path) -> Result<Merged> {
         records: ordered.len(),
         shards: shards.len(),
     })
+}
+
+/// `OUT.hidden.safetensors`: the merged hidden states of a `generate --hidden-states` job.
+pub fn hidden_file(out: &Path) -> PathBuf {
+    super::sidecar(out, "hidden.safetensors")
 }
 
 fn describe((key, s): &(String, usize)) -> String {

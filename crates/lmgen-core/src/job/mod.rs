@@ -7,6 +7,7 @@
 //! A [`Job`] is opened before the model is loaded (so a wrong path, a second writer or a
 //! resume of another job fails at once), told which records it owns once prompts are
 //! tokenized, and then fed the records as they are written.
+pub mod hidden;
 pub mod input;
 pub mod manifest;
 pub mod merge;

@@ -125,7 +125,12 @@ pub fn list_shards(dir: &Path) -> Result<Vec<(Shard, PathBuf)>> {
     let mut out = Vec::new();
     for ent in rd.flatten() {
         let name = ent.file_name().to_string_lossy().to_string();
-        if name.contains(".lmgen-") {
+        let is_file = ent.file_type().is_ok_and(|t| t.is_file());
+        if !is_file
+            || name.contains(".lmgen-")
+            || name.contains(".hidden")
+            || name.contains(".tmp-")
+        {
             continue;
         }
         let stem = name.split('.').next().unwrap_or("");
