@@ -333,6 +333,11 @@ pub fn generate(
             a.output
         ));
     }
+    if a.hidden_states.is_some() {
+        return Err(user_err!(
+            "--hidden-states is not available for OpenAI batch files (use an lmgen JSONL input)"
+        ));
+    }
     let input = std::mem::take(&mut job.input);
     let done_set = std::mem::take(&mut job.plan.done);
     let done = |e: &Entry| done_set.contains(&(id_key(e.id()), 0));
