@@ -23,6 +23,8 @@ pub struct ChatTemplate {
     pub source: String,
     /// Template variables such as `bos_token` → `<s>`.
     pub specials: Vec<(String, String)>,
+    /// The template compiled once, at its first use.
+    compiled: std::sync::OnceLock<std::result::Result<Environment<'static>, String>>,
 }
 
 /// The special-token names transformers passes to a template.
@@ -77,6 +79,7 @@ impl ChatTemplate {
         Self {
             source: source.into(),
             specials,
+            compiled: std::sync::OnceLock::new(),
         }
     }
 
@@ -153,9 +156,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &serde_json::Map<String, Json>,
     ) -> std::result::Result<String, String> {
-        let env = environment();
+        let env = self
+            .compiled
+            .get_or_init(|| {
+                let mut env = environment();
+                env.add_template_owned("chat", self.source.clone())
+                    .map(|_| env)
+                    .map_err(|e| format!("chat template: {}", describe(&e)))
+            })
+            .as_ref()
+            .map_err(Clone::clone)?;
         let tmpl = env
-            .template_from_str(&self.source)
+            .get_template("chat")
             .map_err(|e| format!("chat template: {}", describe(&e)))?;
         let mut ctx = serde_json::Map::new();
         for (k, v) in &self.specials {
