@@ -52,6 +52,9 @@ pub enum Command {
     Merge(MergeArgs),
     /// Progress of a job: records done of total per shard, tokens/s, time left
     Status(StatusArgs),
+    /// Print a SLURM batch script for a sharded, requeue-safe generate job
+    #[command(after_help = crate::sbatch::SBATCH_AFTER_HELP)]
+    Sbatch(crate::sbatch::SbatchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -532,6 +535,8 @@ fn parse_penalty(s: &str) -> Result<f32, String> {
 const SUBCOMMANDS: &[&str] = &[
     "generate", "score", "embed", "bench", "plan", "merge", "status", "help",
 ];
+/// Subcommands that take no model (not rewritten as the short form).
+const TOOL_SUBCOMMANDS: &[&str] = &["sbatch"];
 
 /// `lmgen MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE [options]` → `lmgen generate ...`.
 /// Returns a one-line message for a malformed short form.
@@ -539,12 +544,15 @@ pub fn rewrite_short_form(args: Vec<OsString>) -> Result<Vec<OsString>, String> 
     let Some(first) = args.get(1).map(|a| a.to_string_lossy().into_owned()) else {
         return Ok(args);
     };
-    if first.starts_with('-') || SUBCOMMANDS.contains(&first.as_str()) {
+    if first.starts_with('-')
+        || SUBCOMMANDS.contains(&first.as_str())
+        || TOOL_SUBCOMMANDS.contains(&first.as_str())
+    {
         return Ok(args);
     }
     if args.len() < 6 {
         return Err(format!(
-            "expected a subcommand (generate, score, embed, bench, plan, merge, status) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
+            "expected a subcommand (generate, score, embed, bench, plan, merge, status, sbatch) or the short form MODEL INPUT OUTPUT NUM_TOKENS TEMPERATURE; got {} argument(s) (see lmgen --help)",
             args.len() - 1
         ));
     }

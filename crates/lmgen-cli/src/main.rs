@@ -7,8 +7,10 @@ mod jobs;
 mod openai;
 mod plan;
 mod progress;
+mod sbatch;
 mod signals;
 mod util;
+mod version;
 
 use args::{Cli, Command};
 use clap::error::ErrorKind;
@@ -33,6 +35,10 @@ fn clap_one_line(e: &clap::Error) -> String {
 
 fn main() {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.len() == 2 && (argv[1] == "--version" || argv[1] == "-V") {
+        print!("{}", version::long_version());
+        std::process::exit(0)
+    }
     let argv = args::rewrite_short_form(argv).unwrap_or_else(|m| die(2, &m));
     let cli = match Cli::try_parse_from(argv) {
         Ok(c) => c,
@@ -54,6 +60,7 @@ fn main() {
         Command::Embed(a) => a.model.threads,
         Command::Bench(a) => a.threads,
         Command::Plan(_) | Command::Merge(_) | Command::Status(_) => None,
+        Command::Sbatch(_) => None,
     };
     util::configure_threads(threads.map(|n| n as usize));
     let stop = signals::install();
@@ -65,6 +72,7 @@ fn main() {
         Command::Status(a) => jobs::status(a),
         Command::Bench(a) => bench::bench(a),
         Command::Plan(a) => plan::plan(a),
+        Command::Sbatch(a) => sbatch::sbatch(a),
     };
     if let Err(e) = result {
         die(util::exit_code(&e), &format!("{e:#}"));
