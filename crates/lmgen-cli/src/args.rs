@@ -181,6 +181,12 @@ On SIGTERM/SIGINT/SIGUSR1: finished records are written, exit 75; rerun with --r
 Per-request JSONL overrides: max_new_tokens, temperature, top_p, top_k, repetition_penalty,
 seed, stop (string or list), n (samples per prompt), ignore_eos (true/false).
 
+OpenAI batch files (first line {\"custom_id\",\"method\",\"url\",\"body\"}, or --format openai):
+/v1/completions, /v1/chat/completions (the model's chat template) and /v1/embeddings; one
+output line per request, {\"id\",\"custom_id\",\"response\":{\"status_code\",\"request_id\",
+\"body\"},\"error\"}, the body as the endpoint returns it (usage included); a bad request is a
+400 response, never the end of the run. See docs/cli.md, \"OpenAI batch files\".
+
 Memory: the KV cache is a pool of --kv-memory bytes (default: what fits beside the weights);
 each step processes at most --max-step-tokens tokens, so long prompts are prefilled in chunks;
 prompts that share a prefix reuse its KV blocks unless --no-prefix-cache.
@@ -361,6 +367,10 @@ pub struct GenerateArgs {
     /// quantized weights) or `tensor` (the candle tensor path, as on GPUs; for comparisons)
     #[arg(long, default_value = "paged", value_name = "KIND", value_parser = ["paged", "tensor"])]
     pub executor: String,
+    /// Input format: `auto` (an OpenAI batch file when its first line has custom_id, url and
+    /// body; else lmgen's) or `openai` (the OpenAI Batch format, required)
+    #[arg(long, default_value = "auto", value_name = "FORMAT", value_parser = ["auto", "openai"])]
+    pub format: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-fn load_model(
+pub(crate) fn load_model(
     location: &ModelLocation,
     m: &ModelArgs,
     placement: Placement,
@@ -257,6 +257,9 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     let (mut job, location) = open_job(
         "generate", &a.model, &a.input, &a.output, format, &a.resume, dtype, settings,
     )?;
+    if job.input.openai || a.format == "openai" {
+        return crate::openai::generate(&a, job, &location, placement, dtype, stop);
+    }
     let input = std::mem::take(&mut job.input);
     let done_set = std::mem::take(&mut job.plan.done);
     if format == OutFormat::Text && a.logprobs {
@@ -673,7 +676,7 @@ fn open_job(
     Ok((job, location))
 }
 
-fn nothing_to_do(job: &mut JobState, out: &str) -> anyhow::Result<()> {
+pub(crate) fn nothing_to_do(job: &mut JobState, out: &str) -> anyhow::Result<()> {
     RecordWriter::open(&job.plan, vec![])?.finish()?;
     job.finish(true, None)?;
     eprintln!("lmgen: nothing to do: every input already has its record(s) in {out}");
@@ -681,7 +684,7 @@ fn nothing_to_do(job: &mut JobState, out: &str) -> anyhow::Result<()> {
 }
 
 /// After the run: sync the output and the manifest; a signal is reported as such.
-fn end_job(
+pub(crate) fn end_job(
     job: &mut JobState,
     mut writer: RecordWriter,
     result: anyhow::Result<()>,

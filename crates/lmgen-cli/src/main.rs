@@ -4,6 +4,7 @@ mod args;
 mod bench;
 mod commands;
 mod jobs;
+mod openai;
 mod plan;
 mod progress;
 mod sbatch;

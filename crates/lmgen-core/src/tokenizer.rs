@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+pub mod chat;
 mod gguf;
 mod hf;
 

@@ -204,3 +204,40 @@ fn smollm2_gguf_runs_quantized_close_to_dequantized() {
         "quantized ppl {quant} vs dequantized {exact}"
     );
 }
+
+/// The chat template stored in the GGUF metadata, with the special tokens named by its
+/// token ids, renders as transformers renders it (tests/fixtures/chat_templates/smollm2.json).
+#[test]
+fn chat_template_from_gguf_metadata() {
+    use lmgen_core::tokenizer::chat::ChatTemplate;
+    let Some(file) = fetch() else { return };
+    let g = lmgen_core::weights::gguf::GgufFile::open(&file).unwrap();
+    let tok = lmgen_core::tokenizer::LmTokenizer::from_gguf(g.content(), &file).unwrap();
+    let t = ChatTemplate::for_model(&ModelLocation::Gguf(file.clone()), &tok)
+        .unwrap()
+        .expect("SmolLM2's GGUF has tokenizer.chat_template");
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/chat_templates/smollm2.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(t.source, golden["template"].as_str().unwrap());
+    for (k, v) in golden["specials"].as_object().unwrap() {
+        assert!(
+            t.specials
+                .iter()
+                .any(|(n, s)| n == k && s == v.as_str().unwrap()),
+            "{k}: {:?}",
+            t.specials
+        );
+    }
+    let case = &golden["cases"][2];
+    let got = t
+        .render(
+            &case["messages"],
+            true,
+            golden["extra"].as_object().unwrap(),
+        )
+        .unwrap();
+    assert_eq!(got, case["rendered"].as_str().unwrap());
+}

@@ -42,6 +42,9 @@ pub struct InputRecord {
     pub id: Value,
     pub prompt: PromptSrc,
     pub overrides: Overrides,
+    /// An OpenAI batch line (`custom_id`, `method`, `url`, `body`), as read; its request is
+    /// checked by [`super::openai`]. `prompt` is then empty and `id` is the `custom_id`.
+    pub batch: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +79,9 @@ pub struct Input {
     pub entries: Vec<Entry>,
     /// SHA-256 of the input's bytes (hex), the input's identity in a job manifest.
     pub sha256: String,
+    /// An OpenAI batch file (its first line has `custom_id`, `url` or `body`): every line is
+    /// one record with its own response, and a line that cannot be read is an error record.
+    pub openai: bool,
 }
 
 impl Input {
@@ -155,6 +161,9 @@ pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> Resu
         lines.pop();
     }
     let format = detect_format(path, &lines);
+    if format == Format::Jsonl && super::openai::is_batch_file(&lines) {
+        return Ok(parse_batch(name, bytes, &lines));
+    }
     let mut entries = Vec::new();
     let mut warned = BTreeSet::new();
     for (i, raw) in lines.iter().enumerate() {
@@ -177,6 +186,7 @@ pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> Resu
                     id: Value::from(i),
                     prompt: PromptSrc::Text(unescape(s)),
                     overrides: Overrides::default(),
+                    batch: None,
                 }),
                 Format::Jsonl => parse_json_line(s, index, line_no, &mut warned, name),
             });
@@ -199,7 +209,60 @@ pub fn parse_input(name: &str, path: &str, bytes: &[u8], skip_bad: bool) -> Resu
         name: name.to_string(),
         entries,
         sha256: super::sha256_hex(bytes),
+        openai: false,
     })
+}
+
+/// An OpenAI batch file: one record per non-blank line, keyed by its `custom_id` (a line
+/// without one: its 0-based line number). A line that is not a JSON object is an error
+/// record, never the end of the job.
+fn parse_batch(name: &str, bytes: &[u8], lines: &[&[u8]]) -> Input {
+    let mut entries = Vec::new();
+    for (i, raw) in lines.iter().enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.trim_ascii().is_empty() {
+            continue;
+        }
+        let index = entries.len();
+        let parsed = std::str::from_utf8(raw)
+            .map_err(|e| format!("not valid UTF-8 (byte {})", e.valid_up_to()))
+            .and_then(|s| {
+                serde_json::from_str::<Value>(s).map_err(|e| format!("malformed JSON: {e}"))
+            });
+        let entry = match parsed {
+            Ok(Value::Object(obj)) => Entry::Ok(InputRecord {
+                index,
+                line: i + 1,
+                id: match obj.get("custom_id") {
+                    Some(Value::String(c)) => Value::from(c.clone()),
+                    _ => Value::from(i),
+                },
+                prompt: PromptSrc::Text(String::new()),
+                overrides: Overrides {
+                    n: Some(1),
+                    ..Overrides::default()
+                },
+                batch: Some(obj),
+            }),
+            Ok(v) => Entry::Bad(BadRecord {
+                index,
+                id: Value::from(i),
+                message: format!("line {}: expected a JSON object, got {}", i + 1, kind(&v)),
+            }),
+            Err(what) => Entry::Bad(BadRecord {
+                index,
+                id: Value::from(i),
+                message: format!("line {}: {what}", i + 1),
+            }),
+        };
+        entries.push(entry);
+    }
+    Input {
+        name: name.to_string(),
+        entries,
+        sha256: super::sha256_hex(bytes),
+        openai: true,
+    }
 }
 
 /// `\n` → newline, `\t` → tab, `\r` → carriage return, `\\` → backslash; other backslashes are kept.
@@ -370,6 +433,7 @@ fn parse_json_line(
         id,
         prompt,
         overrides,
+        batch: None,
     })
 }
 

@@ -265,7 +265,7 @@ fn read_records(path: &Path, format: OutFormat) -> Result<Vec<((String, usize), 
                         i + 1
                     ))
                 })?;
-                let id = v.get("id").or_else(|| v.get("custom_id")).ok_or_else(|| {
+                let id = super::sink::record_id(&v).ok_or_else(|| {
                     Error::BadRequest(format!(
                         "{}:{}: record has no \"id\"",
                         path.display(),

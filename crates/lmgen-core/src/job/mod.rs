@@ -11,6 +11,7 @@ pub mod hidden;
 pub mod input;
 pub mod manifest;
 pub mod merge;
+pub mod openai;
 pub mod shard;
 pub mod sink;
 
@@ -126,6 +127,18 @@ impl Job {
     /// output belongs to this same job, and record the job in the manifest.
     pub fn open(cfg: JobConfig) -> Result<Job> {
         let input = read_input(cfg.input, cfg.skip_bad)?;
+        if input.openai && cfg.command != "generate" {
+            return Err(Error::BadRequest(format!(
+                "{}: an OpenAI batch file (lines with custom_id, url, body) is read by `lmgen generate`, not `{}`",
+                input.name, cfg.command
+            )));
+        }
+        if input.openai && cfg.format != OutFormat::Jsonl {
+            return Err(Error::BadRequest(format!(
+                "{}: an OpenAI batch file gives JSONL output; name the output .jsonl (or - for standard output)",
+                cfg.output
+            )));
+        }
         let shard = cfg.shard;
         if !shard.is_whole() {
             if cfg.output == "-" {

@@ -33,6 +33,14 @@ pub fn format_for(out: &str) -> OutFormat {
     }
 }
 
+/// The id a JSONL record is matched by: its `custom_id` (OpenAI batch output, whose `id` is
+/// the response's own), else its `id`.
+pub fn record_id(v: &serde_json::Value) -> Option<&serde_json::Value> {
+    v.get("custom_id")
+        .filter(|c| !c.is_null())
+        .or_else(|| v.get("id"))
+}
+
 /// (id key, sample)
 pub type DoneKey = (String, usize);
 
@@ -136,7 +144,7 @@ pub fn plan(out: &str, format: OutFormat, resume: bool, overwrite: bool) -> Resu
                         i + 1
                     ))
                 })?;
-                let Some(id) = v.get("id") else {
+                let Some(id) = record_id(&v) else {
                     return Err(Error::BadRequest(format!(
                         "{out}:{}: record has no \"id\"; cannot resume",
                         i + 1
