@@ -253,28 +253,9 @@ fn read_records(path: &Path, format: OutFormat) -> Result<Vec<((String, usize), 
     let mut out = Vec::new();
     match format {
         OutFormat::Jsonl => {
-            let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            for (i, line) in data[..complete].split(|&b| b == b'\n').enumerate() {
-                if line.trim_ascii().is_empty() {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
-                    Error::BadRequest(format!(
-                        "{}:{}: not a JSON record ({e})",
-                        path.display(),
-                        i + 1
-                    ))
-                })?;
-                let id = super::sink::record_id(&v).ok_or_else(|| {
-                    Error::BadRequest(format!(
-                        "{}:{}: record has no \"id\"",
-                        path.display(),
-                        i + 1
-                    ))
-                })?;
-                let sample = v.get("sample").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
-                let is_err = v.get("error").is_some_and(|e| !e.is_null());
-                out.push(((id_key(id), sample), line.to_vec(), is_err));
+            let (_, records) = super::sink::jsonl_records(&path.display().to_string(), &data)?;
+            for r in records {
+                out.push((r.key, r.line.to_vec(), r.is_error));
             }
         }
         OutFormat::Text => {

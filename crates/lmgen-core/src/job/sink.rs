@@ -35,6 +35,45 @@ pub fn format_for(out: &str) -> OutFormat {
 
 /// The id a JSONL record is matched by: its `custom_id` (OpenAI batch output, whose `id` is
 /// the response's own), else its `id`.
+/// One complete record of a JSONL output.
+pub(crate) struct JsonlRecord<'a> {
+    /// (id key, sample)
+    pub key: DoneKey,
+    pub line: &'a [u8],
+    /// An error record (a non-null `error`).
+    pub is_error: bool,
+}
+
+/// The complete records of JSONL output `data` (named `name` in errors), and the length they
+/// span: a torn last line (a killed writer's) is left out.
+pub(crate) fn jsonl_records<'a>(
+    name: &str,
+    data: &'a [u8],
+) -> Result<(usize, Vec<JsonlRecord<'a>>)> {
+    let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut out = Vec::new();
+    for (i, line) in data[..complete].split(|&b| b == b'\n').enumerate() {
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(line)
+            .map_err(|e| Error::BadRequest(format!("{name}:{}: not a JSON record ({e})", i + 1)))?;
+        let Some(id) = record_id(&v) else {
+            return Err(Error::BadRequest(format!(
+                "{name}:{}: record has no \"id\"",
+                i + 1
+            )));
+        };
+        let sample = v.get("sample").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
+        out.push(JsonlRecord {
+            key: (id_key(id), sample),
+            line,
+            is_error: v.get("error").is_some_and(|e| !e.is_null()),
+        });
+    }
+    Ok((complete, out))
+}
+
 pub fn record_id(v: &serde_json::Value) -> Option<&serde_json::Value> {
     v.get("custom_id")
         .filter(|c| !c.is_null())
@@ -133,26 +172,8 @@ pub fn plan(out: &str, format: OutFormat, resume: bool, overwrite: bool) -> Resu
     let data = read_all(&path)?;
     match format {
         OutFormat::Jsonl => {
-            let complete = data.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            for (i, line) in data[..complete].split(|&b| b == b'\n').enumerate() {
-                if line.trim_ascii().is_empty() {
-                    continue;
-                }
-                let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| {
-                    Error::BadRequest(format!(
-                        "{out}:{}: not a JSON record ({e}); cannot resume",
-                        i + 1
-                    ))
-                })?;
-                let Some(id) = record_id(&v) else {
-                    return Err(Error::BadRequest(format!(
-                        "{out}:{}: record has no \"id\"; cannot resume",
-                        i + 1
-                    )));
-                };
-                let sample = v.get("sample").and_then(|s| s.as_u64()).unwrap_or(0) as usize;
-                plan.done.insert((id_key(id), sample));
-            }
+            let (complete, records) = jsonl_records(out, &data)?;
+            plan.done.extend(records.into_iter().map(|r| r.key));
             plan.keep_len = Some(complete as u64);
         }
         OutFormat::Text => {
