@@ -15,10 +15,7 @@ pub const FAMILY: Family = Family {
 pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size", "n_embed"])?;
     let nh = c.req_usize(&["n_head", "num_attention_heads"])?;
-    c.check(e % nh == 0, || {
-        format!("hidden_size {e} not divisible by n_head {nh}")
-    })?;
-    let hd = e / nh;
+    let hd = super::head_dim(c, e, nh, "n_head")?;
     let post_ln_residual = c.bool_or("apply_residual_connection_post_layernorm", false)?;
     Ok(ModelSpec {
         vocab_size: c.req_usize(&["vocab_size"])?,

@@ -16,10 +16,7 @@ pub const FAMILY: Family = Family {
 pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
     let e = c.req_usize(&["n_embd", "hidden_size"])?;
     let nh = c.req_usize(&["n_head", "num_attention_heads"])?;
-    c.check(e % nh == 0, || {
-        format!("n_embd {e} not divisible by n_head {nh}")
-    })?;
-    let hd = e / nh;
+    let hd = super::head_dim(c, e, nh, "n_head")?;
     let positions = c.req_usize(&["n_positions", "max_position_embeddings"])?;
     Ok(ModelSpec {
         vocab_size: c.req_usize(&["vocab_size"])?,

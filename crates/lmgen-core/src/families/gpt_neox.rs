@@ -16,10 +16,7 @@ pub const FAMILY: Family = Family {
 pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
     let e = c.req_usize(&["hidden_size"])?;
     let nh = c.req_usize(&["num_attention_heads"])?;
-    c.check(e % nh == 0, || {
-        format!("hidden_size {e} not divisible by num_attention_heads {nh}")
-    })?;
-    let hd = e / nh;
+    let hd = super::head_dim(c, e, nh, "num_attention_heads")?;
     let max_positions = c.req_usize(&["max_position_embeddings"])?;
     let bias = c.bool_or("attention_bias", true)?;
     Ok(ModelSpec {

@@ -175,14 +175,21 @@ pub fn load(spec: &ModelSpec, l: &Loader) -> Result<Weights> {
 /// `(heads, head_dim)`: `head_dim` from the config when given, else hidden / heads (checked).
 pub fn heads(c: &RawConfig, hidden: usize, head_keys: &[&str]) -> Result<(usize, usize)> {
     let nh = c.req_usize(head_keys)?;
-    c.check(nh > 0, || format!("'{}' is 0", head_keys[0]))?;
     if let Some(hd) = c.usize_any(&["head_dim"])? {
+        c.check(nh > 0, || format!("'{}' is 0", head_keys[0]))?;
         return Ok((nh, hd));
     }
+    Ok((nh, head_dim(c, hidden, nh, head_keys[0])?))
+}
+
+/// `hidden / heads` for families whose head size is always that, with a one-line error for
+/// 0 heads or a hidden size they do not divide.
+pub fn head_dim(c: &RawConfig, hidden: usize, nh: usize, head_key: &str) -> Result<usize> {
+    c.check(nh > 0, || format!("'{head_key}' is 0"))?;
     c.check(hidden.is_multiple_of(nh), || {
-        format!("hidden size {hidden} not divisible by {nh} attention heads")
+        format!("hidden size {hidden} not divisible by {nh} attention heads ('{head_key}')")
     })?;
-    Ok((nh, hidden / nh))
+    Ok(hidden / nh)
 }
 
 /// transformers' `layer_types` (sliding or full attention per layer), else `default(i)`.
@@ -791,6 +798,34 @@ mod tests {
     use super::*;
     use crate::config::{Positions, Residual, RopeScaling};
     use serde_json::json;
+
+    #[test]
+    fn zero_or_indivisible_heads_are_errors_not_panics() {
+        for (arch, cfg) in [
+            (
+                "BloomForCausalLM",
+                json!({"hidden_size": 64, "n_head": 0, "n_layer": 2, "vocab_size": 10}),
+            ),
+            (
+                "GPT2LMHeadModel",
+                json!({"n_embd": 64, "n_head": 0, "n_layer": 2, "vocab_size": 10, "n_positions": 32}),
+            ),
+            (
+                "OPTForCausalLM",
+                json!({"hidden_size": 64, "num_attention_heads": 5, "num_hidden_layers": 2, "vocab_size": 10, "max_position_embeddings": 32, "ffn_dim": 8}),
+            ),
+        ] {
+            let mut v = cfg;
+            v["architectures"] = json!([arch]);
+            let c = RawConfig::from_value(std::path::Path::new("config.json"), v);
+            let (f, a) = detect(&c).unwrap();
+            let e = (f.spec)(&c, &a).err().expect(arch).to_string();
+            assert!(
+                e.contains("is 0") || e.contains("not divisible"),
+                "{arch}: {e}"
+            );
+        }
+    }
 
     fn spec_of(v: serde_json::Value) -> ModelSpec {
         let c = RawConfig::from_value(std::path::Path::new("config.json"), v);

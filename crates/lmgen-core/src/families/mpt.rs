@@ -18,10 +18,7 @@ pub const FAMILY: Family = Family {
 pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
     let e = c.req_usize(&["d_model", "hidden_size"])?;
     let nh = c.req_usize(&["n_heads", "num_attention_heads"])?;
-    c.check(nh > 0 && e % nh == 0, || {
-        format!("d_model {e} not divisible by n_heads {nh}")
-    })?;
-    let hd = e / nh;
+    let hd = super::head_dim(c, e, nh, "n_heads")?;
     let attn = RawConfig::from_value(
         &c.path,
         c.get("attn_config")
