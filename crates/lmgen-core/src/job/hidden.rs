@@ -213,28 +213,18 @@ pub fn consolidate(dirs: &[PathBuf], order: &[(String, usize)], dest: &Path) -> 
             missing.count()
         )));
     }
-    // Read each chunk once.
-    let mut chunks: HashMap<PathBuf, (Vec<u8>, Value)> = HashMap::new();
+    // Each chunk is read and decoded once: name -> (shape, values), with its metadata.
+    type Decoded = (HashMap<String, (Vec<usize>, Vec<f32>)>, Value);
+    let mut chunks: HashMap<PathBuf, Decoded> = HashMap::new();
     let mut rows: Vec<States> = Vec::with_capacity(order.len());
     let mut layers: Vec<usize> = Vec::new();
     let mut pooled = true;
     for key in order {
         let (path, row) = &at[key];
         if !chunks.contains_key(path) {
-            let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-            let (_, header) = safetensors::SafeTensors::read_metadata(&data)
-                .map_err(|e| Error::BadRequest(format!("{}: {e}", path.display())))?;
-            let m: Value = header
-                .metadata()
-                .as_ref()
-                .and_then(|m| m.get("lmgen"))
-                .and_then(|s| serde_json::from_str(s).ok())
-                .ok_or_else(|| {
-                    Error::BadRequest(format!("{}: no lmgen metadata", path.display()))
-                })?;
-            chunks.insert(path.clone(), (data, m));
+            chunks.insert(path.clone(), decode_chunk(path)?);
         }
-        let (data, m) = &chunks[path];
+        let (tensors, m) = &chunks[path];
         if meta.is_none() {
             layers = m["layers"]
                 .as_array()
@@ -248,29 +238,21 @@ pub fn consolidate(dirs: &[PathBuf], order: &[(String, usize)], dest: &Path) -> 
             pooled = m["pool"].as_str() != Some("none");
             meta = Some(m.clone());
         }
-        let st = safetensors::SafeTensors::deserialize(data)
-            .map_err(|e| Error::BadRequest(format!("{}: {e}", path.display())))?;
         let mut states = States::new();
         for layer in &layers {
-            let (name, sel) = if pooled {
-                (format!("hidden.{layer}"), Some(*row))
+            let name = if pooled {
+                format!("hidden.{layer}")
             } else {
-                (format!("hidden.{layer}.{row}"), None)
+                format!("hidden.{layer}.{row}")
             };
-            let t = st
-                .tensor(&name)
-                .map_err(|e| Error::BadRequest(format!("{}: {name}: {e}", path.display())))?;
-            let vals: Vec<f32> = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            states.push(match sel {
-                Some(r) => {
-                    let w = t.shape()[1];
-                    (vec![w], vals[r * w..(r + 1) * w].to_vec())
-                }
-                None => (t.shape().to_vec(), vals),
+            let (shape, vals) = tensors.get(&name).ok_or_else(|| {
+                Error::BadRequest(format!("{}: no tensor {name}", path.display()))
+            })?;
+            states.push(if pooled {
+                let w = shape[1];
+                (vec![w], vals[row * w..(row + 1) * w].to_vec())
+            } else {
+                (shape.clone(), vals.clone())
             });
         }
         rows.push(states);
@@ -287,4 +269,33 @@ pub fn consolidate(dirs: &[PathBuf], order: &[(String, usize)], dest: &Path) -> 
     all["samples"] = Value::from(order.iter().map(|(_, s)| *s).collect::<Vec<_>>());
     write_embed(dest, &all, &tensors)?;
     Ok(order.len())
+}
+
+/// All tensors of a chunk as f32 values, and its `lmgen` metadata.
+#[allow(clippy::type_complexity)]
+fn decode_chunk(path: &Path) -> Result<(HashMap<String, (Vec<usize>, Vec<f32>)>, Value)> {
+    let bad = |e: String| Error::BadRequest(format!("{}: {e}", path.display()));
+    let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&data).map_err(|e| bad(e.to_string()))?;
+    let meta: Value = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("lmgen"))
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| bad("no lmgen metadata".into()))?;
+    let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| bad(e.to_string()))?;
+    let tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let vals = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, (t.shape().to_vec(), vals))
+        })
+        .collect();
+    Ok((tensors, meta))
 }
