@@ -8,7 +8,7 @@
 //! chosen at run time, with a portable scalar fallback.
 #![allow(clippy::needless_range_loop)] // index loops over rows / keys / lanes read clearer in the kernels
 
-use rayon::prelude::*;
+use super::pool;
 use std::cell::RefCell;
 
 /// One sequence of a packed step.
@@ -195,6 +195,8 @@ impl Scratch {
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
     static PARTIAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Pool tasks of one call: (sequence, first unit, end unit).
+    static TASKS: RefCell<Vec<(u32, u32, u32)>> = const { RefCell::new(Vec::new()) };
 }
 
 #[inline(always)]
@@ -318,7 +320,7 @@ fn run(
     let threads = if ex.parallel == Some(false) || (ex.parallel.is_none() && flops < INLINE_FLOPS) {
         1
     } else {
-        rayon::current_num_threads().max(1)
+        pool::threads()
     };
     let parallel = ex.parallel.unwrap_or(threads > 1);
     let tile = if parallel && ex.split.is_none() {
@@ -380,18 +382,31 @@ fn run(
             }
         }
     } else {
-        seqs.par_iter().enumerate().for_each(|(si, s)| {
-            let n = units_in(s);
-            let seq_flops = 4.0 * (nh * hd) as f64 * visible_pairs(s, p.window);
-            if n <= 1 || seq_flops < INLINE_FLOPS {
-                for ui in 0..n {
-                    exec_unit(&ctx, &unit_of(si, ui), Dest::Out);
+        // One pool task per unit, or per sequence where its units are too small to hand out.
+        TASKS.with(|cell| {
+            let mut fresh = Vec::new();
+            let mut held = cell.try_borrow_mut();
+            let tasks = match held.as_deref_mut() {
+                Ok(t) => t,
+                Err(_) => &mut fresh,
+            };
+            tasks.clear();
+            for (si, s) in seqs.iter().enumerate() {
+                let n = units_in(s);
+                let seq_flops = 4.0 * (nh * hd) as f64 * visible_pairs(s, p.window);
+                if n <= 1 || seq_flops < INLINE_FLOPS {
+                    tasks.push((si as u32, 0, n as u32));
+                } else {
+                    tasks.extend((0..n as u32).map(|ui| (si as u32, ui, ui + 1)));
                 }
-            } else {
-                (0..n)
-                    .into_par_iter()
-                    .for_each(|ui| exec_unit(&ctx, &unit_of(si, ui), Dest::Out));
             }
+            let tasks = &*tasks;
+            pool::for_each(tasks.len(), |t| {
+                let (si, u0, u1) = tasks[t];
+                for ui in u0..u1 {
+                    exec_unit(&ctx, &unit_of(si as usize, ui as usize), Dest::Out);
+                }
+            });
         });
     }
 }
@@ -455,7 +470,7 @@ fn run_split(
             exec_unit(c, &unit_of(i), Dest::Partial(dst));
         };
         if parallel {
-            (0..nslots).into_par_iter().for_each(work);
+            pool::for_each(nslots, work);
         } else {
             (0..nslots).for_each(work);
         }

@@ -10,7 +10,7 @@
 //! called directly on the strided operands: same numbers as candle's `x.matmul(&w.t())`,
 //! without its output allocation (`examples/gemm_micro.rs`, k = 576, m = 17..512, 2 threads:
 //! 1.0-1.3x candle's speed, 1.1-2.1x with a bias, which candle adds in a second pass).
-use rayon::prelude::*;
+use super::pool;
 
 /// Largest `m` routed to the streaming kernel; beyond it a blocked GEMM wins.
 pub const SMALL_M: usize = 16;
@@ -121,6 +121,24 @@ impl OutPtr {
         // SAFETY: guaranteed by the caller.
         unsafe { *self.0.add(i) = v }
     }
+
+    /// The pointer to element `i` (not dereferenced here).
+    #[inline(always)]
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+
+    /// `len` values from index `start`, as a mutable slice.
+    ///
+    /// # Safety
+    /// The range is within the slice this was made from, and no other task touches it
+    /// while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    #[inline(always)]
+    pub(crate) unsafe fn row<'a>(self, start: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
 }
 
 /// The streaming kernel: tasks take blocks of `w`'s rows (= columns of `out`).
@@ -136,7 +154,7 @@ fn stream_into(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::threads();
     let block = (n / (threads * 8)).clamp(16, 1024).min(n);
     let y = OutPtr::new(out);
     let work = |bi: usize| {
@@ -163,11 +181,14 @@ fn stream_into(
     if n * k * 4 < INLINE_BYTES {
         (0..blocks).for_each(work);
     } else {
-        (0..blocks).into_par_iter().for_each(work);
+        pool::for_each(blocks, work);
     }
 }
 
-/// `out = x · wᵀ` through `gemm`, reading `w` transposed in place.
+/// `out = x · wᵀ` through `gemm`, reading `w` transposed in place: the pool's tasks take
+/// blocks of output columns, each one single-threaded `gemm` call. `gemm`'s blocking over
+/// `k` depends on `k` and the caches only (for blocks of more than 64 columns), so every
+/// element is summed in the order of one whole-matrix call (candle's), bit for bit.
 fn gemm_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     if k == 0 {
         out.fill(0.0);
@@ -175,39 +196,41 @@ fn gemm_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: dims checked by the caller: `x` is [m, k] (row stride k), `w` is [n, k] read
-    // as the [k, n] matrix wᵀ (row stride 1, column stride k), `out` is [m, n] (row stride
-    // n); all pointers are valid for those extents and `out` does not alias the inputs.
-    // alpha = 0 with read_dst = false: `out` is only written.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    // Blocks wider than 64 columns: `gemm` picks its `k` blocking differently for m, n <= 64.
+    let blocks = (2 * pool::threads()).min(n / 80).max(1);
+    let y = OutPtr::new(out);
+    pool::for_each(blocks, |t| {
+        let (j0, j1) = (n * t / blocks, n * (t + 1) / blocks);
+        let nb = j1 - j0;
+        // SAFETY: dims checked by the caller: `x` is [m, k] (row stride k), `w` is [n, k]
+        // and rows j0..j0 + nb of it are read as the [k, nb] matrix wᵀ (row stride 1,
+        // column stride k); columns j0..j0 + nb of `out` ([m, n], row stride n) are written
+        // by this task only and do not alias the inputs. alpha = 0 with read_dst = false:
+        // `out` is only written.
+        unsafe {
+            gemm::gemm(
+                m,
+                nb,
+                k,
+                y.at(j0),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr().add(j0 * k),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
 }
 
 /// `out[t] = x[t, :] · w` for `mt <= 4` rows of `x`.
@@ -411,7 +434,13 @@ mod tests {
     #[test]
     fn gemm_path_matches_candle_bit_for_bit() {
         use candle_core::{Device, Tensor};
-        for &(m, k, n) in &[(17, 64, 33), (40, 576, 129), (129, 130, 67)] {
+        for &(m, k, n) in &[
+            (17, 64, 33),
+            (40, 576, 129),
+            (129, 130, 67),
+            (40, 576, 1031),
+            (300, 200, 500),
+        ] {
             let x = rand_vec(m * k, 5);
             let w = rand_vec(n * k, 6);
             let b = rand_vec(n, 7);

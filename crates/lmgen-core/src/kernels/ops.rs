@@ -1,7 +1,7 @@
 //! Row-wise operations of the CPU step on slices: norms, activations, rotary embedding.
 //! They write in place or into caller-owned buffers; nothing here allocates.
+use super::pool;
 use crate::config::{Activation, NormKind};
-use rayon::prelude::*;
 
 /// Rows per parallel task; below this many elements in all, run on the calling thread.
 const PAR_ELEMS: usize = 1 << 15;
@@ -21,7 +21,16 @@ pub fn norm_rows(
         NormKind::RmsNorm => rms_norm_row(xr, o, scale, eps),
     };
     if x.len() >= PAR_ELEMS {
-        x.par_chunks(w).zip(out.par_chunks_mut(w)).for_each(row);
+        let rows = x.len() / w.max(1);
+        let per = rows.div_ceil(4 * pool::threads()).max(1);
+        let o = super::matmul::OutPtr::new(out);
+        pool::for_each(rows.div_ceil(per), |t| {
+            let (r0, r1) = (t * per, ((t + 1) * per).min(rows));
+            for r in r0..r1 {
+                // SAFETY: row r of `out` (w values) is written by this task only.
+                row((&x[r * w..(r + 1) * w], unsafe { o.row(r * w, w) }));
+            }
+        });
     } else {
         x.chunks(w).zip(out.chunks_mut(w)).for_each(row);
     }
@@ -93,7 +102,13 @@ fn act(a: Activation, v: f32) -> f32 {
 pub fn activate(a: Activation, x: &mut [f32]) {
     let f = |c: &mut [f32]| c.iter_mut().for_each(|v| *v = act(a, *v));
     if x.len() >= PAR_ELEMS {
-        x.par_chunks_mut(4096).for_each(f);
+        let o = super::matmul::OutPtr::new(x);
+        let n = x.len();
+        pool::for_each(n.div_ceil(4096), |t| {
+            let (a, b) = (t * 4096, ((t + 1) * 4096).min(n));
+            // SAFETY: elements a..b are touched by this task only.
+            f(unsafe { o.row(a, b - a) });
+        });
     } else {
         f(x);
     }
@@ -108,9 +123,17 @@ pub fn gate(a: Activation, gu: &[f32], out: &mut [f32], inter: usize) {
         }
     };
     if out.len() >= PAR_ELEMS {
-        gu.par_chunks(2 * inter)
-            .zip(out.par_chunks_mut(inter))
-            .for_each(row);
+        let rows = out.len() / inter.max(1);
+        let per = rows.div_ceil(4 * pool::threads()).max(1);
+        let o = super::matmul::OutPtr::new(out);
+        pool::for_each(rows.div_ceil(per), |t| {
+            for r in t * per..((t + 1) * per).min(rows) {
+                // SAFETY: row r of `out` is written by this task only.
+                row((&gu[r * 2 * inter..(r + 1) * 2 * inter], unsafe {
+                    o.row(r * inter, inter)
+                }));
+            }
+        });
     } else {
         gu.chunks(2 * inter)
             .zip(out.chunks_mut(inter))

@@ -379,7 +379,7 @@ impl QMatrix {
     fn run_tiles(&self, act: &QAct, bias: Option<&[f32]>, out: &mut [f32], lv: Level) {
         let (n, k, kind, m) = (self.rows, self.cols, self.kind, act.m);
         let rb = kind.row_bytes(k);
-        let threads = rayon::current_num_threads().max(1);
+        let threads = crate::kernels::pool::threads();
         let tiles = stored_rows(n) / TILE;
         let per = (tiles / (threads * 8)).clamp(1, 128);
         let max_mt = max_mt(kind, lv);
@@ -414,7 +414,7 @@ impl QMatrix {
             // A few microseconds of work: handing it to the pool costs as much.
             (0..tasks).for_each(run);
         } else {
-            (0..tasks).into_par_iter().for_each(run);
+            crate::kernels::pool::for_each(tasks, run);
         }
     }
 }
