@@ -179,7 +179,7 @@ On SIGTERM/SIGINT/SIGUSR1: finished records are written, exit 75; rerun with --r
 --shard K/N|auto writes OUT.shards/K-of-N.*; `lmgen merge OUT` joins them in input order.
 
 Per-request JSONL overrides: max_new_tokens, temperature, top_p, top_k, repetition_penalty,
-seed, stop (string or list), n (samples per prompt), ignore_eos (true/false).
+presence_penalty, frequency_penalty, seed, stop (string or list), n (samples per prompt), ignore_eos (true/false).
 
 OpenAI batch files (first line {\"custom_id\",\"method\",\"url\",\"body\"}, or --format openai):
 /v1/completions, /v1/chat/completions (the model's chat template) and /v1/embeddings; one
@@ -323,6 +323,13 @@ pub struct GenerateArgs {
     /// Repetition penalty as in transformers (1 = none)
     #[arg(long, value_name = "R", allow_negative_numbers = true, value_parser = parse_penalty)]
     pub repetition_penalty: Option<f32>,
+    /// OpenAI presence penalty in [-2, 2]: subtracted from the logit of every token
+    /// generated so far (the prompt does not count)
+    #[arg(long, value_name = "X", allow_negative_numbers = true, value_parser = parse_openai_penalty)]
+    pub presence_penalty: Option<f32>,
+    /// OpenAI frequency penalty in [-2, 2]: times the number of times a token was generated
+    #[arg(long, value_name = "X", allow_negative_numbers = true, value_parser = parse_openai_penalty)]
+    pub frequency_penalty: Option<f32>,
     /// Random seed: a record's samples depend only on the seed, its id and the sample number
     /// (a per-line "seed" alone decides that line's samples)
     #[arg(long, value_name = "S", allow_negative_numbers = true, value_parser = parse_seed)]
@@ -529,6 +536,13 @@ fn parse_penalty(s: &str) -> Result<f32, String> {
     match s.trim().parse::<f32>() {
         Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
         _ => Err(format!("must be a number > 0, got '{s}'")),
+    }
+}
+
+fn parse_openai_penalty(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(r) if (-2.0..=2.0).contains(&r) => Ok(r),
+        _ => Err(format!("must be a number in [-2, 2], got '{s}'")),
     }
 }
 

@@ -220,6 +220,8 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         top_k: a.top_k,
         top_p: a.top_p,
         repetition_penalty: a.repetition_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
         seed: a.seed,
     };
     base.validate().map_err(|e| user_err!("{e}"))?;
@@ -237,6 +239,8 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         "top_k": a.top_k,
         "top_p": a.top_p.map(short_f32),
         "repetition_penalty": a.repetition_penalty.map(short_f32),
+        "presence_penalty": a.presence_penalty.map(short_f32),
+        "frequency_penalty": a.frequency_penalty.map(short_f32),
         "seed": a.seed,
         "stop": a.stop,
         "n": a.num_return_sequences,
@@ -302,6 +306,8 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
                     top_k: o.top_k.or(base.top_k),
                     top_p: o.top_p.or(base.top_p),
                     repetition_penalty: o.repetition_penalty.or(base.repetition_penalty),
+                    presence_penalty: o.presence_penalty.or(base.presence_penalty),
+                    frequency_penalty: o.frequency_penalty.or(base.frequency_penalty),
                     seed: o.seed.or(base.seed),
                 };
                 params.validate().map(|_| (ids, params))

@@ -195,6 +195,8 @@ impl Ctx<'_> {
             top_k: a.top_k,
             top_p: sampling.top_p.or(a.top_p),
             repetition_penalty: a.repetition_penalty,
+            presence_penalty: sampling.presence_penalty.or(a.presence_penalty),
+            frequency_penalty: sampling.frequency_penalty.or(a.frequency_penalty),
             seed: sampling.seed.or(a.seed),
         };
         if let Err(e) = params.validate() {

@@ -126,8 +126,18 @@ fn output_is_the_validated_golden() {
         .collect();
     assert_eq!(
         status,
-        [200, 200, 200, 200, 200, 200, 200, 400, 400, 400, 400, 200]
+        [200, 200, 200, 200, 200, 200, 200, 400, 400, 400, 400, 200, 200]
     );
+    // Negative presence / frequency penalties make the greedy continuation repeat itself
+    // where the same request without them does not.
+    let text = |r: &Value| {
+        r["response"]["body"]["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(got[12]["custom_id"], "penalties");
+    assert_ne!(text(&got[12]), text(&got[0]));
     // A line without a custom_id is named by its 0-based line number.
     assert_eq!(got[10]["custom_id"], Value::from(10));
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -1,5 +1,7 @@
 //! Logits processors and seeded samplers, in the order `transformers.generate` applies them:
-//! repetition penalty → temperature → top-k → top-p → sample (or argmax when greedy).
+//! repetition penalty → temperature → top-k → top-p → sample (or argmax when greedy). The
+//! OpenAI presence and frequency penalties, when set, apply after the repetition penalty,
+//! as vLLM applies them (to the tokens generated so far, not the prompt).
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -9,6 +11,10 @@ pub struct SamplingParams {
     pub top_k: Option<usize>,
     pub top_p: Option<f32>,
     pub repetition_penalty: Option<f32>,
+    /// OpenAI `presence_penalty`: subtracted from the logit of every token generated so far.
+    pub presence_penalty: Option<f32>,
+    /// OpenAI `frequency_penalty`: times the number of times a token was generated so far.
+    pub frequency_penalty: Option<f32>,
     /// Base seed; each request derives its own stream from it (see [`Sampler::new`]).
     pub seed: Option<u64>,
 }
@@ -20,6 +26,8 @@ impl Default for SamplingParams {
             top_k: None,
             top_p: None,
             repetition_penalty: None,
+            presence_penalty: None,
+            frequency_penalty: None,
             seed: None,
         }
     }
@@ -51,6 +59,16 @@ impl SamplingParams {
                 return Err(format!("repetition_penalty must be > 0, got {r}"));
             }
         }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(v) = v {
+                if !(-2.0..=2.0).contains(&v) {
+                    return Err(format!("{name} must be between -2 and 2, got {v}"));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -61,6 +79,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
     scratch: Vec<(f32, u32)>,
+    /// Generated tokens, sorted (presence / frequency penalties).
+    seen: Vec<u32>,
 }
 
 impl Sampler {
@@ -76,16 +96,33 @@ impl Sampler {
             params,
             rng,
             scratch: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
-    /// Choose the next token from raw `logits`; `history` is prompt + generated so far.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Choose the next token from raw `logits`; `history` is prompt + generated so far, of
+    /// which the last `generated` tokens were generated.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32], generated: usize) -> u32 {
         let p = &self.params;
         if let Some(r) = p.repetition_penalty.filter(|r| *r != 1.0) {
             for &t in history {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l = if *l < 0.0 { *l * r } else { *l / r };
+                }
+            }
+        }
+        let (pp, fp) = (
+            p.presence_penalty.unwrap_or(0.0),
+            p.frequency_penalty.unwrap_or(0.0),
+        );
+        if pp != 0.0 || fp != 0.0 {
+            let seen = &mut self.seen;
+            seen.clear();
+            seen.extend_from_slice(&history[history.len() - generated.min(history.len())..]);
+            seen.sort_unstable();
+            for run in seen.chunk_by(|a, b| a == b) {
+                if let Some(l) = logits.get_mut(run[0] as usize) {
+                    *l -= pp + fp * run.len() as f32;
                 }
             }
         }
@@ -262,9 +299,42 @@ mod tests {
             0,
         );
         // token 2 would win, but it was already generated and gets penalized below token 1.
-        assert_eq!(s.sample(&mut [0.0, 2.0, 3.0], &[2]), 1);
+        assert_eq!(s.sample(&mut [0.0, 2.0, 3.0], &[2], 0), 1);
         let mut s = Sampler::new(params(0.0), Some(0), 0);
-        assert_eq!(s.sample(&mut [0.0, 2.0, 3.0], &[2]), 2);
+        assert_eq!(s.sample(&mut [0.0, 2.0, 3.0], &[2], 0), 2);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens_only() {
+        let pen = |pp: f32, fp: f32| {
+            Sampler::new(
+                SamplingParams {
+                    presence_penalty: Some(pp),
+                    frequency_penalty: Some(fp),
+                    ..params(0.0)
+                },
+                Some(0),
+                0,
+            )
+        };
+        // history: prompt [1, 1] then generated [2, 2, 0]
+        let h = [1, 1, 2, 2, 0];
+        let mut l = [0.0f32, 1.0, 2.0, 0.5];
+        pen(0.5, 0.25).sample(&mut l, &h, 3);
+        // 0: once (0.5 + 0.25), 1: prompt only (untouched), 2: twice (0.5 + 0.5), 3: never
+        assert_eq!(l, [-0.75, 1.0, 1.0, 0.5]);
+        // the generated token 2 would win without penalties; with them token 1 does
+        assert_eq!(pen(0.0, 0.0).sample(&mut [0.0, 1.0, 2.0, 0.5], &h, 3), 2);
+        assert_eq!(pen(1.0, 0.0).sample(&mut [0.0, 1.0, 2.0, 0.5], &h, 3), 1);
+        // negative penalties favour repeats
+        assert_eq!(pen(-2.0, 0.0).sample(&mut [-5.0, 1.9, 0.0, 0.5], &h, 3), 2);
+        assert!(SamplingParams {
+            presence_penalty: Some(2.5),
+            ..params(1.0)
+        }
+        .validate()
+        .unwrap_err()
+        .contains("presence_penalty"));
     }
 
     #[test]
@@ -282,7 +352,7 @@ mod tests {
         ] {
             let mut s = Sampler::new(p, Some(3), 0);
             for _ in 0..50 {
-                assert_eq!(s.sample(&mut logits.clone(), &[]), 1);
+                assert_eq!(s.sample(&mut logits.clone(), &[], 0), 1);
             }
         }
     }
@@ -292,7 +362,7 @@ mod tests {
         let draw = |req| {
             let mut s = Sampler::new(params(1.0), Some(req), 0);
             (0..32)
-                .map(|_| s.sample(&mut [0.0f32; 16], &[]))
+                .map(|_| s.sample(&mut [0.0f32; 16], &[], 0))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
@@ -308,7 +378,7 @@ mod tests {
                 sample,
             );
             (0..32)
-                .map(|_| s.sample(&mut [0.0f32; 16], &[]))
+                .map(|_| s.sample(&mut [0.0f32; 16], &[], 0))
                 .collect::<Vec<_>>()
         };
         assert_eq!(own(5, 0), own(5, 0));
@@ -324,7 +394,7 @@ mod tests {
         let mut s = Sampler::new(params(1.0), Some(0), 0);
         let n = 20000;
         let ones = (0..n)
-            .filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[]) == 1)
+            .filter(|_| s.sample(&mut [3f32.ln(), 0.0], &[], 0) == 1)
             .count();
         let frac = ones as f64 / n as f64;
         assert!((frac - 0.25).abs() < 0.02, "{frac}");
@@ -397,7 +467,7 @@ mod tests {
             let mut s = Sampler::new(params.clone(), Some(0), 0);
             let mut rng = Sampler::new(params, Some(0), 0).rng;
             for _ in 0..5 {
-                let got = s.sample(&mut logits.clone(), &[]);
+                let got = s.sample(&mut logits.clone(), &[], 0);
                 let want = reference(&logits, 0.8, top_k, top_p, rng.random());
                 assert_eq!(
                     got, want,

@@ -362,7 +362,7 @@ impl<'m> Generator<'m> {
                 let logits = &runner.logits(slot)[..vocab];
                 row.clear();
                 row.extend_from_slice(logits);
-                let tok = a.sampler.sample(&mut row, &a.history);
+                let tok = a.sampler.sample(&mut row, &a.history, a.generated.len());
                 if a.req.logprobs {
                     a.logprobs.push(logprob_of(logits, tok));
                 }

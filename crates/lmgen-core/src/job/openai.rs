@@ -44,6 +44,8 @@ pub struct Sampling {
     pub max_tokens: Option<usize>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
     /// Choices per prompt.
     pub n: usize,
     pub stop: Option<Vec<String>>,
@@ -193,16 +195,6 @@ fn boolean(body: &Map<String, Value>, k: &str) -> Result<Option<bool>, ApiError>
 
 /// Settings lmgen cannot honour: an error rather than a silently different result.
 fn unsupported(body: &Map<String, Value>) -> Result<(), ApiError> {
-    for k in ["presence_penalty", "frequency_penalty"] {
-        if let Some(x) = float(body, k)? {
-            if x != 0.0 {
-                return Err(err(
-                    format!("'{k}' is not supported by lmgen (only 0)"),
-                    Some(k),
-                ));
-            }
-        }
-    }
     if boolean(body, "stream")? == Some(true) {
         return Err(err("'stream' is not supported in a batch", Some("stream")));
     }
@@ -254,6 +246,17 @@ fn sampling(body: &Map<String, Value>, chat: bool) -> Result<Sampling, ApiError>
             ));
         }
     }
+    let penalty = |k: &'static str| -> Result<Option<f32>, ApiError> {
+        match float(body, k)? {
+            Some(x) if !(-2.0..=2.0).contains(&x) => Err(err(
+                format!("'{k}' must be between -2 and 2, got {x}"),
+                Some(k),
+            )),
+            x => Ok(x.map(|x| x as f32)),
+        }
+    };
+    let presence_penalty = penalty("presence_penalty")?;
+    let frequency_penalty = penalty("frequency_penalty")?;
     let n = uint(body, "n", 1)?.unwrap_or(1);
     if n > 128 {
         return Err(err(format!("'n' must be at most 128, got {n}"), Some("n")));
@@ -309,6 +312,8 @@ fn sampling(body: &Map<String, Value>, chat: bool) -> Result<Sampling, ApiError>
         max_tokens: max_tokens.map(|x| x as usize),
         temperature: temperature.map(|x| x as f32),
         top_p: top_p.map(|x| x as f32),
+        presence_penalty,
+        frequency_penalty,
         n: n as usize,
         stop,
         seed,
@@ -807,9 +812,9 @@ mod tests {
                 "unsupported endpoint",
             ),
             (
-                json!({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "presence_penalty": 0.5}}),
+                json!({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "presence_penalty": 2.5}}),
                 "presence_penalty",
-                "not supported",
+                "between -2 and 2",
             ),
             (
                 json!({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 3}}),

@@ -233,22 +233,29 @@ fn gemm_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]
     });
 }
 
-/// `out[t] = x[t, :] · w` for `mt <= 4` rows of `x`.
+/// `out[t] = x[t, :] · w` for `mt <= 4` rows of `x`. A row's sum is taken in the same order
+/// whatever `mt` is, so a sequence's numbers do not depend on the rows batched with it.
 #[inline]
 fn dot_tile(x: &[f32], mt: usize, k: usize, w: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above); slices have the lengths asserted by the caller.
-            unsafe {
+        macro_rules! by_rows {
+            ($m:ident) => {
                 match mt {
-                    1 => avx::tile::<1>(x, k, w, out),
-                    2 => avx::tile::<2>(x, k, w, out),
-                    3 => avx::tile::<3>(x, k, w, out),
-                    _ => avx::tile::<4>(x, k, w, out),
+                    1 => $m::tile::<1>(x, k, w, out),
+                    2 => $m::tile::<2>(x, k, w, out),
+                    3 => $m::tile::<3>(x, k, w, out),
+                    _ => $m::tile::<4>(x, k, w, out),
                 }
-            }
-            return;
+            };
+        }
+        match isa() {
+            // SAFETY: the CPU supports AVX-512F (checked by `isa`); slices have the lengths
+            // asserted by the caller.
+            Isa::Avx512 => return unsafe { by_rows!(avx512) },
+            // SAFETY: the CPU supports AVX2 and FMA (checked by `isa`); as above.
+            Isa::Avx2 => return unsafe { by_rows!(avx) },
+            Isa::Scalar => {}
         }
     }
     for t in 0..mt {
@@ -270,11 +277,122 @@ fn dot_tile(x: &[f32], mt: usize, k: usize, w: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Instruction set of the streaming kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+/// 0: not chosen yet; else `Isa as u8 + 1`.
+static ISA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+fn isa() -> Isa {
+    match ISA.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => Isa::Scalar,
+        2 => Isa::Avx2,
+        3 => Isa::Avx512,
+        _ => {
+            let isa = default_isa();
+            ISA.store(isa as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+            isa
+        }
+    }
+}
+
+/// AVX2 where the CPU has it, also on AVX-512 machines: decode products are bound by memory
+/// bandwidth, where the wider kernel measured no faster (`examples/stream_isa.rs`), and one
+/// kernel everywhere keeps results bit-identical across x86 machines (golden outputs).
+fn default_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Name of the streaming kernel's instruction set in use (for reports).
+pub fn f32_kernel() -> &'static str {
+    match isa() {
+        Isa::Scalar => "scalar",
+        Isa::Avx2 => "avx2",
+        Isa::Avx512 => "avx512",
+    }
+}
+
+/// Chooses the streaming kernel's instruction set (`"scalar"`, `"avx2"`, `"avx512"`; one
+/// the CPU lacks gives the default), for side-by-side measurements.
+#[doc(hidden)]
+pub fn set_f32_kernel(name: &str) {
+    let isa = match name {
+        "avx512" if has_avx512() => Isa::Avx512,
+        "scalar" => Isa::Scalar,
+        _ => default_isa(),
+    };
+    ISA.store(isa as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+#[allow(clippy::needless_range_loop)] // lane / row loops index several arrays
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// Software prefetch distance along the weight stream, in floats (4 KiB).
+    const PREFETCH_FLOATS: usize = 1024;
+
+    /// As `avx::tile`, 16 lanes wide.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile<const M: usize>(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
+        const U: usize = 2;
+        let mut acc = [[_mm512_setzero_ps(); U]; M];
+        let wp = w.as_ptr();
+        let xp = x.as_ptr();
+        let mut i = 0;
+        while i + 16 * U <= k {
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH_FLOATS) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH_FLOATS + 16) as *const i8);
+            for u in 0..U {
+                let wv = _mm512_loadu_ps(wp.add(i + 16 * u));
+                for t in 0..M {
+                    let xv = _mm512_loadu_ps(xp.add(t * k + i + 16 * u));
+                    acc[t][u] = _mm512_fmadd_ps(xv, wv, acc[t][u]);
+                }
+            }
+            i += 16 * U;
+        }
+        while i + 16 <= k {
+            let wv = _mm512_loadu_ps(wp.add(i));
+            for t in 0..M {
+                acc[t][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(t * k + i)), wv, acc[t][0]);
+            }
+            i += 16;
+        }
+        for t in 0..M {
+            let mut v = acc[t][0];
+            for u in 1..U {
+                v = _mm512_add_ps(v, acc[t][u]);
+            }
+            let mut s = _mm512_reduce_add_ps(v);
+            for j in i..k {
+                s += *xp.add(t * k + j) * *wp.add(j);
+            }
+            out[t] = s;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -183,7 +183,7 @@ impl Pool {
                 return g;
             }
             backoff(&mut polls);
-            if polls % 64 == 0 && start.elapsed() > SPIN {
+            if polls.is_multiple_of(64) && start.elapsed() > SPIN {
                 break;
             }
         }
