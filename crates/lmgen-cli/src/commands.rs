@@ -376,6 +376,7 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
             params,
             stop: o.stop.clone().unwrap_or_else(|| a.stop.clone()),
             logprobs: a.logprobs,
+            top_logprobs: 0,
             ignore_eos: o.ignore_eos.unwrap_or(a.ignore_eos),
         };
         jobs.push(Job::Gen {

@@ -37,7 +37,8 @@ enum Work {
         params: SamplingParams,
         stream_key: Option<u64>,
         stop: Vec<String>,
-        logprobs: bool,
+        /// Chosen tokens' log-probabilities and this many alternatives.
+        logprobs: Option<usize>,
         echo: bool,
     },
 }
@@ -280,13 +281,24 @@ fn gen_body(model: &Model, line: &Line, outs: &[GenOutput]) -> anyhow::Result<Va
     for (i, out) in outs.iter().enumerate() {
         completion_tokens += out.token_ids.len();
         let finish = oa::finish_reason(out.finish_reason);
-        let pieces = if *logprobs {
-            Some(token_texts(model, &out.token_ids)?)
-        } else {
-            None
+        let pieces = match logprobs {
+            Some(_) => Some(token_texts(model, &out.token_ids)?),
+            None => None,
         };
         let lps = out.logprobs.clone().unwrap_or_default();
-        let lp = pieces.as_ref().map(|p| (p.as_slice(), lps.as_slice()));
+        let mut top = Vec::new();
+        for alts in out.top_logprobs.iter().flatten() {
+            let mut v = Vec::with_capacity(alts.len());
+            for &(t, l) in alts {
+                v.push((model.tokenizer.decode_with_special(&[t])?, l));
+            }
+            top.push(v);
+        }
+        let lp = pieces.as_ref().map(|p| oa::ChoiceLogprobs {
+            tokens: p,
+            logprobs: &lps,
+            top: &top,
+        });
         choices.push(if *chat {
             oa::chat_choice(i, &out.text, finish, lp)
         } else {
@@ -434,7 +446,8 @@ pub fn generate(
                                 max_new_tokens: *max_tokens,
                                 params: params.clone(),
                                 stop: stop.clone(),
-                                logprobs: *logprobs,
+                                logprobs: logprobs.is_some(),
+                                top_logprobs: logprobs.unwrap_or(0),
                                 ignore_eos: a.ignore_eos,
                                 stream_key: *stream_key,
                             });

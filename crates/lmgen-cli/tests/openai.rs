@@ -126,8 +126,33 @@ fn output_is_the_validated_golden() {
         .collect();
     assert_eq!(
         status,
-        [200, 200, 200, 200, 200, 200, 200, 400, 400, 400, 400, 200, 200]
+        [200, 200, 200, 200, 200, 200, 200, 400, 400, 400, 400, 200, 200, 200, 200]
     );
+    // Greedy choices: each chosen token is the most likely alternative, with its logprob.
+    let lp = &got[13]["response"]["body"]["choices"][0]["logprobs"];
+    let chosen = lp["token_logprobs"].as_array().unwrap();
+    let top = lp["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), chosen.len());
+    for ((t, c), alts) in lp["tokens"].as_array().unwrap().iter().zip(chosen).zip(top) {
+        let alts = alts.as_object().unwrap();
+        assert!((1..=4).contains(&alts.len()), "{alts:?}");
+        let best = alts
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert_eq!(alts[t.as_str().unwrap()].as_f64(), c.as_f64());
+        assert!(c.as_f64().unwrap() >= best - 1e-6);
+    }
+    let content = got[14]["response"]["body"]["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    for c in content {
+        let alts = c["top_logprobs"].as_array().unwrap();
+        assert_eq!(alts.len(), 2);
+        assert_eq!(alts[0]["token"], c["token"]);
+        assert_eq!(alts[0]["logprob"], c["logprob"]);
+        assert!(alts[0]["logprob"].as_f64() >= alts[1]["logprob"].as_f64());
+    }
     // Negative presence / frequency penalties make the greedy continuation repeat itself
     // where the same request without them does not.
     let text = |r: &Value| {

@@ -258,6 +258,27 @@ pub fn logprob_of(logits: &[f32], tok: u32) -> f32 {
     logits[tok as usize] - log_sum_exp(logits)
 }
 
+/// The `n` most likely tokens under the unmodified distribution of `logits`, with their
+/// natural-log probabilities, most likely first (ties: lower id first). O(vocab).
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let n = n.min(logits.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let lse = log_sum_exp(logits);
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if top.len() == n && l <= top[n - 1].1 {
+            continue;
+        }
+        let at = top.partition_point(|x| cmp(x, &(i as u32, l)).is_lt());
+        top.insert(at, (i as u32, l));
+        top.truncate(n);
+    }
+    top.into_iter().map(|(i, l)| (i, l - lse)).collect()
+}
+
 /// The stream key of a record sampled with a job-wide seed: a stable hash (FNV-1a, 64 bit)
 /// of its id as JSON, so the record samples the same in any position, batch or shard.
 pub fn stream_key(id_json: &str) -> u64 {
@@ -335,6 +356,23 @@ mod tests {
         .validate()
         .unwrap_err()
         .contains("presence_penalty"));
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_tokens_in_order() {
+        let logits = [0.5f32, 2.0, -1.0, 2.0, 1.0];
+        let lse = log_sum_exp(&logits);
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(
+            top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            [1, 3, 4],
+            "ties: lower id first"
+        );
+        assert!((top[2].1 - (1.0 - lse)).abs() < 1e-6);
+        assert_eq!(top_logprobs(&logits, 9).len(), 5);
+        assert!(top_logprobs(&logits, 0).is_empty());
+        let sum: f32 = top_logprobs(&logits, 5).iter().map(|t| t.1.exp()).sum();
+        assert!((sum - 1.0).abs() < 1e-5);
     }
 
     #[test]

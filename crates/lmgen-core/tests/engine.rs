@@ -28,6 +28,7 @@ fn req(
         params,
         stop,
         logprobs: false,
+        top_logprobs: 0,
         ignore_eos: false,
         stream_key: Some(index as u64),
     }
@@ -243,6 +244,7 @@ fn quantized_weights_track_f32() {
         &q,
         vec![GenRequest {
             logprobs: true,
+            top_logprobs: 0,
             ..req(0, ids.clone(), SamplingParams::default(), vec![], 6)
         }],
         1,

@@ -73,6 +73,7 @@ fn greedy(
         params: SamplingParams::default(),
         stop: vec![],
         logprobs: true,
+        top_logprobs: 0,
         ignore_eos: false,
         stream_key: Some(i as u64),
     });

@@ -41,6 +41,7 @@ fn req(
         params: params.clone(),
         stop: vec![],
         logprobs: true,
+        top_logprobs: 0,
         ignore_eos: true,
         stream_key: Some(index as u64),
     }

@@ -75,6 +75,7 @@ fn smollm2_gguf_matches_transformers() {
         params: SamplingParams::default(),
         stop: vec![],
         logprobs: true,
+        top_logprobs: 0,
         ignore_eos: false,
         stream_key: Some(i as u64),
     });

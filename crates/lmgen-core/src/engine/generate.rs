@@ -7,7 +7,7 @@ use super::runner::{RunSeq, Runner, SeqKv};
 use crate::error::{Error, Result};
 use crate::kv::{BlockTable, BLOCK_SIZE};
 use crate::model::Want;
-use crate::sampling::{logprob_of, Sampler, SamplingParams};
+use crate::sampling::{logprob_of, top_logprobs, Sampler, SamplingParams};
 use crate::tokenizer::DecodeStream;
 use crate::Model;
 use std::collections::VecDeque;
@@ -23,6 +23,9 @@ pub struct GenRequest {
     pub params: SamplingParams,
     pub stop: Vec<String>,
     pub logprobs: bool,
+    /// With `logprobs`: also the this many most likely tokens at each step (OpenAI's
+    /// `logprobs: N` / `top_logprobs`).
+    pub top_logprobs: usize,
     /// Keep generating past EOS tokens until `max_new_tokens` (benchmarks, as vLLM's `ignore_eos`).
     pub ignore_eos: bool,
     /// What the random stream depends on besides the seed and the sample number: `None` for
@@ -56,6 +59,9 @@ pub struct GenOutput {
     pub token_ids: Vec<u32>,
     /// Natural-log probabilities of `token_ids` under the unmodified model distribution.
     pub logprobs: Option<Vec<f32>>,
+    /// With `top_logprobs > 0`: per generated token, the most likely tokens and their
+    /// log-probabilities, most likely first.
+    pub top_logprobs: Option<Vec<Vec<(u32, f32)>>>,
     pub text: String,
     pub finish_reason: FinishReason,
 }
@@ -76,6 +82,7 @@ struct Active<'m> {
     history: Vec<u32>,
     generated: Vec<u32>,
     logprobs: Vec<f32>,
+    top_logprobs: Vec<Vec<(u32, f32)>>,
     /// Only when stop strings are set: incremental text, for matching them.
     stream: Option<(DecodeStream<'m>, String)>,
     /// Admission order (the youngest is preempted first).
@@ -213,7 +220,7 @@ impl<'m> Generator<'m> {
                             on_output(self.finish_output(
                                 req,
                                 vec![],
-                                vec![],
+                                (vec![], vec![]),
                                 FinishReason::Length,
                             )?)?;
                             continue;
@@ -365,6 +372,10 @@ impl<'m> Generator<'m> {
                 let tok = a.sampler.sample(&mut row, &a.history, a.generated.len());
                 if a.req.logprobs {
                     a.logprobs.push(logprob_of(logits, tok));
+                    if a.req.top_logprobs > 0 {
+                        a.top_logprobs
+                            .push(top_logprobs(logits, a.req.top_logprobs));
+                    }
                 }
                 a.generated.push(tok);
                 a.history.push(tok);
@@ -388,7 +399,7 @@ impl<'m> Generator<'m> {
             for (i, reason) in finished.into_iter().rev() {
                 let mut a = active.remove(i);
                 runner.free(&mut a.kv);
-                let lps = a.logprobs;
+                let lps = (a.logprobs, a.top_logprobs);
                 on_output(self.finish_output(a.req, a.generated, lps, reason)?)?;
             }
         }
@@ -401,6 +412,7 @@ impl<'m> Generator<'m> {
             history: req.prompt_ids.clone(),
             generated: Vec::with_capacity(req.max_new_tokens),
             logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
             stream: (!req.stop.is_empty()).then(|| {
                 (
                     self.model.tokenizer.decode_stream(&req.prompt_ids),
@@ -434,7 +446,7 @@ impl<'m> Generator<'m> {
         &self,
         req: GenRequest,
         token_ids: Vec<u32>,
-        logprobs: Vec<f32>,
+        (logprobs, top): (Vec<f32>, Vec<Vec<(u32, f32)>>),
         finish_reason: FinishReason,
     ) -> Result<GenOutput> {
         let mut text = self
@@ -449,6 +461,7 @@ impl<'m> Generator<'m> {
         Ok(GenOutput {
             index: req.index,
             sample: req.sample,
+            top_logprobs: (req.logprobs && req.top_logprobs > 0).then_some(top),
             logprobs: req.logprobs.then_some(logprobs),
             prompt_ids: req.prompt_ids,
             token_ids,

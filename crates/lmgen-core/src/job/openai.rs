@@ -57,15 +57,16 @@ pub enum Request {
     Completion {
         prompts: Vec<PromptSrc>,
         sampling: Sampling,
-        /// `logprobs: 0`: the log-probability of each chosen token.
-        logprobs: bool,
+        /// `logprobs: N`: the log-probability of each chosen token and the N most likely.
+        logprobs: Option<usize>,
         echo: bool,
     },
     Chat {
         /// The messages as given, content parts of type text joined into one string.
         messages: Value,
         sampling: Sampling,
-        logprobs: bool,
+        /// `logprobs: true`, with `top_logprobs` (default 0) alternatives.
+        logprobs: Option<usize>,
     },
     Embedding {
         inputs: Vec<PromptSrc>,
@@ -320,6 +321,19 @@ fn sampling(body: &Map<String, Value>, chat: bool) -> Result<Sampling, ApiError>
     })
 }
 
+/// Most alternative tokens a request may ask for (vLLM's default `max_logprobs`).
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+fn top_count(v: Option<u64>, k: &'static str) -> Result<Option<usize>, ApiError> {
+    match v {
+        Some(n) if n > MAX_TOP_LOGPROBS => Err(err(
+            format!("'{k}' must be at most {MAX_TOP_LOGPROBS}, got {n}"),
+            Some(k),
+        )),
+        v => Ok(v.map(|n| n as usize)),
+    }
+}
+
 /// Chat messages: a non-empty list of objects with a string `role`; `content` a string, null,
 /// or a list of `{"type": "text", "text": ...}` parts (joined with newlines, as vLLM does).
 fn messages(body: &Map<String, Value>) -> Result<Value, ApiError> {
@@ -438,18 +452,9 @@ pub fn parse_request(line: &Map<String, Value>) -> Result<BatchRequest, ApiError
     let request = match endpoint {
         Endpoint::Completions => {
             unsupported(body)?;
-            let logprobs = match uint(body, "logprobs", 0)? {
-                None => false,
-                Some(0) => true,
-                Some(_) => {
-                    return Err(err(
-                        "'logprobs' above 0 (alternative tokens) is not supported by lmgen; use 0 for the chosen tokens' log-probabilities",
-                        Some("logprobs"),
-                    ))
-                }
-            };
+            let logprobs = top_count(uint(body, "logprobs", 0)?, "logprobs")?;
             let echo = boolean(body, "echo")?.unwrap_or(false);
-            if echo && logprobs {
+            if echo && logprobs.is_some() {
                 return Err(err(
                     "'echo' together with 'logprobs' is not supported by lmgen",
                     Some("echo"),
@@ -464,13 +469,17 @@ pub fn parse_request(line: &Map<String, Value>) -> Result<BatchRequest, ApiError
         }
         Endpoint::ChatCompletions => {
             unsupported(body)?;
-            let logprobs = boolean(body, "logprobs")?.unwrap_or(false);
-            if uint(body, "top_logprobs", 0)?.unwrap_or(0) > 0 {
-                return Err(err(
-                    "'top_logprobs' above 0 (alternative tokens) is not supported by lmgen",
-                    Some("top_logprobs"),
-                ));
-            }
+            let top = top_count(uint(body, "top_logprobs", 0)?, "top_logprobs")?;
+            let logprobs = match (boolean(body, "logprobs")?.unwrap_or(false), top) {
+                (true, top) => Some(top.unwrap_or(0)),
+                (false, Some(k)) if k > 0 => {
+                    return Err(err(
+                        "'top_logprobs' needs 'logprobs': true",
+                        Some("top_logprobs"),
+                    ))
+                }
+                (false, _) => None,
+            };
             Request::Chat {
                 messages: messages(body)?,
                 sampling: sampling(body, true)?,
@@ -579,31 +588,61 @@ pub fn completion_body(
     })
 }
 
+/// Log-probabilities of a choice's generated tokens: each token's text and log-probability,
+/// and per token the most likely alternatives (empty when none were asked for).
+#[derive(Debug, Clone, Copy)]
+pub struct ChoiceLogprobs<'a> {
+    pub tokens: &'a [String],
+    pub logprobs: &'a [f32],
+    pub top: &'a [Vec<(String, f32)>],
+}
+
 /// A `/v1/completions` choice. `logprobs`: each generated token's text and log-probability
-/// (`text_offset` counts characters, as Python's `len` does).
+/// (`text_offset` counts characters, as Python's `len` does); with alternatives,
+/// `top_logprobs` maps their texts to log-probabilities, the chosen token included (as vLLM
+/// does, so a position has N or N + 1 entries).
 pub fn completion_choice(
     index: usize,
     text: &str,
     finish: &str,
-    logprobs: Option<(&[String], &[f32])>,
+    logprobs: Option<ChoiceLogprobs>,
 ) -> Value {
-    let logprobs = logprobs.map(|(tokens, lps)| {
-        let mut offset = 0usize;
-        let offsets: Vec<usize> = tokens
-            .iter()
-            .map(|t| {
-                let o = offset;
-                offset += t.chars().count();
-                o
+    let logprobs = logprobs.map(
+        |ChoiceLogprobs {
+             tokens,
+             logprobs: lps,
+             top,
+         }| {
+            let top_logprobs = (!top.is_empty()).then(|| {
+                top.iter()
+                    .zip(tokens.iter().zip(lps))
+                    .map(|(alts, (t, lp))| {
+                        let mut m = Map::new();
+                        for (a, l) in alts {
+                            m.entry(a.clone()).or_insert(json!(l));
+                        }
+                        m.entry(t.clone()).or_insert(json!(lp));
+                        Value::Object(m)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let mut offset = 0usize;
+            let offsets: Vec<usize> = tokens
+                .iter()
+                .map(|t| {
+                    let o = offset;
+                    offset += t.chars().count();
+                    o
+                })
+                .collect();
+            json!({
+                "tokens": tokens,
+                "token_logprobs": lps,
+                "top_logprobs": top_logprobs,
+                "text_offset": offsets,
             })
-            .collect();
-        json!({
-            "tokens": tokens,
-            "token_logprobs": lps,
-            "top_logprobs": null,
-            "text_offset": offsets,
-        })
-    });
+        },
+    );
     json!({
         "index": index,
         "text": text,
@@ -631,28 +670,41 @@ pub fn chat_body(
     })
 }
 
-/// A chat choice: the assistant's message, and with `logprobs` each token's.
+/// A chat choice: the assistant's message, and with `logprobs` each token's (and its
+/// `top_logprobs` alternatives, most likely first).
 pub fn chat_choice(
     index: usize,
     text: &str,
     finish: &str,
-    logprobs: Option<(&[String], &[f32])>,
+    logprobs: Option<ChoiceLogprobs>,
 ) -> Value {
-    let logprobs = logprobs.map(|(tokens, lps)| {
-        let content: Vec<Value> = tokens
-            .iter()
-            .zip(lps)
-            .map(|(t, lp)| {
-                json!({
-                    "token": t,
-                    "logprob": lp,
-                    "bytes": t.as_bytes(),
-                    "top_logprobs": [],
+    let logprobs = logprobs.map(
+        |ChoiceLogprobs {
+             tokens,
+             logprobs: lps,
+             top,
+         }| {
+            let content: Vec<Value> = tokens
+                .iter()
+                .zip(lps)
+                .enumerate()
+                .map(|(i, (t, lp))| {
+                    let alts: Vec<Value> = top.get(i).map_or(Vec::new(), |alts| {
+                        alts.iter()
+                            .map(|(a, l)| json!({"token": a, "logprob": l, "bytes": a.as_bytes()}))
+                            .collect()
+                    });
+                    json!({
+                        "token": t,
+                        "logprob": lp,
+                        "bytes": t.as_bytes(),
+                        "top_logprobs": alts,
+                    })
                 })
-            })
-            .collect();
-        json!({"content": content, "refusal": null})
-    });
+                .collect();
+            json!({"content": content, "refusal": null})
+        },
+    );
     json!({
         "index": index,
         "message": {"role": "assistant", "content": text, "refusal": null},
@@ -789,7 +841,7 @@ mod tests {
         assert_eq!(sampling.n, 2);
         assert_eq!(sampling.seed, Some(u64::MAX));
         assert_eq!(sampling.stop, Some(vec!["\n".to_string()]));
-        assert!(logprobs && !echo);
+        assert!(logprobs == Some(0) && !echo);
         let r =
             line(json!({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": [3, 4]}}))
                 .unwrap();
@@ -817,9 +869,14 @@ mod tests {
                 "between -2 and 2",
             ),
             (
-                json!({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 3}}),
+                json!({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": "x", "logprobs": 21}}),
                 "logprobs",
-                "not supported",
+                "at most 20",
+            ),
+            (
+                json!({"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}}),
+                "top_logprobs",
+                "needs 'logprobs': true",
             ),
             (
                 json!({"custom_id": "a", "url": "/v1/completions", "body": {"prompt": 5}}),
