@@ -676,7 +676,6 @@ fn take_config_extras(kw: &mut Map<String, Value>) -> Option<Value> {
 }
 
 /// A token queued for `add_tokens`, as transformers holds it (plain string or `AddedToken`).
-#[derive(PartialEq)]
 enum Queued {
     Str(String),
     Tok(AddedToken),
@@ -710,8 +709,21 @@ fn add_tokens(
         Queued::Tok(t) => t.content.clone(),
     };
     let named: std::collections::HashSet<String> = named_tokens.iter().map(content).collect();
+    // `q not in tokens_to_add`: strings equal by text, AddedTokens by all their fields.
+    type Key = (bool, String, [bool; 5]);
+    let key = |q: &Queued| -> Key {
+        match q {
+            Queued::Str(s) => (true, s.clone(), [false; 5]),
+            Queued::Tok(t) => (
+                false,
+                t.content.clone(),
+                [t.single_word, t.lstrip, t.rstrip, t.normalized, t.special],
+            ),
+        }
+    };
+    let mut queued: std::collections::HashSet<Key> = queue.iter().map(key).collect();
     for q in named_tokens.into_iter().chain(extras) {
-        if !encoder.contains(&content(&q)) && !queue.contains(&q) {
+        if !encoder.contains(&content(&q)) && queued.insert(key(&q)) {
             queue.push(q);
         }
     }
