@@ -7,9 +7,11 @@ Usage (from the repository root):
     python scripts/make_fixtures.py                 # everything
     python scripts/make_fixtures.py --no-smollm2    # skip the real SmolLM2 GGUF golden
     python scripts/make_fixtures.py --only llama,opt
+    python scripts/make_fixtures.py --only spm      # only the SentencePiece tokenizer fixtures
 
 Writes tests/fixtures/<name>/ (tokenizer + config + checkpoint) and
-tests/fixtures/golden/<name>.json. Everything is deterministic (fixed seeds, fp32,
+tests/fixtures/golden/<name>.json, and tests/fixtures/spm/ (tokenizer.model-only directories
+with their goldens). Everything is deterministic (fixed seeds, fp32,
 eager attention). See tests/fixtures/README.md for the golden JSON schema.
 """
 
@@ -1143,6 +1145,173 @@ def smollm2(out_root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# SentencePiece-only tokenizers: tokenizer.model (no tokenizer.json), converted by AutoTokenizer
+# --------------------------------------------------------------------------------------
+# Strings beyond TRICKY / PROMPTS that exercise the conversion: the dummy prefix next to added
+# tokens, text that already starts with "▁", user-defined and control pieces, runs of spaces and
+# newlines, the precompiled charsmap (full-width letters, ligature, ideographic space) and byte
+# fallback for characters outside the vocabulary. {bos} / {eos} as in TRICKY.
+SPM_STRINGS = [
+    "{bos}Hello{eos} world",
+    "Hello{eos}",
+    "\u2581already \u2581escaped",
+    "Hello<|user|>world <|user|> x<|end|>",
+    "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    "<ctl> control <mask> <pad> <unk> [@BOS@] <extra_id_0> <sep>",
+    "  two leading spaces",
+    "\n\nstarts with newlines",
+    "x\n\n  y   z",
+    "a.b x+y a+b x.y",
+    "\uff21\uff22 \ufb01ne\u3000wide",
+    "snow \u2603 fraktur \U0001d518 sum \u2211",
+    "hello hello hello",
+]
+
+# Training options shared by the three models (byte fallback, split digits, as Llama/Gemma).
+SPM_TRAIN_COMMON = dict(byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+                        character_coverage=1.0, num_threads=1, minloglevel=2)
+SPM_MODELS = {
+    # Llama / Mistral style: BPE, dummy prefix, <unk> <s> </s> = 0 1 2, a control and two
+    # user-defined symbols.
+    "llama": dict(model_type="bpe", vocab_size=500, remove_extra_whitespaces=False,
+                  normalization_rule_name="identity", add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2,
+                  pad_id=-1, control_symbols=["<ctl>"], user_defined_symbols=["<|user|>", "<|end|>"]),
+    # Gemma style: BPE, no dummy prefix, <pad> <eos> <bos> <unk> = 0 1 2 3, turn markers and
+    # whitespace runs as user-defined symbols.
+    "gemma": dict(model_type="bpe", vocab_size=500, remove_extra_whitespaces=False,
+                  normalization_rule_name="identity", add_dummy_prefix=False, pad_id=0, eos_id=1, bos_id=2,
+                  unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+                  user_defined_symbols=["<mask>", "[@BOS@]", "<start_of_turn>", "<end_of_turn>", "\n\n", "  "]),
+    # T5 style: Unigram, extra-whitespace removal, and a small custom normalization rule set
+    # (so the model carries a precompiled charsmap of a few hundred bytes, not NFKC's 240 KB).
+    "unigram": dict(model_type="unigram", vocab_size=500, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2,
+                    pad_id=3, control_symbols=["<extra_id_0>"], user_defined_symbols=["<sep>", "a.b", "x+y"],
+                    normalization_rule_tsv=True),
+}
+SPM_NORMALIZATION_RULES = "FF21\t41\nFF22\t42\nFB01\t66 69\n3000\t20\n"  # Ａ->A, Ｂ->B, ﬁ->fi, ideographic space
+
+_AT = lambda content, special=True, normalized=False: {  # noqa: E731
+    "content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False,
+    "special": special}
+_LLAMA_DECODER = {"0": _AT("<unk>"), "1": _AT("<s>"), "2": _AT("</s>")}
+
+# name -> which model, tokenizer_config.json, config.json (optional), what it exercises.
+SPM_FIXTURES = [
+    dict(name="llama-legacy", model="llama", axes="LlamaTokenizer, legacy=true (Metaspace prepend always)",
+         tokenizer_config={"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+                           "add_eos_token": False, "added_tokens_decoder": _LLAMA_DECODER, "bos_token": "<s>",
+                           "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+                           "clean_up_tokenization_spaces": False}),
+    dict(name="llama", model="llama", axes="LlamaTokenizerFast, legacy=false (prepend first), config.json model_type",
+         tokenizer_config={"tokenizer_class": "LlamaTokenizerFast", "legacy": False, "add_bos_token": True,
+                           "added_tokens_decoder": _LLAMA_DECODER, "bos_token": "<s>", "eos_token": "</s>",
+                           "unk_token": "<unk>"},
+         config={"model_type": "llama"}),
+    dict(name="llama-bare", model="llama",
+         axes="LlamaTokenizer with nothing else: class defaults, no BOS (add_bos_token defaults to false)",
+         tokenizer_config={"tokenizer_class": "LlamaTokenizer"}),
+    dict(name="llama-noprefix", model="llama",
+         axes="add_prefix_space=false, add_eos_token, legacy special_tokens_map.json + added_tokens.json",
+         tokenizer_config={"tokenizer_class": "LlamaTokenizer", "add_prefix_space": False, "add_bos_token": True,
+                           "add_eos_token": True, "legacy": True},
+         special_tokens_map={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                             "additional_special_tokens": ["<ctl>", "<new>"]},
+         added_tokens={"<new>": 500}),
+    dict(name="mistral", model="llama",
+         axes="model_type mistral: TokenizersBackend built from the proto (legacy=true normalizer, user-defined split)",
+         tokenizer_config={"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True,
+                           "add_eos_token": False, "added_tokens_decoder": _LLAMA_DECODER, "bos_token": "<s>",
+                           "eos_token": "</s>", "unk_token": "<unk>"},
+         config={"model_type": "mistral"}),
+    dict(name="mistral-nolegacy", model="llama",
+         axes="model_type mixtral, legacy=false, a piece renamed by added_tokens_decoder, named tokens from the proto",
+         tokenizer_config={"tokenizer_class": "LlamaTokenizerFast", "legacy": False, "add_bos_token": True,
+                           "added_tokens_decoder": {**_LLAMA_DECODER, "3": _AT("[INST]")}},
+         config={"model_type": "mixtral"}),
+    dict(name="gemma", model="gemma", axes="GemmaTokenizer: no dummy prefix, <start_of_turn> special added tokens",
+         tokenizer_config={"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                           "added_tokens_decoder": {"0": _AT("<pad>"), "1": _AT("<eos>"), "2": _AT("<bos>"),
+                                                    "3": _AT("<unk>"), "4": _AT("<mask>", False),
+                                                    "5": _AT("[@BOS@]", False), "6": _AT("<start_of_turn>"),
+                                                    "7": _AT("<end_of_turn>")},
+                           "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+                           "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"},
+         config={"model_type": "gemma"}),
+    dict(name="gemma-bare", model="gemma", axes="no tokenizer_class: GemmaTokenizer from model_type gemma2",
+         tokenizer_config={"add_bos_token": True}, config={"model_type": "gemma2"}),
+    dict(name="unigram", model="unigram",
+         axes="Unigram model (TokenizersBackend): precompiled charsmap, extra-whitespace removal, add_eos_token",
+         tokenizer_config={"tokenizer_class": "PreTrainedTokenizerFast", "add_eos_token": True}),
+]
+
+
+def train_spm_models(workdir: Path) -> dict[str, Path]:
+    import sentencepiece as spm
+
+    corpus = workdir / "spm_corpus.txt"
+    corpus.write_text("\n".join(CORPUS_LINES) + "\n", encoding="utf-8")
+    rules = workdir / "spm_rules.tsv"
+    rules.write_text(SPM_NORMALIZATION_RULES, encoding="utf-8")
+    out = {}
+    cwd = os.getcwd()
+    os.chdir(workdir)  # the model records its input paths: keep them relative, the files identical
+    try:
+        for name, opts in SPM_MODELS.items():
+            opts = dict(opts)
+            if opts.pop("normalization_rule_tsv", False):
+                opts["normalization_rule_tsv"] = rules.name
+            spm.SentencePieceTrainer.train(input=corpus.name, model_prefix=f"spm_{name}", **SPM_TRAIN_COMMON, **opts)
+            out[name] = workdir / f"spm_{name}.model"
+    finally:
+        os.chdir(cwd)
+    return out
+
+
+def spm_fixtures(out_root: Path) -> None:
+    """tests/fixtures/spm/<name>/ (tokenizer.model + configs) and spm/<name>.json goldens."""
+    root = out_root / "spm"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = train_spm_models(Path(tmp))
+        for spec in SPM_FIXTURES:
+            name = spec["name"]
+            d = root / name
+            d.mkdir()
+            shutil.copy(models[spec["model"]], d / "tokenizer.model")
+            (d / "tokenizer_config.json").write_text(json.dumps(spec["tokenizer_config"], indent=2) + "\n")
+            for key, fname in [("config", "config.json"), ("special_tokens_map", "special_tokens_map.json"),
+                               ("added_tokens", "added_tokens.json")]:
+                if key in spec:
+                    (d / fname).write_text(json.dumps(spec[key], indent=2, ensure_ascii=False) + "\n")
+            tok = AutoTokenizer.from_pretrained(str(d))
+            assert not (d / "tokenizer.json").exists()
+            specials = {"eos": tok.eos_token or "", "bos": tok.bos_token or ""}
+            recs = []
+            for t in TRICKY + PROMPTS + SPM_STRINGS:
+                text = t.format(**specials)
+                ids = tok(text)["input_ids"]
+                recs.append({"text": text, "input_ids": ids,
+                             "decoded": tok.decode(ids, skip_special_tokens=True),
+                             "decoded_with_special": tok.decode(ids, skip_special_tokens=False)})
+            first = tok("x")["input_ids"]
+            golden = {
+                "name": name,
+                "tokenizer_class": type(tok).__name__,
+                "axes": spec["axes"],
+                "files": sorted(p.name for p in d.iterdir()),
+                "tokenizer_size": len(tok),
+                "bos_token_id": tok.bos_token_id,
+                "eos_token_id": tok.eos_token_id,
+                "tokenizer_adds_bos": bool(first) and first[0] == tok.bos_token_id,
+                "tokenizer": recs,
+            }
+            dump_json(golden, root / f"{name}.json")
+            print(f"[spm] {name}: {type(tok).__name__}, {len(tok)} tokens, {len(recs)} strings")
+
+
+# --------------------------------------------------------------------------------------
 # GGUF files of fixtures, written by llama.cpp's own convert_hf_to_gguf.py
 # --------------------------------------------------------------------------------------
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist benches/build-llama-cpp.sh uses; its vendor/llama.cpp has the converter
@@ -1172,6 +1341,8 @@ def llama_cpp_src() -> Path:
 
 
 def gguf_fixtures(out_root: Path, only: set) -> None:
+    if only and not only & set(GGUF_FIXTURES):
+        return
     src = llama_cpp_src()
     runner = (
         "import sys, runpy\n"
@@ -1197,7 +1368,8 @@ def gguf_fixtures(out_root: Path, only: set) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "tests" / "fixtures"))
-    ap.add_argument("--only", default="", help="comma-separated fixture names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated fixture names, 'spm' for the SentencePiece "
+                    "tokenizers, 'smollm2' (default: all)")
     ap.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 GGUF golden")
     ap.add_argument("--no-verify", action="store_true")
     args = ap.parse_args()
@@ -1220,6 +1392,8 @@ def main() -> None:
         if summary and not args.no_verify:
             verify(out_root, summary)
     gguf_fixtures(out_root, only)
+    if not only or "spm" in only:
+        spm_fixtures(out_root)
     if not args.no_smollm2 and (not only or "smollm2" in only):
         smollm2(out_root)
     print(f"\nversions: torch {torch.__version__}, transformers {transformers.__version__}")

@@ -719,6 +719,33 @@ fn bad_model_paths() {
     }
 }
 
+/// A model directory whose only tokenizer is a truncated SentencePiece `tokenizer.model`: exit
+/// 2, one line naming the file.
+#[test]
+fn bad_sentencepiece_tokenizer_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = dir.path().join("in.txt");
+    std::fs::write(&inp, "Hello\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let m = dir.path().join("spm-model");
+    std::fs::create_dir(&m).unwrap();
+    for f in std::fs::read_dir(model("llama")).unwrap() {
+        let f = f.unwrap();
+        if f.file_name() != "tokenizer.json" {
+            std::fs::copy(f.path(), m.join(f.file_name())).unwrap();
+        }
+    }
+    let spm = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/spm/llama/tokenizer.model"),
+    )
+    .unwrap();
+    std::fs::write(m.join("tokenizer.model"), &spm[..spm.len() / 2]).unwrap();
+    let o = run(&["generate", s(&m), "--input", s(&inp), "--output", s(&out)]);
+    usage_error(&o, &["tokenizer.model", "not a valid SentencePiece model"]);
+    assert!(!out.exists());
+}
+
 /// A GPU node (NVIDIA driver loaded): `--device cuda` may work there.
 fn has_gpu() -> bool {
     Path::new("/dev/nvidiactl").exists()

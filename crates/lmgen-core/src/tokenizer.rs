@@ -1,8 +1,8 @@
 //! Tokenization for Hugging Face causal LMs, matching `transformers` 5 `AutoTokenizer`.
 //!
 //! * [`LmTokenizer::from_dir`] loads a model directory (`tokenizer.json`, or slow-tokenizer
-//!   `vocab.json` + `merges.txt`), emulating how `transformers` 5 picks and rebuilds the
-//!   tokenizer class (see `hf.rs`).
+//!   `vocab.json` + `merges.txt`, or a SentencePiece `tokenizer.model`), emulating how
+//!   `transformers` 5 picks and rebuilds the tokenizer class (see `hf.rs` and `spm.rs`).
 //! * [`LmTokenizer::from_gguf`] builds the tokenizer described by GGUF metadata (see `gguf.rs`).
 //! * [`LmTokenizer::encode`] / [`LmTokenizer::decode`] behave like `tokenizer(text)["input_ids"]`
 //!   and `tokenizer.decode(ids, skip_special_tokens=True)`.
@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 pub mod chat;
 mod gguf;
 mod hf;
+mod spm;
 
 /// A loaded tokenizer plus its special-token information. Cheap to clone (shared inside).
 #[derive(Clone)]
@@ -119,7 +120,8 @@ impl LmTokenizer {
 
     /// Load from a Hugging Face model directory: `tokenizer.json` (+ `tokenizer_config.json`,
     /// `special_tokens_map.json`, `config.json` when present), or the slow-tokenizer files
-    /// `vocab.json` + `merges.txt` when there is no `tokenizer.json`.
+    /// `vocab.json` + `merges.txt` when there is no `tokenizer.json`, else a SentencePiece
+    /// `tokenizer.model` (converted as `transformers` converts it).
     pub fn from_dir(dir: &Path) -> Result<Self> {
         hf::load_dir(dir)
     }

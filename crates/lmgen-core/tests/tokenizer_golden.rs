@@ -1,7 +1,8 @@
 //! Tokenizer parity with `transformers` 5 `AutoTokenizer` on every fixture golden
 //! (`tests/fixtures/golden/*.json`, from `scripts/make_fixtures.py`), plus the SmolLM2 GGUF
-//! tokenizer (fetched like the real-model test; `LMGEN_SKIP_REAL_MODEL=1` skips it). Both fail
-//! when they find nothing to compare.
+//! tokenizer (fetched like the real-model test; `LMGEN_SKIP_REAL_MODEL=1` skips it), plus the
+//! SentencePiece-only (`tokenizer.model`) fixtures in `tests/fixtures/spm/`. All fail when they
+//! find nothing to compare.
 use std::path::PathBuf;
 
 use lmgen_core::tokenizer::LmTokenizer;
@@ -145,6 +146,90 @@ fn fixture_tokenizers_match_transformers() {
     );
     eprintln!(
         "tokenizer goldens: {dirs} model dirs, {total} strings, {} failures",
+        fails.len()
+    );
+    assert!(
+        fails.is_empty(),
+        "{} mismatches:\n{}",
+        fails.len(),
+        fails.join("\n")
+    );
+}
+
+/// SentencePiece-only directories (`tests/fixtures/spm/<name>/`: `tokenizer.model` and configs,
+/// no `tokenizer.json`) against `AutoTokenizer`'s conversion of them (`spm/<name>.json`, from
+/// `scripts/make_fixtures.py --only spm`): ids, decoded text with and without special tokens,
+/// vocabulary size, BOS / EOS.
+#[test]
+fn sentencepiece_model_tokenizers_match_transformers() {
+    let root = fixtures().join("spm");
+    let rd = std::fs::read_dir(&root).unwrap_or_else(|e| panic!("{}: {e}", root.display()));
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut total = 0;
+    let mut fails = Vec::new();
+    for name in &names {
+        let gp = root.join(format!("{name}.json"));
+        let text = std::fs::read_to_string(&gp).unwrap_or_else(|e| panic!("{}: {e}", gp.display()));
+        let g: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", gp.display()));
+        let dir = root.join(name);
+        assert!(
+            dir.join("tokenizer.model").is_file() && !dir.join("tokenizer.json").exists(),
+            "{}: expected a tokenizer.model-only directory",
+            dir.display()
+        );
+        let tok = LmTokenizer::from_dir(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            tok.vocab_size() as u64,
+            g["tokenizer_size"].as_u64().unwrap(),
+            "{name}: vocab_size"
+        );
+        assert_eq!(
+            tok.bos_token_id().map(u64::from),
+            g["bos_token_id"].as_u64(),
+            "{name}: bos"
+        );
+        assert_eq!(
+            tok.eos_token_id().map(u64::from),
+            g["eos_token_id"].as_u64(),
+            "{name}: eos"
+        );
+        let first = tok.encode("x").unwrap().first().copied();
+        assert_eq!(
+            g["tokenizer_adds_bos"].as_bool().unwrap(),
+            first.is_some() && first == tok.bos_token_id(),
+            "{name}: BOS rule"
+        );
+        let (n, f) = check(name, &tok, &g);
+        assert!(n > 0, "{name}: the golden has no tokenizer strings");
+        total += n;
+        fails.extend(f);
+        for case in g["tokenizer"].as_array().unwrap() {
+            let want = ids(&case["input_ids"]);
+            let dec = case["decoded_with_special"].as_str().unwrap();
+            match tok.decode_with_special(&want) {
+                Ok(got) if got == dec => {}
+                Ok(got) => fails.push(format!(
+                    "{name}: decode_with_special({want:?}) = {got:?}, want {dec:?}"
+                )),
+                Err(e) => fails.push(format!("{name}: decode_with_special failed: {e}")),
+            }
+        }
+    }
+    assert!(
+        names.len() >= 9 && total > 0,
+        "only {} SentencePiece fixtures and {total} strings compared: fixtures moved?",
+        names.len()
+    );
+    eprintln!(
+        "SentencePiece goldens: {} model dirs, {total} strings, {} failures",
+        names.len(),
         fails.len()
     );
     assert!(

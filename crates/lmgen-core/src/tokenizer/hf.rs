@@ -28,6 +28,9 @@ pub(super) enum Class {
     Llama,
     GptNeoX,
     Qwen2,
+    /// `GemmaTokenizer`; only its `tokenizer.model` conversion is reproduced (a `tokenizer.json`
+    /// is used as is).
+    Gemma,
 }
 
 const SPECIAL_ATTRS: [&str; 7] = [
@@ -42,7 +45,7 @@ const SPECIAL_ATTRS: [&str; 7] = [
 
 /// `transformers.models.auto.tokenization_auto.TOKENIZER_MAPPING_NAMES` for the model types we
 /// care about. `None`: no registered class.
-fn registered_class(model_type: &str) -> Option<&'static str> {
+pub(super) fn registered_class(model_type: &str) -> Option<&'static str> {
     Some(match model_type {
         "gpt2" | "gpt_neo" | "gptj" | "opt" | "codegen" | "phi" | "starcoder2" | "dbrx" => {
             "GPT2Tokenizer"
@@ -56,11 +59,14 @@ fn registered_class(model_type: &str) -> Option<&'static str> {
         | "gpt_bigcode" | "granite" | "olmo2" | "olmo3" | "glm" | "glm4" | "persimmon"
         | "nemotron" | "internlm2" | "internlm3" | "jamba" | "arctic" => "TokenizersBackend",
         "roberta" | "bart" => "RobertaTokenizer",
+        "gemma" | "gemma2" | "gemma3" | "gemma3_text" | "gemma3n" | "gemma3n_text" => {
+            "GemmaTokenizer"
+        }
         _ => return None,
     })
 }
 
-fn incorrect_hub_class(model_type: &str) -> bool {
+pub(super) fn incorrect_hub_class(model_type: &str) -> bool {
     matches!(
         model_type,
         "qwen2"
@@ -83,11 +89,12 @@ fn class_from_name(name: &str) -> Class {
         "LlamaTokenizer" => Class::Llama,
         "GPTNeoXTokenizer" => Class::GptNeoX,
         "Qwen2Tokenizer" => Class::Qwen2,
+        "GemmaTokenizer" => Class::Gemma,
         _ => Class::Backend,
     }
 }
 
-fn is_backend_name(name: &str) -> bool {
+pub(super) fn is_backend_name(name: &str) -> bool {
     matches!(
         name.strip_suffix("Fast").unwrap_or(name),
         "TokenizersBackend" | "PythonBackend" | "PreTrainedTokenizer" | "MistralCommonBackend"
@@ -152,7 +159,7 @@ fn read_json_obj_opt(path: &Path) -> Result<Option<Map<String, Value>>> {
 }
 
 /// An added token as transformers' `AddedToken(**dict)` builds it.
-fn added_token_from_value(v: &Value, force_special: Option<bool>) -> Option<AddedToken> {
+pub(super) fn added_token_from_value(v: &Value, force_special: Option<bool>) -> Option<AddedToken> {
     match v {
         Value::String(s) => Some(AddedToken::from(s.clone(), force_special.unwrap_or(true))),
         Value::Object(m) => {
@@ -171,7 +178,7 @@ fn added_token_from_value(v: &Value, force_special: Option<bool>) -> Option<Adde
     }
 }
 
-fn token_content(v: &Value) -> Option<String> {
+pub(super) fn token_content(v: &Value) -> Option<String> {
     match v {
         Value::String(s) => Some(s.clone()),
         Value::Object(m) => m.get("content").and_then(Value::as_str).map(str::to_string),
@@ -189,6 +196,11 @@ fn class_default(class: Class, attr: &str) -> Option<&'static str> {
         (Class::Llama, "unk_token") => Some("<unk>"),
         (Class::Llama, "bos_token") => Some("<s>"),
         (Class::Llama, "eos_token") => Some("</s>"),
+        (Class::Gemma, "unk_token") => Some("<unk>"),
+        (Class::Gemma, "bos_token") => Some("<bos>"),
+        (Class::Gemma, "eos_token") => Some("<eos>"),
+        (Class::Gemma, "pad_token") => Some("<pad>"),
+        (Class::Gemma, "mask_token") => Some("<mask>"),
         _ => None,
     }
 }
@@ -229,7 +241,7 @@ fn push_extra(out: &mut Vec<(String, Value)>, key: &str, v: &Value) {
 }
 
 /// Collect special tokens like `PreTrainedTokenizerBase._from_pretrained` + the class constructor.
-fn collect_special(
+pub(super) fn collect_special(
     class: Class,
     cfg: Option<&Map<String, Value>>,
     stm: Option<&Map<String, Value>>,
@@ -329,7 +341,7 @@ fn add_special_tokens(
     Ok(())
 }
 
-fn cfg_bool(cfg: Option<&Map<String, Value>>, key: &str) -> Option<bool> {
+pub(super) fn cfg_bool(cfg: Option<&Map<String, Value>>, key: &str) -> Option<bool> {
     cfg.and_then(|c| c.get(key)).and_then(Value::as_bool)
 }
 
@@ -412,7 +424,7 @@ fn gpt2_pipeline(add_prefix_space: bool) -> Pipeline {
 fn class_pipeline(class: Class, cfg: Option<&Map<String, Value>>) -> Option<Pipeline> {
     let aps = cfg_bool(cfg, "add_prefix_space");
     match class {
-        Class::Backend => None,
+        Class::Backend | Class::Gemma => None,
         Class::Gpt2 => Some(gpt2_pipeline(aps.unwrap_or(false))),
         Class::GptNeoX => Some(Pipeline {
             normalizer: json!({"type": "NFC"}),
@@ -472,7 +484,10 @@ pub(super) fn tokenizer_from_json(v: Value, path: &Path) -> Result<Tokenizer> {
 }
 
 /// Legacy `added_tokens.json` ({token: id}).
-fn legacy_added_tokens_json(dir: &Path, named: &[String]) -> Result<Vec<(u32, AddedToken)>> {
+pub(super) fn legacy_added_tokens_json(
+    dir: &Path,
+    named: &[String],
+) -> Result<Vec<(u32, AddedToken)>> {
     let p = dir.join("added_tokens.json");
     let Some(m) = read_json_obj_opt(&p)? else {
         return Ok(Vec::new());
@@ -582,7 +597,10 @@ pub(super) fn load_dir(dir: &Path) -> Result<LmTokenizer> {
     let merges_path = dir.join("merges.txt");
     if tj_path.is_file() {
         let text = read_text(&tj_path)?;
-        let class = resolve_class(hub_class, model_type, Some(&text));
+        let class = match resolve_class(hub_class, model_type, Some(&text)) {
+            Class::Gemma => Class::Backend,
+            c => c,
+        };
         let (mut tok, class, legacy_added) = if class == Class::Backend {
             // tokenizer.json as is.
             let tok = serde_json::from_str::<Tokenizer>(&text).map_err(|e| bad(&tj_path, e))?;
@@ -611,15 +629,18 @@ pub(super) fn load_dir(dir: &Path) -> Result<LmTokenizer> {
         return load_slow_bpe(dir, hub_class, model_type, cfg.as_ref(), stm.as_ref());
     }
     if dir.join("tokenizer.model").is_file() {
-        return Err(bad(
-            &dir.join("tokenizer.model"),
-            "SentencePiece-only tokenizers are not supported; add a tokenizer.json \
-             (e.g. AutoTokenizer.from_pretrained(dir).save_pretrained(dir) with transformers)",
-        ));
+        return super::spm::load(
+            dir,
+            hub_class,
+            model_type,
+            cfg.as_ref(),
+            stm.as_ref(),
+            |named| legacy_added_tokens_json(dir, named),
+        );
     }
     Err(bad(
         dir,
-        "no tokenizer.json (or vocab.json + merges.txt) in the model directory",
+        "no tokenizer.json (or vocab.json + merges.txt, or tokenizer.model) in the model directory",
     ))
 }
 
@@ -654,7 +675,7 @@ fn load_slow_bpe(
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
     let class = match resolve_class(hub_class, model_type, None) {
-        Class::Backend | Class::Llama => Class::Gpt2,
+        Class::Backend | Class::Llama | Class::Gemma => Class::Gpt2,
         c => c,
     };
     let vocab = read_json(&vocab_path)?;

@@ -401,7 +401,7 @@ fn bad_files_are_bad_tokenizer_errors() {
     let msg = e.to_string();
     assert!(matches!(e, Error::BadTokenizer { .. }), "{msg}");
     assert!(
-        msg.contains("tokenizer.model") && msg.contains("tokenizer.json") && !msg.contains('\n'),
+        msg.contains("tokenizer.model") && msg.contains("SentencePiece") && !msg.contains('\n'),
         "{msg}"
     );
 
@@ -687,4 +687,284 @@ fn gguf_sentencepiece_llama_style() {
     );
     let (_, s) = stream_all(&tok, &[1, id("\u{2581}hello")], &[id("\u{2581}hello"), 2]);
     assert_eq!(s, " hello");
+}
+
+// ---- SentencePiece `tokenizer.model` ----
+
+/// Protobuf encoding helpers for hand-made `tokenizer.model` files.
+fn pb_varint(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn pb_key(out: &mut Vec<u8>, field: u64, wire: u64) {
+    pb_varint(out, (field << 3) | wire);
+}
+
+fn pb_bytes(out: &mut Vec<u8>, field: u64, b: &[u8]) {
+    pb_key(out, field, 2);
+    pb_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+fn pb_int(out: &mut Vec<u8>, field: u64, v: i64) {
+    pb_key(out, field, 0);
+    pb_varint(out, v as u64);
+}
+
+/// A BPE `ModelProto`: pieces (text, score, type), byte fallback, dummy prefix, plus unknown
+/// fields of every wire type (which readers must skip).
+fn spm_proto(pieces: &[(&str, f32, i64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    pb_bytes(&mut out, 99, b"unknown top-level field");
+    for (p, score, ty) in pieces {
+        let mut m = Vec::new();
+        pb_bytes(&mut m, 1, p.as_bytes());
+        pb_key(&mut m, 2, 5);
+        m.extend_from_slice(&score.to_le_bytes());
+        if *ty != 1 {
+            pb_int(&mut m, 3, *ty);
+        }
+        pb_bytes(&mut out, 1, &m);
+    }
+    let mut t = Vec::new();
+    pb_bytes(&mut t, 2, b"prefix"); // model_prefix
+    pb_int(&mut t, 3, 2); // BPE
+    pb_key(&mut t, 10, 5); // character_coverage (fixed32)
+    t.extend_from_slice(&1.0f32.to_le_bytes());
+    pb_key(&mut t, 11, 1); // a fixed64 field
+    t.extend_from_slice(&7u64.to_le_bytes());
+    pb_int(&mut t, 35, 1); // byte_fallback
+    pb_int(&mut t, 43, -1); // pad_id: negative int32, 10-byte varint
+    pb_bytes(&mut out, 2, &t);
+    let mut n = Vec::new();
+    pb_bytes(&mut n, 1, b"identity");
+    pb_int(&mut n, 3, 1); // add_dummy_prefix
+    pb_int(&mut n, 4, 0); // remove_extra_whitespaces
+    pb_bytes(&mut out, 3, &n);
+    out
+}
+
+fn spm_pieces() -> Vec<(String, f32, i64)> {
+    let mut v: Vec<(String, f32, i64)> = vec![
+        ("<unk>".into(), 0.0, 2),
+        ("<s>".into(), 0.0, 3),
+        ("</s>".into(), 0.0, 3),
+        ("<|user|>".into(), 0.0, 4),
+    ];
+    for b in 0..256 {
+        v.push((format!("<0x{b:02X}>"), 0.0, 6));
+    }
+    for (i, p) in [
+        "\u{2581}h",
+        "el",
+        "lo",
+        "\u{2581}hel",
+        "\u{2581}hello",
+        "\u{2581}",
+        "h",
+        "e",
+        "l",
+        "o",
+    ]
+    .iter()
+    .enumerate()
+    {
+        v.push((p.to_string(), -(i as f32), 1));
+    }
+    v
+}
+
+fn spm_dir(config: &str, model_type: Option<&str>) -> tempfile::TempDir {
+    let pieces = spm_pieces();
+    let refs: Vec<(&str, f32, i64)> = pieces
+        .iter()
+        .map(|(p, s, t)| (p.as_str(), *s, *t))
+        .collect();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("tokenizer.model"), spm_proto(&refs)).unwrap();
+    write(d.path(), "tokenizer_config.json", config);
+    if let Some(mt) = model_type {
+        write(
+            d.path(),
+            "config.json",
+            &format!(r#"{{"model_type": "{mt}"}}"#),
+        );
+    }
+    d
+}
+
+#[test]
+fn sentencepiece_proto_reader() {
+    let pieces = spm_pieces();
+    let refs: Vec<(&str, f32, i64)> = pieces
+        .iter()
+        .map(|(p, s, t)| (p.as_str(), *s, *t))
+        .collect();
+    let m = spm::SpmModel::parse(&spm_proto(&refs)).unwrap();
+    assert_eq!(m.pieces.len(), pieces.len());
+    assert_eq!(m.pieces[3].piece, "<|user|>");
+    assert_eq!(m.pieces[3].kind, 4);
+    assert_eq!(m.pieces[260 + 4].score, -4.0);
+    assert_eq!(m.trainer.model_type, 2);
+    assert!(m.trainer.byte_fallback);
+    // Defaults for what the file leaves out.
+    assert_eq!(
+        (m.trainer.unk_id, m.trainer.bos_id, m.trainer.eos_id),
+        (0, 1, 2)
+    );
+    assert_eq!(m.trainer.bos_piece, "<s>");
+    assert!(m.normalizer.add_dummy_prefix && m.normalizer.escape_whitespaces);
+    assert!(!m.normalizer.remove_extra_whitespaces);
+
+    // Malformed input: each is a one-line message.
+    let mut group = Vec::new();
+    pb_key(&mut group, 1, 3); // start-group wire type
+    let mut long_varint = Vec::new();
+    pb_key(&mut long_varint, 1, 0);
+    long_varint.extend_from_slice(&[0xff; 11]);
+    let mut bad_utf8 = Vec::new();
+    let mut piece = Vec::new();
+    pb_bytes(&mut piece, 1, &[0xc3, 0x28]);
+    pb_bytes(&mut bad_utf8, 1, &piece);
+    let mut piece_as_int = Vec::new();
+    pb_int(&mut piece_as_int, 1, 5);
+    for (bytes, want) in [
+        (vec![], "no pieces"),
+        (vec![0u8, 1], "field number 0"),
+        (group, "wire type 3"),
+        (long_varint, "varint"),
+        (bad_utf8, "UTF-8"),
+        (piece_as_int, "wrong wire type"),
+        (b"IQ== 0\nIg== 1\n".to_vec(), ""), // a tiktoken file
+        (vec![0x0a, 0x05, 0x0a], "truncated"),
+    ] {
+        let e = spm::SpmModel::parse(&bytes).unwrap_err();
+        assert!(e.contains("not a valid SentencePiece model"), "{e}");
+        assert!(e.contains(want) && !e.contains('\n'), "{e}");
+    }
+}
+
+#[test]
+fn sentencepiece_llama_class() {
+    let d = spm_dir(
+        r#"{"tokenizer_class": "LlamaTokenizer", "add_bos_token": true, "legacy": false}"#,
+        None,
+    );
+    let tok = LmTokenizer::from_dir(d.path()).unwrap();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    assert_eq!(tok.bos_token_id(), Some(1));
+    assert_eq!(tok.eos_token_id(), Some(2));
+    assert_eq!(tok.encode("hello").unwrap(), vec![1, id("\u{2581}hello")]);
+    // The user-defined piece is an added (not special) token; the text after it gets no prefix.
+    let ids = tok.encode("hello<|user|>hello").unwrap();
+    assert_eq!(ids[..3], [1, id("\u{2581}hello"), 3]);
+    assert!(!tok.is_special(3) && tok.is_special(1));
+    assert_eq!(tok.decode(&ids).unwrap(), "hello<|user|>hello");
+    // Byte fallback for what the vocabulary lacks.
+    let ids = tok.encode("hé").unwrap();
+    assert_eq!(ids, vec![1, id("\u{2581}h"), id("<0xC3>"), id("<0xA9>")]);
+    assert_eq!(tok.decode(&ids).unwrap(), "hé");
+    // add_bos_token defaults to false, as in transformers 5.
+    let d = spm_dir(r#"{"tokenizer_class": "LlamaTokenizer"}"#, None);
+    let tok = LmTokenizer::from_dir(d.path()).unwrap();
+    assert_eq!(
+        tok.encode("hello").unwrap(),
+        vec![tok.token_to_id("\u{2581}hello").unwrap()]
+    );
+}
+
+#[test]
+fn sentencepiece_backend_route() {
+    // model_type mistral: built from the proto itself; legacy defaults to true.
+    let d = spm_dir(
+        r#"{"tokenizer_class": "LlamaTokenizer", "add_bos_token": true}"#,
+        Some("mistral"),
+    );
+    let tok = LmTokenizer::from_dir(d.path()).unwrap();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    assert_eq!(
+        tok.encode("hello hello").unwrap(),
+        vec![1, id("\u{2581}hello"), id("\u{2581}hello")]
+    );
+    // Legacy: a text that starts with "▁" keeps its own "▁" after the dummy prefix.
+    let ids = tok.encode("\u{2581}hello").unwrap();
+    assert_eq!(ids, vec![1, id("\u{2581}"), id("\u{2581}hello")]);
+    assert_eq!(tok.decode(&ids).unwrap(), " hello");
+    // User-defined pieces are split off by the pre-tokenizer.
+    let ids = tok.encode("hello<|user|>").unwrap();
+    assert_eq!(ids, vec![1, id("\u{2581}hello"), 3]);
+}
+
+#[test]
+fn tokenizer_json_is_preferred_over_tokenizer_model() {
+    let d = llama_dir();
+    write(d.path(), "tokenizer.model", "not a SentencePiece model");
+    let tok = LmTokenizer::from_dir(d.path()).unwrap();
+    assert!(
+        tok.source().ends_with("tokenizer.json"),
+        "{:?}",
+        tok.source()
+    );
+    let hello = tok.token_to_id("\u{2581}Hello").unwrap();
+    assert_eq!(tok.encode("Hello").unwrap(), vec![1, hello]);
+}
+
+#[test]
+fn sentencepiece_bad_files_are_one_line_errors() {
+    let d = spm_dir(r#"{"tokenizer_class": "LlamaTokenizer"}"#, None);
+    let path = d.path().join("tokenizer.model");
+    let bytes = std::fs::read(&path).unwrap();
+    // Every strict prefix of a model is rejected by the parser.
+    for cut in 0..bytes.len() {
+        assert!(spm::SpmModel::parse(&bytes[..cut]).is_err(), "cut at {cut}");
+    }
+    let garbage: Vec<u8> = (0u32..4096)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    for content in [
+        bytes[..bytes.len() / 2].to_vec(),
+        bytes[..bytes.len() - 1].to_vec(),
+        Vec::new(),
+        b"hello world".to_vec(),
+        garbage,
+    ] {
+        std::fs::write(&path, &content).unwrap();
+        let e = LmTokenizer::from_dir(d.path()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, Error::BadTokenizer { .. }) && e.is_user_error(),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("tokenizer.model")
+                && msg.contains("not a valid SentencePiece model")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
+    }
+    // A class that cannot use tokenizer.model.
+    std::fs::write(&path, &bytes).unwrap();
+    write(
+        d.path(),
+        "tokenizer_config.json",
+        r#"{"tokenizer_class": "GPT2Tokenizer"}"#,
+    );
+    let e = LmTokenizer::from_dir(d.path()).unwrap_err();
+    assert!(matches!(e, Error::BadTokenizer { .. }), "{e}");
+    // add_bos_token with a BOS that is not in the vocabulary.
+    write(
+        d.path(),
+        "tokenizer_config.json",
+        r#"{"tokenizer_class": "LlamaTokenizer", "add_bos_token": true, "bos_token": null}"#,
+    );
+    let tok = LmTokenizer::from_dir(d.path()).unwrap();
+    assert_eq!(tok.bos_token_id(), None);
 }
