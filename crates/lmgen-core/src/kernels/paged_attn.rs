@@ -92,7 +92,13 @@ fn as_i32(v: usize, name: &str) -> Result<i32> {
 /// Writes keys and values `[num_tokens, kv_heads, head_dim]` (rows may be strided, heads and
 /// dims contiguous) into the caches at `slots` (`[num_tokens]` i64, `block * block_size +
 /// offset`; negative slots are skipped).
-pub fn reshape_and_cache(
+///
+/// # Safety
+///
+/// Every slot must be negative or below `num_blocks * block_size` of the caches: the kernel
+/// writes there without a bounds check (reading the slots back to check them would stall
+/// the stream).
+pub unsafe fn reshape_and_cache(
     key: &Tensor,
     value: &Tensor,
     key_cache: &Tensor,
@@ -166,8 +172,14 @@ pub fn reshape_and_cache(
 /// including the new one, whose keys must already be in the cache), `max_context_len` their
 /// maximum. `softcap`: tanh cap of the scaled scores (`None`: no cap). Returns
 /// `[num_seqs, heads, head_dim]` in `q`'s dtype.
+///
+/// # Safety
+///
+/// Every context length must be at most `max_context_len`, and the first
+/// `ceil(context_len / block_size)` entries of each block-table row must be block ids below
+/// the caches' `num_blocks`: the kernel reads there without a bounds check.
 #[allow(clippy::too_many_arguments)]
-pub fn paged_attention(
+pub unsafe fn paged_attention(
     q: &Tensor,
     key_cache: &Tensor,
     value_cache: &Tensor,

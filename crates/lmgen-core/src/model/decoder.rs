@@ -797,7 +797,9 @@ impl Decoder {
         let (kc, vc) = pool.layer(li);
         let kt = k.transpose(0, 1)?.contiguous()?;
         let vt = v.transpose(0, 1)?.contiguous()?;
-        paged_attn::reshape_and_cache(&kt, &vt, kc, vc, &ps.slots).map_err(paged_err)?;
+        // SAFETY: `paged_step` built the slots from blocks this pool handed out (ids below its
+        // block count), or -1 for sequences outside the pool.
+        unsafe { paged_attn::reshape_and_cache(&kt, &vt, kc, vc, &ps.slots) }.map_err(paged_err)?;
         let spec = &self.spec;
         let applies = self.alibi.is_none()
             && !(windowed && spec.sliding_window.is_some())
@@ -806,16 +808,21 @@ impl Decoder {
             return Ok(None);
         };
         let qd = q.index_select(&d.rows, 1)?.transpose(0, 1)?.contiguous()?;
-        paged_attn::paged_attention(
-            &qd,
-            kc,
-            vc,
-            &d.block_tables,
-            &d.context_lens,
-            d.max_context_len,
-            scale as f32,
-            spec.attn_softcap,
-        )
+        // SAFETY: `paged_step` built each table row from the sequence's blocks in this pool,
+        // reserved for all `context_len` positions, and `max_context_len` is the maximum of
+        // the context lengths.
+        unsafe {
+            paged_attn::paged_attention(
+                &qd,
+                kc,
+                vc,
+                &d.block_tables,
+                &d.context_lens,
+                d.max_context_len,
+                scale as f32,
+                spec.attn_softcap,
+            )
+        }
         .map(Some)
         .map_err(paged_err)
     }
