@@ -45,6 +45,9 @@ pub enum Error {
     /// Writing an output, sidecar or manifest failed (a runtime failure, exit code 1).
     #[error("{0}")]
     Output(String),
+    /// The CUDA paged-attention kernels rejected their inputs (see [`crate::kernels::paged_attn`]).
+    #[error("paged attention: {0}")]
+    PagedAttention(String),
     /// The job stopped on a signal after writing what was finished (see [`crate::job`]).
     #[error("{0}")]
     Interrupted(String),
@@ -55,7 +58,11 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         !matches!(
             self,
-            Error::Candle(_) | Error::Tokenizer(_) | Error::Output(_) | Error::Interrupted(_)
+            Error::Candle(_)
+                | Error::Tokenizer(_)
+                | Error::Output(_)
+                | Error::Interrupted(_)
+                | Error::PagedAttention(_)
         )
     }
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {

@@ -3,5 +3,6 @@
 pub mod attention;
 pub mod matmul;
 pub mod ops;
+pub mod paged_attn;
 pub mod pool;
 pub mod quant;

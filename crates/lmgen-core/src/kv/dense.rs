@@ -5,6 +5,9 @@ use candle_nn::kv_cache::KvCache;
 
 pub struct SeqCache {
     layers: Vec<KvCache>,
+    /// The same keys and values in the GPU paged pool, when the paged decode path is on
+    /// (`LMGEN_CUDA_PAGED=1`); `None` otherwise or once the pool ran out of blocks.
+    pub paged: Option<super::gpu_paged::GpuSeqBlocks>,
 }
 
 impl SeqCache {
@@ -14,6 +17,7 @@ impl SeqCache {
             layers: (0..num_layers)
                 .map(|_| KvCache::new(1, capacity.max(1)))
                 .collect(),
+            paged: None,
         }
     }
 

@@ -7,6 +7,7 @@
 //! of everything before it, as vLLM does) once it is full. Sharing therefore never needs a
 //! copy: copy-on-write reduces to "the partial last block is never shared".
 mod dense;
+pub mod gpu_paged;
 mod pool;
 
 pub use dense::SeqCache;

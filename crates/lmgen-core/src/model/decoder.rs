@@ -8,9 +8,12 @@
 //! neighbours.
 use super::layers::{activate, Linear, Norm, Weight};
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual, RopeSpec};
+use crate::kernels::paged_attn;
 use crate::kernels::quant::QuantKind;
+use crate::kv::gpu_paged::{self, GpuKvPool, GpuSeqBlocks};
 use crate::kv::SeqCache;
 use candle_core::{DType, Device, Result, Tensor, D};
+use std::sync::Arc;
 
 /// One transformer block in canonical form.
 #[derive(Debug, Clone)]
@@ -196,17 +199,117 @@ pub struct Decoder {
     pub device: Device,
     /// ALiBi slopes per head.
     alibi: Option<Vec<f32>>,
+    /// GPU paged KV pool for decode attention (`LMGEN_CUDA_PAGED=1`, experimental).
+    paged: Option<Arc<GpuKvPool>>,
+}
+
+/// A step's view of the GPU paged pool.
+struct PagedStep {
+    /// Cache slot of every packed token; -1 for sequences without blocks in the pool.
+    slots: Tensor,
+    /// Per sequence: its attention goes through the paged kernel (one new token).
+    decode: Vec<bool>,
+    /// Inputs of the kernel for those sequences; `None` when there are none.
+    dec: Option<PagedDecode>,
+}
+
+struct PagedDecode {
+    /// Packed token rows of the decode sequences, in order (u32).
+    rows: Tensor,
+    /// `[n_decode, max_blocks]` u32, padded with block 0.
+    block_tables: Tensor,
+    /// `[n_decode]` u32: positions to attend to (the new one included).
+    context_lens: Tensor,
+    max_context_len: usize,
+}
+
+fn paged_err(e: crate::error::Error) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// `LMGEN_CUDA_PAGED_CHECK=1`: compares the paged kernel's output with the dense path's for
+/// every decode sequence and layer, and prints the difference each time it exceeds the
+/// largest one printed before (so the output stays short).
+fn paged_check(li: usize, paged: &Tensor, dense: &Tensor) -> Result<()> {
+    use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+    static MAX: AtomicU32 = AtomicU32::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let d = (paged.to_dtype(DType::F32)? - dense.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let n = COUNT.fetch_add(1, Ordering::Relaxed) + 1;
+    let prev = f32::from_bits(MAX.load(Ordering::Relaxed));
+    if n == 1 || d > prev || d.is_nan() {
+        MAX.store(d.to_bits(), Ordering::Relaxed);
+        eprintln!("lmgen: paged check {n}: layer {li}: max |paged - dense| = {d:e}");
+    }
+    Ok(())
 }
 
 impl Decoder {
     pub fn new(spec: ModelSpec, weights: Weights, device: Device) -> Self {
         let alibi = spec.alibi();
+        let paged = if gpu_paged::requested() {
+            match Self::paged_pool(&spec, &weights) {
+                Ok(pool) => {
+                    eprintln!(
+                        "lmgen: LMGEN_CUDA_PAGED=1: decode attention through the paged CUDA \
+                         kernel ({} blocks of {} positions; experimental)",
+                        pool.num_blocks,
+                        gpu_paged::GPU_BLOCK_SIZE
+                    );
+                    Some(Arc::new(pool))
+                }
+                Err(e) => {
+                    eprintln!("lmgen: warning: LMGEN_CUDA_PAGED=1 ignored: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Self {
             spec,
             weights,
             device,
             alibi,
+            paged,
         }
+    }
+
+    /// The GPU paged pool for this model: every layer on one CUDA device.
+    fn paged_pool(spec: &ModelSpec, weights: &Weights) -> crate::error::Result<GpuKvPool> {
+        let unsupported = |m: &str| crate::error::Error::PagedAttention(m.to_string());
+        let first = weights
+            .blocks
+            .first()
+            .ok_or_else(|| unsupported("the model has no layers"))?;
+        let dev = first.qkv.device();
+        if !dev.is_cuda() {
+            return Err(unsupported("the model is not on a CUDA device"));
+        }
+        if weights
+            .blocks
+            .iter()
+            .any(|b| !b.qkv.device().same_device(&dev))
+        {
+            return Err(unsupported("the layers are split over several devices"));
+        }
+        GpuKvPool::new(
+            weights.blocks.len(),
+            gpu_paged::requested_blocks()?,
+            spec.num_kv_heads,
+            spec.head_dim,
+            weights.embed.dtype(),
+            &dev,
+        )
+    }
+
+    /// Whether decode steps use the GPU paged pool.
+    pub fn paged_decode(&self) -> bool {
+        self.paged.is_some()
     }
 
     /// ALiBi slope per head, for models with ALiBi positions.
@@ -215,7 +318,74 @@ impl Decoder {
     }
 
     pub fn new_cache(&self, capacity: usize) -> SeqCache {
-        SeqCache::new(self.spec.num_layers, capacity)
+        let mut c = SeqCache::new(self.spec.num_layers, capacity);
+        c.paged = self.paged.as_ref().map(|p| GpuSeqBlocks::new(p.clone()));
+        c
+    }
+
+    /// Reserves pool blocks for this step's tokens and builds the kernels' inputs. A
+    /// sequence the pool cannot hold any more (or whose blocks fell behind its dense cache)
+    /// leaves the pool and continues on the dense path.
+    fn paged_step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Option<PagedStep>> {
+        let Some(pool) = &self.paged else {
+            return Ok(None);
+        };
+        let dev = pool.layer(0).0.device().clone();
+        let mut slots: Vec<i64> = Vec::new();
+        let mut decode = Vec::with_capacity(seqs.len());
+        let (mut rows, mut tables, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+        let mut row = 0u32;
+        let mut any = false;
+        for s in seqs.iter_mut() {
+            let (t, past) = (s.tokens.len(), s.cache.len());
+            let ok = s
+                .cache
+                .paged
+                .as_mut()
+                .is_some_and(|p| p.len == past && p.reserve(past + t));
+            match s.cache.paged.as_mut().filter(|_| ok) {
+                Some(p) => {
+                    slots.extend((past..past + t).map(|pos| p.slot(pos)));
+                    p.len = past + t;
+                    any = true;
+                    if t == 1 {
+                        rows.push(row);
+                        tables.push(p.blocks.clone());
+                        lens.push((past + 1) as u32);
+                    }
+                    decode.push(t == 1);
+                }
+                None => {
+                    s.cache.paged = None;
+                    slots.extend(std::iter::repeat_n(-1i64, t));
+                    decode.push(false);
+                }
+            }
+            row += t as u32;
+        }
+        if !any {
+            return Ok(None);
+        }
+        let n = slots.len();
+        let slots = Tensor::from_vec(slots, n, &dev)?;
+        let dec = if rows.is_empty() {
+            None
+        } else {
+            let nd = rows.len();
+            let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(1).max(1);
+            let mut flat = vec![0u32; nd * max_blocks];
+            for (i, t) in tables.iter().enumerate() {
+                flat[i * max_blocks..i * max_blocks + t.len()].copy_from_slice(t);
+            }
+            let max_context_len = lens.iter().copied().max().unwrap_or(1) as usize;
+            Some(PagedDecode {
+                rows: Tensor::from_vec(rows, nd, &dev)?,
+                block_tables: Tensor::from_vec(flat, (nd, max_blocks), &dev)?,
+                context_lens: Tensor::from_vec(lens, nd, &dev)?,
+                max_context_len,
+            })
+        };
+        Ok(Some(PagedStep { slots, decode, dec }))
     }
 
     /// Run one packed step. Each sequence's tokens are appended to its cache.
@@ -273,6 +443,7 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let (mut rope, mut local_rope, mut biases) = (rope, local_rope, biases);
+        let paged = self.paged_step(seqs)?;
         let mut hidden = want_hidden.then(Vec::new);
         for (li, block) in w.blocks.iter().enumerate() {
             // Layers may live on different devices (--device auto): move the activations
@@ -302,7 +473,7 @@ impl Decoder {
                 (Some(l), true) => Some(l),
                 _ => rope.as_ref(),
             };
-            x = self.block(li, block, &x, seqs, r, &biases)?;
+            x = self.block(li, block, &x, seqs, r, &biases, paged.as_ref())?;
         }
         let tail = w.lm_head.device();
         if !tail.same_device(x.device()) {
@@ -394,6 +565,7 @@ impl Decoder {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
         li: usize,
@@ -402,6 +574,7 @@ impl Decoder {
         seqs: &mut [SeqStep<'_>],
         rope: Option<&(Tensor, Tensor)>,
         biases: &[(Tensor, Option<Tensor>)],
+        paged: Option<&PagedStep>,
     ) -> Result<Tensor> {
         let dense = |h: &Tensor, mlp_in: &Linear, mlp_out: &Linear| -> Result<Tensor> {
             let a = mlp_in.forward(h)?;
@@ -462,20 +635,20 @@ impl Decoder {
         let (ln1, ln2) = (b.ln1.as_ref(), b.ln2.as_ref());
         match self.spec.residual {
             Residual::Sequential => {
-                let a = self.attention(li, b, biases, &norm(ln1, x)?, seqs, rope)?;
+                let a = self.attention(li, b, biases, paged, &norm(ln1, x)?, seqs, rope)?;
                 let h = (x + norm(b.post_attn_norm.as_ref(), &a)?)?;
                 let m = mlp(&norm(ln2, &h)?)?;
                 &h + norm(b.post_mlp_norm.as_ref(), &m)?
             }
             Residual::SequentialFromNormed => {
                 let n1 = norm(ln1, x)?;
-                let h = (&n1 + self.attention(li, b, biases, &n1, seqs, rope)?)?;
+                let h = (&n1 + self.attention(li, b, biases, paged, &n1, seqs, rope)?)?;
                 let n2 = norm(ln2, &h)?;
                 &n2 + mlp(&n2)?
             }
             Residual::Parallel => {
                 let n1 = norm(ln1, x)?;
-                let attn = self.attention(li, b, biases, &n1, seqs, rope)?;
+                let attn = self.attention(li, b, biases, paged, &n1, seqs, rope)?;
                 let m = match ln2 {
                     Some(n) => mlp(&n.forward(x)?)?,
                     None => mlp(&n1)?,
@@ -483,17 +656,22 @@ impl Decoder {
                 (x + attn)? + m
             }
             Residual::PostNorm => {
-                let h = norm(ln1, &(x + self.attention(li, b, biases, x, seqs, rope)?)?)?;
+                let h = norm(
+                    ln1,
+                    &(x + self.attention(li, b, biases, paged, x, seqs, rope)?)?,
+                )?;
                 norm(ln2, &(&h + mlp(&h)?)?)
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         li: usize,
         b: &Block,
         biases: &[(Tensor, Option<Tensor>)],
+        paged: Option<&PagedStep>,
         h: &Tensor,
         seqs: &mut [SeqStep<'_>],
         rope: Option<&(Tensor, Tensor)>,
@@ -536,12 +714,29 @@ impl Decoder {
         let mut outs = Vec::with_capacity(seqs.len());
         let mut start = 0;
         let windowed = spec.sliding_layers.get(li).copied().unwrap_or(false);
-        for (s, (full, win)) in seqs.iter_mut().zip(biases) {
+        let paged_out = self.paged_attention(li, paged, &q, &k, &v, scale, windowed)?;
+        let mut di = 0;
+        for (si, (s, (full, win))) in seqs.iter_mut().zip(biases).enumerate() {
             let t = s.tokens.len();
             let past = s.cache.len_at(li);
             let (kk, vv) = s
                 .cache
                 .append(li, &k.narrow(1, start, t)?, &v.narrow(1, start, t)?)?;
+            let paged_row = match (&paged_out, paged) {
+                (Some(o), Some(ps)) if ps.decode[si] => {
+                    di += 1;
+                    // [1, nh, hd] -> [nh, 1, hd]
+                    Some(o.narrow(0, di - 1, 1)?.transpose(0, 1)?)
+                }
+                _ => None,
+            };
+            if let Some(r) = &paged_row {
+                if !gpu_paged::check_requested() {
+                    outs.push(r.clone());
+                    start += t;
+                    continue;
+                }
+            }
             let total = past + t;
             let qs = q.narrow(1, start, t)?.reshape((nkv, group * t, hd))?;
             // Scores, mask and softmax in f32 whatever the compute dtype (bf16 on GPUs).
@@ -559,7 +754,14 @@ impl Decoder {
             let probs = candle_nn::ops::softmax_last_dim(&scores)?
                 .to_dtype(vv.dtype())?
                 .reshape((nkv, group * t, total))?;
-            outs.push(probs.matmul(&vv)?.reshape((nh, t, hd))?);
+            let dense = probs.matmul(&vv)?.reshape((nh, t, hd))?;
+            outs.push(match paged_row {
+                Some(r) => {
+                    paged_check(li, &r, &dense)?;
+                    r
+                }
+                None => dense,
+            });
             start += t;
         }
         let o = if outs.len() == 1 {
@@ -569,6 +771,60 @@ impl Decoder {
         };
         let o = o.transpose(0, 1)?.reshape((n, nh * hd))?;
         b.out.forward(&o)
+    }
+
+    /// With the GPU paged pool: writes this layer's new keys and values (`[kv_heads, n, hd]`)
+    /// into it and, for the step's decode sequences, runs their attention through the paged
+    /// kernel. Returns `[n_decode, heads, hd]`, or `None` where the kernel does not apply
+    /// (ALiBi, sliding-window layers, a dtype other than the pool's, no decode sequence).
+    #[allow(clippy::too_many_arguments)]
+    fn paged_attention(
+        &self,
+        li: usize,
+        paged: Option<&PagedStep>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        windowed: bool,
+    ) -> Result<Option<Tensor>> {
+        let (Some(ps), Some(pool)) = (paged, &self.paged) else {
+            return Ok(None);
+        };
+        if k.dtype() != pool.dtype || q.dtype() != pool.dtype {
+            return Ok(None);
+        }
+        let (kc, vc) = pool.layer(li);
+        let kt = k.transpose(0, 1)?.contiguous()?;
+        let vt = v.transpose(0, 1)?.contiguous()?;
+        // SAFETY: `paged_step` built the slots from blocks this pool handed out (ids below its
+        // block count), or -1 for sequences outside the pool.
+        unsafe { paged_attn::reshape_and_cache(&kt, &vt, kc, vc, &ps.slots) }.map_err(paged_err)?;
+        let spec = &self.spec;
+        let applies = self.alibi.is_none()
+            && !(windowed && spec.sliding_window.is_some())
+            && spec.attn_softcap != Some(1.0);
+        let Some(d) = ps.dec.as_ref().filter(|_| applies) else {
+            return Ok(None);
+        };
+        let qd = q.index_select(&d.rows, 1)?.transpose(0, 1)?.contiguous()?;
+        // SAFETY: `paged_step` built each table row from the sequence's blocks in this pool,
+        // reserved for all `context_len` positions, and `max_context_len` is the maximum of
+        // the context lengths.
+        unsafe {
+            paged_attn::paged_attention(
+                &qd,
+                kc,
+                vc,
+                &d.block_tables,
+                &d.context_lens,
+                d.max_context_len,
+                scale as f32,
+                spec.attn_softcap,
+            )
+        }
+        .map(Some)
+        .map_err(paged_err)
     }
 
     /// Additive bias `[heads|1, t, total]`: causal mask (+ sliding window) and ALiBi.
