@@ -154,7 +154,7 @@ pub unsafe fn reshape_and_cache(
         key_cache,
         value_cache,
         slots,
-        imp::CacheArgs {
+        CacheArgs {
             num_tokens: as_i32(n, "tokens")?,
             num_heads: as_i32(nkv, "kv heads")?,
             head_size: as_i32(hd, "head dim")?,
@@ -250,7 +250,7 @@ pub unsafe fn paged_attention(
     // v1 keeps all logits of a sequence in shared memory: one partition, or many sequences
     // (enough blocks to fill the GPU) with contexts short enough for the shared memory.
     let v1 = parts == 1 || (ns * nh > 512 && max_context_len <= 16 * 1024);
-    let args = imp::AttnArgs {
+    let args = AttnArgs {
         num_kv_heads: as_i32(nkv, "kv heads")?,
         scale,
         softcap: softcap.unwrap_or(1.0),
@@ -287,36 +287,42 @@ pub unsafe fn paged_attention(
     Ok(out)
 }
 
+/// Arguments of the cache-write kernel, as the launcher takes them.
+#[allow(dead_code)]
+pub(crate) struct CacheArgs {
+    pub num_tokens: i32,
+    pub num_heads: i32,
+    pub head_size: i32,
+    pub block_size: i32,
+    pub x: i32,
+    pub key_stride: i32,
+    pub value_stride: i32,
+}
+
+/// Arguments of the paged-attention kernels, as the launchers take them.
+#[allow(dead_code)]
+pub(crate) struct AttnArgs {
+    pub num_kv_heads: i32,
+    pub scale: f32,
+    pub softcap: f32,
+    pub block_size: i32,
+    pub max_context_len: i32,
+    pub num_seqs: i32,
+    pub num_heads: i32,
+    pub head_size: i32,
+    pub max_blocks: i32,
+    pub q_stride: i32,
+    pub kv_block_stride: i32,
+    pub kv_head_stride: i32,
+}
+
 #[cfg(not(feature = "cuda"))]
 #[allow(dead_code)]
 mod imp {
     use super::{err, Result};
     use candle_core::Tensor;
 
-    pub struct CacheArgs {
-        pub num_tokens: i32,
-        pub num_heads: i32,
-        pub head_size: i32,
-        pub block_size: i32,
-        pub x: i32,
-        pub key_stride: i32,
-        pub value_stride: i32,
-    }
-
-    pub struct AttnArgs {
-        pub num_kv_heads: i32,
-        pub scale: f32,
-        pub softcap: f32,
-        pub block_size: i32,
-        pub max_context_len: i32,
-        pub num_seqs: i32,
-        pub num_heads: i32,
-        pub head_size: i32,
-        pub max_blocks: i32,
-        pub q_stride: i32,
-        pub kv_block_stride: i32,
-        pub kv_head_stride: i32,
-    }
+    use super::{AttnArgs, CacheArgs};
 
     pub fn reshape_and_cache(
         _: &Tensor,
@@ -353,30 +359,7 @@ mod imp {
     use candle_core::{DType, Storage, Tensor};
     use std::ffi::c_void;
 
-    pub struct CacheArgs {
-        pub num_tokens: i32,
-        pub num_heads: i32,
-        pub head_size: i32,
-        pub block_size: i32,
-        pub x: i32,
-        pub key_stride: i32,
-        pub value_stride: i32,
-    }
-
-    pub struct AttnArgs {
-        pub num_kv_heads: i32,
-        pub scale: f32,
-        pub softcap: f32,
-        pub block_size: i32,
-        pub max_context_len: i32,
-        pub num_seqs: i32,
-        pub num_heads: i32,
-        pub head_size: i32,
-        pub max_blocks: i32,
-        pub q_stride: i32,
-        pub kv_block_stride: i32,
-        pub kv_head_stride: i32,
-    }
+    use super::{AttnArgs, CacheArgs};
 
     type PagedV1 = unsafe extern "C" fn(
         out: *mut c_void,
