@@ -1,12 +1,15 @@
-//! Prefill-shaped f32 products: `kernels::matmul_wt_into` (the `gemm` crate called
-//! directly, into a reused buffer) vs candle's `x.matmul(&w.t())` (+ `broadcast_add` for
-//! the bias), alternating in one process, best of N; also checks that the results agree.
+//! Prefill-shaped f32 products: `kernels::matmul_wt_into` (above 16 rows the register-tiled
+//! `dotgemm`, summing in the decode kernel's order) vs the `gemm` crate called the same way
+//! (`matmul_wt_gemm_crate`, bit-identical to candle) vs candle's `x.matmul(&w.t())`
+//! (+ `broadcast_add` for the bias), alternating in one process, best of N; also prints how
+//! far `dotgemm` is from candle.
 //!
 //! cargo run --release -p lmgen-core --example gemm_micro -- [m,..] [n,..]
 //! defaults: m = 17,128,512; k = 576; n = 576,1536,49152 (SmolLM2-135M); env GM_K,
-//! GM_ROUNDS (least samples per variant, default 5).
+//! GM_ROUNDS (least samples per variant, default 5), GM_ISA (avx2 or avx512: dotgemm's ISA).
 use candle_core::{Device, Tensor};
-use lmgen_core::model::kernels::matmul_wt_into;
+use lmgen_core::kernels::dotgemm;
+use lmgen_core::model::kernels::{matmul_wt_gemm_crate, matmul_wt_into};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -29,9 +32,13 @@ fn main() {
     let k = env("GM_K", 576);
     let rounds = env("GM_ROUNDS", 5);
     let dev = Device::Cpu;
+    if let Ok(isa) = std::env::var("GM_ISA") {
+        dotgemm::set_isa(&isa);
+    }
     println!(
-        "threads {} k {k} rounds {rounds}",
-        rayon::current_num_threads()
+        "threads {} k {k} rounds {rounds} dotgemm {:?}",
+        lmgen_core::kernels::pool::threads(),
+        dotgemm::isa()
     );
     for &n in &ns {
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
@@ -66,17 +73,18 @@ fn main() {
             let est = (2 * m * n * k) as f64 / 50e9;
             let calls = ((5e-3 / est) as usize).clamp(1, 200);
             let samples = ((0.5 / (est * calls as f64)) as usize).clamp(rounds, 100);
-            let mut best = [f64::MAX; 4];
+            let mut best = [f64::MAX; 5];
             for _ in 0..samples {
                 for (v, bst) in best.iter_mut().enumerate() {
                     let t = Instant::now();
                     for _ in 0..calls {
                         match v {
                             0 => matmul_wt_into(&xv, m, k, &wv, n, None, &mut out),
-                            1 => {
+                            4 => {
                                 black_box(x.matmul(&w.t().unwrap()).unwrap());
                             }
                             2 => matmul_wt_into(&xv, m, k, &wv, n, Some(&bv), &mut out),
+                            3 => matmul_wt_gemm_crate(&xv, m, k, &wv, n, None, &mut out),
                             _ => {
                                 let y = x.matmul(&w.t().unwrap()).unwrap();
                                 black_box(y.broadcast_add(&b).unwrap());
@@ -89,15 +97,18 @@ fn main() {
             }
             let gf = |t: f64| 2.0 * (m * n * k) as f64 / t / 1e9;
             println!(
-                "m={m:<4} n={n:<6} into {:8.3} ms ({:5.1} GF/s) | candle {:8.3} ms ({:5.1}) x{:4.2} | +bias: into {:8.3} ms | candle {:8.3} ms x{:4.2} | {}",
+                "m={m:<4} n={n:<6} into {:8.3} ms ({:5.1} GF/s) | gemm crate {:8.3} ms ({:5.1}) x{:4.2} | candle {:8.3} ms ({:5.1}) x{:4.2} | +bias: into {:8.3} ms, candle {:8.3} ms x{:4.2} | {}",
                 best[0] * 1e3,
                 gf(best[0]),
-                best[1] * 1e3,
-                gf(best[1]),
-                best[1] / best[0],
-                best[2] * 1e3,
                 best[3] * 1e3,
-                best[3] / best[2],
+                gf(best[3]),
+                best[3] / best[0],
+                best[4] * 1e3,
+                gf(best[4]),
+                best[4] / best[0],
+                best[2] * 1e3,
+                best[1] * 1e3,
+                best[1] / best[2],
                 if same {
                     "bit-identical".to_string()
                 } else {

@@ -5,11 +5,10 @@
 //! general GEMM that packs the weight matrix on every call; here each weight row is
 //! streamed once from memory and dotted with all `m` input rows while it sits in L1, with
 //! AVX2/FMA chosen at run time (the binary targets portable x86-64) and rows split across
-//! the rayon pool. Decode is bound by reading the weights, so this is the loop that decides
-//! tokens/s. Larger `m` goes to the `gemm` crate (the GEMM behind candle's CPU matmul),
-//! called directly on the strided operands: same numbers as candle's `x.matmul(&w.t())`,
-//! without its output allocation (`examples/gemm_micro.rs`, k = 576, m = 17..512, 2 threads:
-//! 1.0-1.3x candle's speed, 1.1-2.1x with a bias, which candle adds in a second pass).
+//! the compute pool. Decode is bound by reading the weights, so this is the loop that decides
+//! tokens/s. Larger `m` goes to [`super::dotgemm`], register-tiled and sums each element in
+//! the streaming kernel's order, so the result of a row never depends on `m`; where it has no
+//! vector kernel, to the `gemm` crate (the GEMM behind candle's CPU matmul).
 use super::pool;
 
 /// Largest `m` routed to the streaming kernel; beyond it a blocked GEMM wins.
@@ -20,10 +19,9 @@ const INLINE_BYTES: usize = 512 << 10;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ + bias[n]` (row-major; `out` is overwritten).
 ///
-/// `m <= SMALL_M`: the streaming kernel, bit-identical to [`matmul_wt_small`], no heap
-/// allocation. Larger `m`: `gemm` with the same arguments as candle's CPU matmul, then the
-/// bias, so the result is bit-identical to `x.matmul(&w.t())` (+ `broadcast_add(bias)`);
-/// `gemm` allocates its packing buffers (2-3 allocations per call), nothing else does.
+/// Every row's result is bit-identical to [`matmul_wt_small`] of that row alone, whatever
+/// `m` is (on x86 with AVX2; elsewhere rows above `SMALL_M` go through `gemm`, as candle's
+/// matmul). No heap allocation.
 pub fn matmul_wt_into(
     x: &[f32],
     m: usize,
@@ -37,10 +35,31 @@ pub fn matmul_wt_into(
     if m <= SMALL_M {
         stream_into(x, m, k, w, n, bias, out);
     } else {
-        gemm_into(x, m, k, w, n, out);
+        if !super::dotgemm::dot_gemm(x, m, k, w, n, out) {
+            gemm_into(x, m, k, w, n, out);
+        }
         if let Some(b) = bias {
             add_bias_rows(out, n, b);
         }
+    }
+}
+
+/// As [`matmul_wt_into`] for `m > SMALL_M` through the `gemm` crate (candle's CPU matmul,
+/// bit-identical to it) instead of [`super::dotgemm`]: the baseline of `examples/gemm_micro.rs`.
+#[doc(hidden)]
+pub fn matmul_wt_gemm_crate(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    check_dims(x, m, k, w, n, bias, out);
+    gemm_into(x, m, k, w, n, out);
+    if let Some(b) = bias {
+        add_bias_rows(out, n, b);
     }
 }
 
@@ -512,8 +531,15 @@ mod tests {
 
     #[test]
     fn into_matches_small_bit_for_bit() {
-        // n * k * 4 above INLINE_BYTES for the last shape: the pooled path
-        for &(m, k, n) in &[(1, 7, 5), (3, 33, 17), (16, 129, 40), (4, 576, 300)] {
+        // n * k * 4 above INLINE_BYTES for (4, 576, 300): the pooled path; m > SMALL_M: the
+        // register-tiled GEMM, in the same order (on AVX2 machines)
+        let many = if crate::kernels::dotgemm::isa() == crate::kernels::dotgemm::Isa::Scalar {
+            &[][..]
+        } else {
+            &[(17, 40, 9), (64, 576, 100)][..]
+        };
+        let few = [(1, 7, 5), (3, 33, 17), (16, 129, 40), (4, 576, 300)];
+        for &(m, k, n) in few.iter().chain(many) {
             let x = rand_vec(m * k, 1);
             let w = rand_vec(n * k, 2);
             let b = rand_vec(n, 3);
@@ -548,9 +574,9 @@ mod tests {
         }
     }
 
-    /// Above SMALL_M the result is the one candle's matmul (same `gemm` call) gives.
+    /// The `gemm` crate path gives what candle's matmul (same `gemm` call) gives.
     #[test]
-    fn gemm_path_matches_candle_bit_for_bit() {
+    fn gemm_crate_path_matches_candle_bit_for_bit() {
         use candle_core::{Device, Tensor};
         for &(m, k, n) in &[
             (17, 64, 33),
@@ -568,7 +594,7 @@ mod tests {
             let y = xt.matmul(&wt.t().unwrap()).unwrap();
             let want: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
             let mut out = vec![f32::NAN; m * n];
-            matmul_wt_into(&x, m, k, &w, n, None, &mut out);
+            matmul_wt_gemm_crate(&x, m, k, &w, n, None, &mut out);
             assert_eq!(bits(&out), bits(&want), "m={m} k={k} n={n}");
             let want: Vec<f32> = y
                 .broadcast_add(&bt)
@@ -577,7 +603,7 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            matmul_wt_into(&x, m, k, &w, n, Some(&b), &mut out);
+            matmul_wt_gemm_crate(&x, m, k, &w, n, Some(&b), &mut out);
             assert_eq!(bits(&out), bits(&want), "m={m} k={k} n={n} bias");
         }
     }

@@ -116,33 +116,32 @@ impl Linear {
                 }
             }
             Weight::Dense(w) => {
-                if m <= kernels::SMALL_M
-                    && x.device().is_cpu()
-                    && x.dtype() == DType::F32
-                    && w.dtype() == DType::F32
-                {
-                    // Streaming kernel for decode steps (see kernels.rs).
+                if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+                    // The streaming kernel (decode) or the register-tiled GEMM in its order
+                    // (see kernels/matmul.rs): a row's result does not depend on the others.
                     let x = x.contiguous()?;
                     // Borrow the data in place: no copy of weights or bias per step.
                     let y = {
                         let bias = self.bias.as_ref().map(F32View::of);
+                        let bias = match &bias {
+                            None => Some(None),
+                            Some(Some(b)) => Some(Some(b)),
+                            Some(None) => None,
+                        };
                         match (F32View::of(&x), F32View::of(w), bias) {
-                            (Some(xv), Some(wv), None) => Some(kernels::matmul_wt_small(
-                                xv.slice(),
-                                m,
-                                k,
-                                wv.slice(),
-                                n,
-                                None,
-                            )),
-                            (Some(xv), Some(wv), Some(Some(bv))) => Some(kernels::matmul_wt_small(
-                                xv.slice(),
-                                m,
-                                k,
-                                wv.slice(),
-                                n,
-                                Some(bv.slice()),
-                            )),
+                            (Some(xv), Some(wv), Some(bv)) => {
+                                let mut y = vec![0f32; m * n];
+                                kernels::matmul_wt_into(
+                                    xv.slice(),
+                                    m,
+                                    k,
+                                    wv.slice(),
+                                    n,
+                                    bv.map(|b| b.slice()),
+                                    &mut y,
+                                );
+                                Some(y)
+                            }
                             _ => None,
                         }
                     };

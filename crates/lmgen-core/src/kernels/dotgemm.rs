@@ -1,0 +1,416 @@
+//! `out[m, n] = x[m, k] · w[n, k]ᵀ` for many rows (prefill, large decode batches), with every
+//! element summed in exactly the order of the streaming decode kernel ([`super::matmul`]'s
+//! AVX2 tile): 16 partial sums (lane `l` takes `k ≡ l mod 16`, fused multiply-adds in order
+//! of `k`), an 8-wide chunk left at the end going to lanes 0-7, the lanes folded as
+//! `(l, l + 8)`, `(l, l + 4)`, `(l, l + 2)`, `(l, l + 1)`, then the last `k mod 8` products
+//! added one by one. So:
+//!
+//! * a sequence's numbers do not depend on how many rows share its step (1 row or 512 give
+//!   the same bits), and a prompt prefilled in one call equals the same tokens decoded;
+//! * the AVX-512 kernel (one 16-lane register per sum) and the AVX2 kernel (two 8-lane
+//!   registers per sum) give the same bits, so a cluster's AVX2 and AVX-512 nodes agree while
+//!   the AVX-512 nodes run at twice the width.
+//!
+//! Neither operand is packed: both are read along `k` as they lie in memory (the weights in
+//! place, however they were loaded), so a call allocates nothing. Register tiles of
+//! `MR` rows × `NR` weight rows (AVX-512 4 × 6, AVX2 3 × 3 in two passes over the even and
+//! odd 8-wide chunks); a task of the compute pool takes a block of weight rows and walks
+//! blocks of input rows that stay in L2 while each weight tile stays in L1.
+//! `examples/gemm_micro.rs` compares it with the `gemm` crate.
+use super::matmul::OutPtr;
+use super::pool;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Instruction set of the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+/// 0: not chosen yet; else `Isa as u8 + 1`.
+static ISA: AtomicU8 = AtomicU8::new(0);
+
+/// The instruction set in use: AVX-512F where the CPU has it, else AVX2 + FMA, else scalar
+/// (the scalar path is the streaming kernel's, not bit-identical to the vector ones).
+pub fn isa() -> Isa {
+    match ISA.load(Ordering::Relaxed) {
+        1 => Isa::Scalar,
+        2 => Isa::Avx2,
+        3 => Isa::Avx512,
+        _ => {
+            let isa = default_isa();
+            ISA.store(isa as u8 + 1, Ordering::Relaxed);
+            isa
+        }
+    }
+}
+
+fn default_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        if avx2 && is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if avx2 {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Scalar
+}
+
+/// Chooses the instruction set (`"avx512"`, `"avx2"`, `"scalar"`; one the CPU lacks gives the
+/// default), for side-by-side measurements and tests.
+#[doc(hidden)]
+pub fn set_isa(name: &str) {
+    let d = default_isa();
+    let isa = match name {
+        "avx512" if d == Isa::Avx512 => Isa::Avx512,
+        "avx2" if d != Isa::Scalar => Isa::Avx2,
+        "scalar" => Isa::Scalar,
+        _ => d,
+    };
+    ISA.store(isa as u8 + 1, Ordering::Relaxed);
+}
+
+/// Bytes of input rows kept in L2 while a task's weight rows stream past them.
+const ROW_BLOCK_BYTES: usize = 384 << 10;
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major, `out` overwritten; dims checked by the
+/// caller). Returns `false` without touching `out` where there is no vector kernel.
+pub(crate) fn dot_gemm(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> bool {
+    dot_gemm_isa(isa(), x, m, k, w, n, out)
+}
+
+fn dot_gemm_isa(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> bool {
+    let (mr, nr) = match isa {
+        Isa::Avx512 => (4, 6),
+        Isa::Avx2 => (3, 3),
+        Isa::Scalar => return false,
+    };
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return true;
+    }
+    let mb = ((ROW_BLOCK_BYTES / (k * 4)) / mr * mr).max(mr);
+    let col_tiles = n.div_ceil(nr);
+    let tasks = (4 * pool::threads()).min(col_tiles).max(1);
+    let y = OutPtr::new(out);
+    pool::for_each(tasks, |t| {
+        let c0 = (col_tiles * t / tasks) * nr;
+        let c1 = ((col_tiles * (t + 1) / tasks) * nr).min(n);
+        let mut i0 = 0;
+        while i0 < m {
+            let i1 = (i0 + mb).min(m);
+            let mut j = c0;
+            while j < c1 {
+                let nt = (c1 - j).min(nr);
+                let mut i = i0;
+                while i < i1 {
+                    let mt = (i1 - i).min(mr);
+                    // SAFETY: rows i..i + mt of x ([m, k]) and j..j + nt of w ([n, k]) exist;
+                    // out rows i..i + mt, columns j..j + nt are in this task's column block
+                    // (c0..c1), written by no other task; the CPU has the ISA (`isa`).
+                    unsafe {
+                        tile(
+                            isa,
+                            mt,
+                            nt,
+                            x.as_ptr().add(i * k),
+                            w.as_ptr().add(j * k),
+                            k,
+                            y.at(i * n + j),
+                            n,
+                        )
+                    };
+                    i += mt;
+                }
+                j += nt;
+            }
+            i0 = i1;
+        }
+    });
+    true
+}
+
+/// One `mt × nt` tile (`mt <= MR`, `nt <= NR` of the ISA).
+///
+/// # Safety
+/// `x` has `mt` rows of `k`, `w` `nt` rows of `k`, `out` `mt` rows of stride `ldo` with `nt`
+/// writable values each; the CPU supports `isa`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile(
+    isa: Isa,
+    mt: usize,
+    nt: usize,
+    x: *const f32,
+    w: *const f32,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! rows {
+            ($f:ident, $nr:literal, $($mr:literal)+) => {
+                match mt {
+                    $($mr => $f::<$mr, $nr>(x, w, k, out, ldo),)+
+                    _ => unreachable!(),
+                }
+            };
+        }
+        match isa {
+            // SAFETY (all arms): as the caller guarantees.
+            Isa::Avx512 => unsafe {
+                match nt {
+                    1 => rows!(k512, 1, 1 2 3 4),
+                    2 => rows!(k512, 2, 1 2 3 4),
+                    3 => rows!(k512, 3, 1 2 3 4),
+                    4 => rows!(k512, 4, 1 2 3 4),
+                    5 => rows!(k512, 5, 1 2 3 4),
+                    _ => rows!(k512, 6, 1 2 3 4),
+                }
+            },
+            Isa::Avx2 => unsafe {
+                match nt {
+                    1 => rows!(k256, 1, 1 2 3),
+                    2 => rows!(k256, 2, 1 2 3),
+                    _ => rows!(k256, 3, 1 2 3),
+                }
+            },
+            Isa::Scalar => unreachable!("no scalar tile"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, mt, nt, x, w, k, out, ldo);
+        unreachable!("no vector kernel on this architecture")
+    }
+}
+
+/// The 16 lanes of one sum as two 8-lane halves → the sum, then the `k mod 8` tail.
+///
+/// # Safety
+/// AVX2 available; `x`, `w` readable for `k` values.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn finish(
+    lo: std::arch::x86_64::__m256,
+    hi: std::arch::x86_64::__m256,
+    x: *const f32,
+    w: *const f32,
+    from: usize,
+    k: usize,
+) -> f32 {
+    use std::arch::x86_64::*;
+    // Exactly the streaming tile's fold (`matmul::avx::tile`).
+    let v = _mm256_add_ps(lo, hi);
+    let h = _mm256_extractf128_ps(v, 1);
+    let l = _mm256_castps256_ps128(v);
+    let s4 = _mm_add_ps(h, l);
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    let mut s = _mm_cvtss_f32(s1);
+    for j in from..k {
+        s += *x.add(j) * *w.add(j);
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // register tiles indexed by row and column
+unsafe fn k512<const MR: usize, const NR: usize>(
+    x: *const f32,
+    w: *const f32,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let k16 = k / 16 * 16;
+    let mut i = 0;
+    while i < k16 {
+        let mut xv = [_mm512_setzero_ps(); MR];
+        for t in 0..MR {
+            xv[t] = _mm512_loadu_ps(x.add(t * k + i));
+        }
+        for j in 0..NR {
+            let wv = _mm512_loadu_ps(w.add(j * k + i));
+            for t in 0..MR {
+                acc[t][j] = _mm512_fmadd_ps(xv[t], wv, acc[t][j]);
+            }
+        }
+        i += 16;
+    }
+    if k - i >= 8 {
+        // The streaming kernel's 8-wide remainder goes to lanes 0-7; the others keep theirs.
+        const LOW: __mmask16 = 0x00ff;
+        for j in 0..NR {
+            let wv = _mm512_maskz_loadu_ps(LOW, w.add(j * k + i));
+            for t in 0..MR {
+                let xv = _mm512_maskz_loadu_ps(LOW, x.add(t * k + i));
+                acc[t][j] = _mm512_mask3_fmadd_ps(xv, wv, acc[t][j], LOW);
+            }
+        }
+        i += 8;
+    }
+    for t in 0..MR {
+        for j in 0..NR {
+            let a = acc[t][j];
+            let lo = _mm512_castps512_ps256(a);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+            *out.add(t * ldo + j) = finish(lo, hi, x.add(t * k), w.add(j * k), i, k);
+        }
+    }
+}
+
+/// Sums of lanes 0-7 (`start = 0`, chunks at 0, 16, ... and an 8-wide remainder) or 8-15
+/// (`start = 8`) of an `MR × NR` tile: one 8-lane register per sum, so a 3 × 3 tile and its
+/// operands fit AVX2's 16 registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn half256<const MR: usize, const NR: usize>(
+    x: *const f32,
+    w: *const f32,
+    k: usize,
+    start: usize,
+    end: usize,
+) -> [[std::arch::x86_64::__m256; NR]; MR] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let mut i = start;
+    while i < end {
+        let mut xv = [_mm256_setzero_ps(); MR];
+        for t in 0..MR {
+            xv[t] = _mm256_loadu_ps(x.add(t * k + i));
+        }
+        for j in 0..NR {
+            let wv = _mm256_loadu_ps(w.add(j * k + i));
+            for t in 0..MR {
+                acc[t][j] = _mm256_fmadd_ps(xv[t], wv, acc[t][j]);
+            }
+        }
+        i += 16;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)]
+unsafe fn k256<const MR: usize, const NR: usize>(
+    x: *const f32,
+    w: *const f32,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let k16 = k / 16 * 16;
+    let tail8 = k - k16 >= 8;
+    let lo = half256::<MR, NR>(x, w, k, 0, if tail8 { k16 + 1 } else { k16 });
+    let hi = half256::<MR, NR>(x, w, k, 8, k16);
+    let from = if tail8 { k16 + 8 } else { k16 };
+    for t in 0..MR {
+        for j in 0..NR {
+            *out.add(t * ldo + j) = finish(lo[t][j], hi[t][j], x.add(t * k), w.add(j * k), from, k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::matmul::matmul_wt_small;
+
+    fn rand_vec(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Every ISA the CPU has gives, for each row, the bits of the streaming kernel on that
+    /// row alone: k with and without 16-, 8- and 1-wide remainders, tiles cut at every edge.
+    #[test]
+    fn rows_equal_streaming_kernel_bit_for_bit() {
+        let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&i| match (i, default_isa()) {
+                (_, Isa::Scalar) => false,
+                (Isa::Avx512, d) => d == Isa::Avx512,
+                _ => true,
+            })
+            .collect();
+        if isas.is_empty() {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        for &(m, k, n) in &[
+            (17, 64, 33),
+            (5, 8, 7),
+            (7, 11, 13),
+            (40, 576, 129),
+            (129, 130, 67),
+            (23, 1549, 31),
+            (300, 200, 500),
+            (64, 24, 6),
+        ] {
+            let x = rand_vec(m * k, 5 + m as u32);
+            let w = rand_vec(n * k, 6 + k as u32);
+            let mut want = Vec::with_capacity(m * n);
+            for i in 0..m {
+                want.extend(matmul_wt_small(&x[i * k..(i + 1) * k], 1, k, &w, n, None));
+            }
+            for &isa in &isas {
+                let mut out = vec![f32::NAN; m * n];
+                assert!(dot_gemm_isa(isa, &x, m, k, &w, n, &mut out));
+                for (i, (g, e)) in out.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        e.to_bits(),
+                        "{isa:?} m={m} k={k} n={n} at ({}, {}): {g} vs {e}",
+                        i / n,
+                        i % n
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_k_and_empty() {
+        if default_isa() == Isa::Scalar {
+            return;
+        }
+        let mut out = vec![1f32; 6];
+        assert!(dot_gemm(&[], 2, 0, &[], 3, &mut out));
+        assert_eq!(out, vec![0.0; 6]);
+        assert!(dot_gemm(&[], 0, 4, &[0.0; 8], 2, &mut []));
+    }
+}
