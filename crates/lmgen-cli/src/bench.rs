@@ -179,8 +179,8 @@ pub fn table(r: &BenchReport, kind: &str) -> String {
     let [m, k, n] = l.gemm_shape;
     let _ = writeln!(
         s,
-        "machine limits    read {read}; f32 GEMM {:.1} GFLOP/s (candle matmul {m}x{k}x{n})",
-        l.gemm_gflop_s
+        "machine limits    read {read}; f32 GEMM {:.1} GFLOP/s ({} {m}x{k}x{n})",
+        l.gemm_gflop_s, l.gemm_kernel
     );
     s
 }

@@ -113,7 +113,7 @@ pub fn synthetic_decoder(
 }
 
 /// What this machine can do at best, measured now.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Limits {
     /// Sustained memory read bandwidth with `read_threads` threads, GB/s (best of ~1 s of
     /// passes over a 1 GiB buffer, AVX2 loads where the CPU has them).
@@ -124,11 +124,14 @@ pub struct Limits {
     /// Whether the buffer was advised onto transparent huge pages (Linux): with 4 KiB pages
     /// the hardware prefetchers stop at every page and a core reads less.
     pub read_huge_pages: bool,
-    /// f32 GEMM throughput of candle's CPU matmul (the kernel lmgen uses), GFLOP/s: the best
-    /// of the shapes tried, which is `gemm_shape`.
+    /// f32 GEMM throughput, GFLOP/s: the best of the shapes and kernels tried (candle's CPU
+    /// matmul, and lmgen's own `dotgemm` that prefill uses), which are `gemm_shape` and
+    /// `gemm_kernel`.
     pub gemm_gflop_s: f64,
     /// `[m, k, n]` of the best GEMM: (m×k)·(k×n).
     pub gemm_shape: [usize; 3],
+    /// The kernel that reached it.
+    pub gemm_kernel: String,
 }
 
 /// Size of the bandwidth buffer: far beyond any cache (this VM reports a 480 MiB L3).
@@ -147,7 +150,7 @@ pub fn measure_limits(threads: usize) -> Result<Limits> {
         read_gb_s
     };
     drop(buf);
-    let (gemm_gflop_s, gemm_shape) = gemm_peak()?;
+    let (gemm_gflop_s, gemm_shape, gemm_kernel) = gemm_peak()?;
     Ok(Limits {
         read_gb_s,
         read_gb_s_1thread,
@@ -155,6 +158,7 @@ pub fn measure_limits(threads: usize) -> Result<Limits> {
         read_huge_pages,
         gemm_gflop_s,
         gemm_shape,
+        gemm_kernel,
     })
 }
 
@@ -251,21 +255,35 @@ fn read_bandwidth(buf: &[f32], threads: usize, seconds: f64) -> f64 {
     std::mem::size_of_val(buf) as f64 / best / 1e9
 }
 
-/// Best of a few square f32 GEMMs through candle's matmul; (GFLOP/s, [m, k, n]).
-fn gemm_peak() -> Result<(f64, [usize; 3])> {
-    let mut best = (0.0, [0; 3]);
+/// Best of a few square f32 GEMMs, through candle's matmul and through lmgen's own kernel
+/// (`x · wᵀ`, as the model's products); (GFLOP/s, [m, k, n], kernel).
+fn gemm_peak() -> Result<(f64, [usize; 3], String)> {
+    let mut best = (0.0, [0; 3], String::new());
     for m in [1024usize, 2048] {
         let a = Tensor::randn(0f32, 1.0, (m, m), &Device::Cpu)?;
         let b = Tensor::randn(0f32, 1.0, (m, m), &Device::Cpu)?;
-        let mut t_best = f64::INFINITY;
-        for _ in 0..4 {
-            let t = Instant::now();
-            std::hint::black_box(a.matmul(&b)?);
-            t_best = t_best.min(t.elapsed().as_secs_f64());
-        }
-        let gflops = 2.0 * (m * m * m) as f64 / t_best / 1e9;
-        if gflops > best.0 {
-            best = (gflops, [m, m, m]);
+        let (av, bv) = (
+            a.flatten_all()?.to_vec1::<f32>()?,
+            b.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let mut out = vec![0f32; m * m];
+        let own = format!("lmgen dotgemm {:?}", crate::kernels::dotgemm::isa()).to_lowercase();
+        for kernel in ["candle matmul", own.as_str()] {
+            let mut t_best = f64::INFINITY;
+            for _ in 0..4 {
+                let t = Instant::now();
+                if kernel == own {
+                    crate::kernels::matmul::matmul_wt_into(&av, m, m, &bv, m, None, &mut out);
+                    std::hint::black_box(&mut out);
+                } else {
+                    std::hint::black_box(a.matmul(&b)?);
+                }
+                t_best = t_best.min(t.elapsed().as_secs_f64());
+            }
+            let gflops = 2.0 * (m * m * m) as f64 / t_best / 1e9;
+            if gflops > best.0 {
+                best = (gflops, [m, m, m], kernel.to_string());
+            }
         }
     }
     Ok(best)
@@ -517,6 +535,7 @@ pub fn run_decoder(
         }
         let tps = (b * opts.decode_tokens) as f64 / time;
         let ratio = limits
+            .as_ref()
             .filter(|_| b == 1)
             .map(|l| tps / (l.read_gb_s * 1e9 / bytes_per_token));
         decode.push(DecodePoint {
@@ -538,7 +557,7 @@ pub fn run_decoder(
         prompt_tokens: prompt.len(),
         prefill_tokens_per_s: prefill_tps,
         prefill_gflop_s: prefill_gflops,
-        prefill_gemm_ratio: limits.map(|l| prefill_gflops / l.gemm_gflop_s),
+        prefill_gemm_ratio: limits.as_ref().map(|l| prefill_gflops / l.gemm_gflop_s),
         decode,
         peak_rss_bytes: peak_rss().max(rss_before),
         threads: opts.threads,
