@@ -16,11 +16,14 @@ pub fn cpu_kernels() -> Vec<&'static str> {
         {
             v.push("avx512-vnni (quantized matmul)");
         }
+        if avx2 && is_x86_feature_detected!("avx512f") {
+            v.push("avx512f (f32 prefill GEMM)");
+        }
         if avx2 {
             v.push(if is_x86_feature_detected!("f16c") {
-                "avx2+fma (f32 decode, attention, quantized matmul)"
+                "avx2+fma (f32 decode and GEMM, attention, quantized matmul)"
             } else {
-                "avx2+fma (f32 decode, attention)"
+                "avx2+fma (f32 decode and GEMM, attention)"
             });
         }
     }
@@ -38,6 +41,11 @@ pub fn long_version() -> String {
     );
     s += &format!("features: {}\n", features());
     s += &format!("cpu kernels: {}\n", cpu_kernels().join(", "));
+    if let Ok(isa) = std::env::var("LMGEN_GEMM_ISA") {
+        if !isa.is_empty() {
+            s += &format!("LMGEN_GEMM_ISA={isa}: f32 GEMM capped at {isa}\n");
+        }
+    }
     if let Ok(isa) = std::env::var("LMGEN_QUANT_ISA") {
         if !isa.is_empty() {
             s += &format!("LMGEN_QUANT_ISA={isa}: quantized kernels capped at {isa}\n");

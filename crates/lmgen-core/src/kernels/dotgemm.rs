@@ -33,7 +33,7 @@ pub enum Isa {
 static ISA: AtomicU8 = AtomicU8::new(0);
 
 /// The instruction set in use: AVX-512F where the CPU has it, else AVX2 + FMA, else scalar
-/// (the scalar path is the streaming kernel's, not bit-identical to the vector ones).
+/// (without a vector kernel products go to the `gemm` crate, not bit-identical to these).
 pub fn isa() -> Isa {
     match ISA.load(Ordering::Relaxed) {
         1 => Isa::Scalar,
@@ -47,7 +47,18 @@ pub fn isa() -> Isa {
     }
 }
 
+/// The best the CPU has; `LMGEN_GEMM_ISA=avx2|scalar` caps the choice (the vector kernels
+/// give the same bits; the scalar path is the `gemm` crate's).
 fn default_isa() -> Isa {
+    let best = best_isa();
+    match std::env::var("LMGEN_GEMM_ISA").as_deref() {
+        Ok("scalar") => Isa::Scalar,
+        Ok("avx2") if best != Isa::Scalar => Isa::Avx2,
+        _ => best,
+    }
+}
+
+fn best_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
@@ -65,7 +76,7 @@ fn default_isa() -> Isa {
 /// default), for side-by-side measurements and tests.
 #[doc(hidden)]
 pub fn set_isa(name: &str) {
-    let d = default_isa();
+    let d = best_isa();
     let isa = match name {
         "avx512" if d == Isa::Avx512 => Isa::Avx512,
         "avx2" if d != Isa::Scalar => Isa::Avx2,
@@ -361,7 +372,7 @@ mod tests {
     fn rows_equal_streaming_kernel_bit_for_bit() {
         let isas: Vec<Isa> = [Isa::Avx2, Isa::Avx512]
             .into_iter()
-            .filter(|&i| match (i, default_isa()) {
+            .filter(|&i| match (i, best_isa()) {
                 (_, Isa::Scalar) => false,
                 (Isa::Avx512, d) => d == Isa::Avx512,
                 _ => true,
@@ -405,7 +416,7 @@ mod tests {
 
     #[test]
     fn zero_k_and_empty() {
-        if default_isa() == Isa::Scalar {
+        if isa() == Isa::Scalar {
             return;
         }
         let mut out = vec![1f32; 6];
