@@ -24,6 +24,9 @@ pub struct PagedSeq<'a> {
     /// Block table covering at least `past + tokens.len()` positions.
     pub blocks: &'a [u32],
     pub want: Want,
+    /// The sequence length rotary frequencies are chosen for, when longer than
+    /// `past + tokens.len()` (see `RunSeq::rope_len`).
+    pub rope_len: usize,
 }
 
 /// Step buffers, grown to the largest step seen and then reused.
@@ -189,7 +192,7 @@ fn rope_tables(
     let mut i = 0;
     for s in seqs {
         let t = s.tokens.len();
-        let dynamic = dynamic_inv_freq(r, s.past + t);
+        let dynamic = dynamic_inv_freq(r, (s.past + t).max(s.rope_len));
         let inv = dynamic.as_deref().unwrap_or(&r.inv_freq);
         for p in s.past..s.past + t {
             for (j, &f) in inv.iter().enumerate() {
@@ -524,6 +527,7 @@ impl Decoder {
                     scale: scale as f32,
                     window: if windowed { spec.sliding_window } else { None },
                     alibi: self.alibi_slopes(),
+                    alibi_bf16: self.alibi_bf16_scale(),
                     softcap: spec.attn_softcap,
                 };
                 let (kc, vc) = pool.layer(li);
