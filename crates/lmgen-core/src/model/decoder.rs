@@ -613,18 +613,24 @@ impl Decoder {
                 candle_core::Error::Msg("experts without a mixture-of-experts spec".into())
             })?;
             let logits: Vec<Vec<f32>> = moe.router.forward(h)?.to_dtype(DType::F32)?.to_vec2()?;
-            // Tokens grouped by expert: (rows, weights).
-            let mut groups: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); moe.experts.len()];
+            // Tokens grouped by expert: (rows, top-k slots `row * k + slot`, weights).
+            let k = spec.top_k.min(moe.experts.len());
+            let mut groups: Vec<(Vec<u32>, Vec<u32>, Vec<f32>)> =
+                vec![(vec![], vec![], vec![]); moe.experts.len()];
             let mut picked = Vec::new();
             for (t, l) in logits.iter().enumerate() {
                 route(l, spec.top_k, spec.norm_topk, &mut picked);
-                for &(e, w) in &picked {
+                for (slot, &(e, w)) in picked.iter().enumerate() {
                     groups[e].0.push(t as u32);
-                    groups[e].1.push(w);
+                    groups[e].1.push((t * k + slot) as u32);
+                    groups[e].2.push(w);
                 }
             }
-            let mut out = h.zeros_like()?;
-            for (e, (rows, ws)) in groups.iter().enumerate() {
+            // Weighted outputs per (token, slot), summed in top-k order as transformers'
+            // default `grouped_mm` experts do.
+            let (n, width) = h.dims2()?;
+            let mut slots = Tensor::zeros((n * k, width), h.dtype(), h.device())?;
+            for (e, (rows, dest, ws)) in groups.iter().enumerate() {
                 if rows.is_empty() {
                     continue;
                 }
@@ -634,8 +640,10 @@ impl Decoder {
                 let w = Tensor::new(ws.as_slice(), h.device())?
                     .to_dtype(y.dtype())?
                     .unsqueeze(1)?;
-                out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+                let dest = Tensor::new(dest.as_slice(), h.device())?;
+                slots = slots.index_add(&dest, &y.broadcast_mul(&w)?, 0)?;
             }
+            let mut out = slots.reshape((n, k, width))?.sum(1)?;
             if let Some(g) = &moe.shared_gate {
                 let shared = dense(h, &b.mlp_in, &b.mlp_out)?;
                 let gate = candle_nn::ops::sigmoid(&g.forward(h)?)?;

@@ -105,7 +105,7 @@ fn adjust_heap(q: &mut [Elem], first: usize, mut hole: usize, len: usize, value:
         q[first + hole] = q[first + second];
         hole = second;
     }
-    if len % 2 == 0 && len >= 2 && second == (len - 2) / 2 {
+    if len.is_multiple_of(2) && len >= 2 && second == (len - 2) / 2 {
         second = 2 * (second + 1);
         q[first + hole] = q[first + second - 1];
         hole = second - 1;
