@@ -5,7 +5,10 @@
 //! With ALiBi, transformers rounds the slopes and also the products slope × position to
 //! bfloat16 (absolute key positions, cast to bfloat16 first), so past position 256 the bias
 //! moves in steps; lmgen builds the bias the same way (`alibi_bf16_products`), in the CPU
-//! kernel and in the dense (candle) attention path alike.
+//! kernel and in the dense (candle) attention path alike. All of this is transformers' eager
+//! attention (what the fixtures use): its SDPA path, the default in transformers 5, adds the
+//! ALiBi bias only once (through the mask, scaled by 1/sqrt(head_dim)) and gives different
+//! numbers (0.52 in logprob on a 10-token input of the falcon-rw fixture).
 use super::{degroup_qkv, heads, Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
