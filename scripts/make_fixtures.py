@@ -106,6 +106,10 @@ PROMPTS = [
     "def f(x):\n    return  x**2\n\n\tprint(f(3))",
 ]
 
+# A prompt past position 256 (338 tokens with the GPT-2-style tiny tokenizer), where Falcon's
+# bfloat16 ALiBi products stop being exact.
+LONG_PROMPT = "\n".join(CORPUS.splitlines()[:11])
+
 # Tokenizer tricky strings ({eos} / {bos} are replaced with the family's special tokens).
 TRICKY = [
     "a  b   c",
@@ -618,6 +622,98 @@ FIXTURES = [
 ]
 
 
+def _routers(model) -> list:
+    return [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+
+
+def _tie_routers(model) -> None:
+    """Routers whose choice is decided by exact ties: layer 0's is zero (every token ties across all
+    experts, so torch's topk picks experts 6 and 5 of 8), the other layers' have zero rows for half
+    the experts (a token whose other logits are all negative ties across those)."""
+    with torch.no_grad():
+        for i, r in enumerate(_routers(model)):
+            if i == 0:
+                r.weight.zero_()
+            else:
+                r.weight[1::2] = 0.0
+
+
+@torch.no_grad()
+def _check_router_ties(model, prompts: list) -> None:
+    """The ties must decide routing: count the tokens whose top-k (torch's CPU topk) is not what
+    picking the lowest expert index among equal probabilities would give."""
+    seqs = [p["input_ids"] + p["greedy"]["token_ids"] for p in prompts]
+    seen = []
+    hooks = [r.register_forward_hook(lambda mod, inp, out: seen.append((mod.top_k, out[0]))) for r in
+             _routers(model)]
+    for ids in seqs:
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    differ = total = 0
+    for k, logits in seen:
+        probs = torch.softmax(logits.float(), dim=-1)
+        torch_pick = torch.topk(probs, k, dim=-1).indices
+        for row, pick in zip(probs, torch_pick):
+            lowest = sorted(range(len(row)), key=lambda e: (-row[e].item(), e))[:k]
+            differ += set(pick.tolist()) != set(lowest)
+            total += 1
+    print(f"  router ties change the experts of {differ}/{total} token-layers")
+    assert differ > total // 4, (differ, total)
+
+
+@torch.no_grad()
+def _check_falcon_alibi_rounding(model, prompts: list) -> None:
+    """The fixture must tell the bfloat16 ALiBi products from exact ones: the same model with
+    `slopes * positions` in float32 moves some logprob past position 256 by more than 2e-3."""
+    seqs = [p["input_ids"] + p["greedy"]["token_ids"] for p in prompts]
+    import transformers.models.falcon.modeling_falcon as mf
+    orig = mf.build_alibi_tensor
+
+    def exact(attention_mask, num_heads, dtype):
+        a = orig(attention_mask, num_heads, torch.float32)  # slopes (bf16) * positions, rounded
+        pos = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :].float()
+        slopes = orig(torch.ones(1, 2, dtype=torch.long), num_heads, torch.float32).reshape(-1, 2)[:, 1]
+        return (slopes[:, None] * pos).reshape(a.shape).to(dtype)
+
+    worst = 0.0
+    for ids in seqs:
+        a, _, _ = forward_info(model, ids, False)
+        mf.build_alibi_tensor = exact
+        try:
+            b, _, _ = forward_info(model, ids, False)
+        finally:
+            mf.build_alibi_tensor = orig
+        d = [abs(x - y) for x, y in zip(a, b)]
+        assert max(d[:255] or [0.0]) < 1e-5, max(d[:255])
+        worst = max([worst] + d)
+    print(f"  exact (unrounded) ALiBi products move prompt logprobs by up to {worst:.3g}")
+    assert worst > 2e-3, worst
+
+
+@torch.no_grad()
+def _check_longrope_recompute(model, prompts: list) -> None:
+    """The fixture must tell transformers' recompute at the crossing from keeping the cache: decoding
+    the golden tokens with one KV cache throughout (short-factor keys kept, new tokens rotated with the
+    long factors) moves some logprob after the crossing by more than 2e-3."""
+    from transformers import DynamicCache
+    omax = model.config.original_max_position_embeddings
+    worst = 0.0
+    for p in prompts:
+        ids, new = p["input_ids"], p["greedy"]["token_ids"]
+        if len(ids) > omax:
+            continue
+        cache = DynamicCache(config=model.config)
+        out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+        for step, t in enumerate(new):
+            lp = torch.log_softmax(out.logits[0, -1].double(), dim=-1)[t].item()
+            if len(ids) + step > omax:
+                worst = max(worst, abs(lp - p["greedy"]["logprobs"][step]))
+            out = model(torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+    print(f"  keeping the short-factor cache past the crossing moves logprobs by up to {worst:.3g}")
+    assert worst > 2e-3, worst
+
+
 NEW_FIXTURES = [
     dict(name="gemma", family="gemma", tok="llama", fmt="safetensors", dtype="float16",
          axes="Gemma 1: RMSNorm (1+w), embeddings * sqrt(hidden), GeGLU tanh, MQA (1 kv head), head_dim 16 with "
@@ -632,6 +728,15 @@ NEW_FIXTURES = [
          axes="Qwen3: per-head q/k RMSNorm, head_dim 16 with hidden 32 and 4 heads, GQA 4/2, tied"),
     dict(name="phi3", family="phi3", tok="llama", fmt="safetensors", dtype="bfloat16",
          axes="Phi-3: fused qkv_proj and gate_up_proj, sliding window 8 on every layer, GQA 4/2"),
+    dict(name="phi3-longrope", family="phi3", tok="llama", fmt="safetensors", dtype="float32",
+         cfg=dict(sliding_window=None, original_max_position_embeddings=12,
+                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 12,
+                                   "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.5, 3.0, 6.0, 12.0]}),
+         prompts=[PROMPTS[0], "The cat sat on the mat", "Once upon a time", PROMPTS[1]],
+         check=_check_longrope_recompute,
+         axes="Phi-3 longrope, original_max_position_embeddings 12 (max 64): prompts of 8, 10 and 12 tokens cross "
+              "it while generating (transformers then recomputes the whole sequence with the long factors), one "
+              "of 30 tokens is prefilled with them"),
     dict(name="olmo", family="olmo", tok="neox", fmt="safetensors", dtype="bfloat16",
          axes="OLMo: LayerNorm without parameters, clip_qkv 2.0"),
     dict(name="olmo2", family="olmo2", tok="neox", fmt="safetensors", dtype="float32",
@@ -662,12 +767,22 @@ NEW_FIXTURES = [
                   num_kv_heads=None),
          axes="Falcon-RW style: ALiBi (bf16 slopes, scaled with the scores), sequential block with two norms, "
               "per-head interleaved QKV, biases"),
+    dict(name="falcon-rw-long", family="falcon", tok="gpt2", fmt="safetensors", dtype="float32",
+         cfg=dict(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True, bias=True,
+                  num_kv_heads=None, max_position_embeddings=512),
+         prompts=[PROMPTS[0], LONG_PROMPT], check=_check_falcon_alibi_rounding,
+         axes="Falcon-RW style ALiBi past position 256: a 338-token prompt, where transformers' bfloat16 "
+              "products slope x position are rounded (exact products would move logprobs by more than 2e-3)"),
     dict(name="gpt-bigcode", family="gpt_bigcode", tok="gpt2", fmt="safetensors", dtype="bfloat16",
          axes="GPT-BigCode (StarCoder/SantaCoder): multi-query, learned positions, GELU(tanh)"),
     dict(name="gpt-bigcode-mha", family="gpt_bigcode", tok="gpt2", fmt="safetensors", dtype="bfloat16",
          cfg=dict(multi_query=False), axes="GPT-BigCode without multi-query: per-head interleaved c_attn"),
     dict(name="mixtral", family="mixtral", tok="llama", fmt="safetensors", dtype="bfloat16",
          axes="Mixtral: 4 experts, top-2 renormalized, GQA 4/2"),
+    dict(name="mixtral-ties", family="mixtral", tok="llama", fmt="safetensors", dtype="bfloat16",
+         cfg=dict(num_local_experts=8), tweak=_tie_routers, check=_check_router_ties,
+         axes="Mixtral, 8 experts, top-2, with routing decided by exact ties: layer 0's router is zero (all "
+              "experts tie; torch's CPU topk picks 6 and 5), layer 1's has zero rows for the odd experts"),
     dict(name="qwen2-moe", family="qwen2_moe", tok="qwen2", fmt="safetensors", dtype="float16",
          axes="Qwen2-MoE: 4 experts of 32, top-2 not renormalized, shared expert of 48 with sigmoid gate, qkv bias"),
     dict(name="qwen3-moe", family="qwen3_moe", tok="qwen2", fmt="safetensors", dtype="bfloat16",
@@ -825,6 +940,8 @@ def build_fixture(spec: dict, tok_dirs: dict[str, Path], out_root: Path, summary
         torch.manual_seed(seed)
         m = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
         init_weights(m, seed)
+        if spec.get("tweak"):
+            spec["tweak"](m)
         if save_dtype != torch.float32:
             with torch.no_grad():
                 for p in m.parameters():
@@ -839,7 +956,7 @@ def build_fixture(spec: dict, tok_dirs: dict[str, Path], out_root: Path, summary
         seed = SEED + 1000 * k + sum(ord(c) for c in name)
         m = make_model(seed)
         gaps, repeats = [], 0
-        for text in PROMPTS:
+        for text in spec.get("prompts", PROMPTS):
             new, _, gp, _ = greedy(m, tok(text)["input_ids"], None, MAX_NEW_TOKENS)
             gaps += gp
             repeats += len(new) - len(set(new))
@@ -866,13 +983,13 @@ def build_fixture(spec: dict, tok_dirs: dict[str, Path], out_root: Path, summary
     eos = model.generation_config.eos_token_id
 
     prompts = []
-    for pi, text in enumerate(PROMPTS):
+    for pi, text in enumerate(spec.get("prompts", PROMPTS)):
         ids = tok(text)["input_ids"]
         maxpos = getattr(config, "max_position_embeddings", getattr(config, "n_positions", None))
         if spec["family"] in ("gpt2", "opt"):
             assert len(ids) + MAX_NEW_TOKENS <= maxpos, (name, text, len(ids))
         new, lps, gaps, finish = greedy(model, ids, eos, MAX_NEW_TOKENS)
-        plp, hs, _ = forward_info(model, ids, with_hidden=pi < 2)
+        plp, hs, _ = forward_info(model, ids, with_hidden=pi < 2 and len(ids) <= 64)
         rec = {"text": text, "input_ids": ids,
                "greedy": {"token_ids": new, "logprobs": rlist(lps), "top2_gap": rlist(gaps), "finish_reason": finish},
                "prompt_logprobs": rlist(plp)}
@@ -883,6 +1000,8 @@ def build_fixture(spec: dict, tok_dirs: dict[str, Path], out_root: Path, summary
         if hs is not None:
             rec["hidden_states"] = [rlist(h) for h in hs]
         prompts.append(rec)
+    if spec.get("check"):
+        spec["check"](model, prompts)
     if spec["name"] == "llama-rope-dynamic":
         assert max(len(p["input_ids"]) + len(p["greedy"]["token_ids"]) for p in prompts) > config.max_position_embeddings
 

@@ -86,6 +86,7 @@ fn bench(name: &str, shape: &[(usize, usize)]) {
         scale: 1.0 / (HD as f32).sqrt(),
         window: None,
         alibi: None,
+        alibi_bf16: None,
         softcap: None,
     };
     let pairs: f64 = shape

@@ -475,6 +475,7 @@ pub fn run_decoder(
                 tokens: &prompt,
                 kv: &mut kv,
                 want: Want::Last,
+                rope_len: 0,
             }],
             false,
         )?;
@@ -515,6 +516,7 @@ pub fn run_decoder(
                         tokens: toks,
                         kv,
                         want: Want::Last,
+                        rope_len: 0,
                     })
                     .collect();
                 runner.step(&mut steps, false)?;

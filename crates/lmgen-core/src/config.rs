@@ -183,6 +183,10 @@ pub struct ModelSpec {
     pub alibi_slopes: AlibiSlopes,
     /// Multiplier on the ALiBi slopes (Falcon scales the bias with the scores).
     pub alibi_scale: f32,
+    /// Falcon: the ALiBi bias of key position j is `bf16(slope × bf16(j)) × alibi_scale`, the
+    /// product rounded to bfloat16 as transformers builds it (absolute key positions), instead
+    /// of `slope × alibi_scale × (j − query position)`.
+    pub alibi_bf16_products: bool,
     /// The output head has a bias (GPT-J, Phi).
     pub head_bias: bool,
     /// Mixture of experts in place of the MLP (Mixtral, Qwen-MoE, OLMoE).
@@ -236,6 +240,7 @@ impl ModelSpec {
             local_rope: None,
             alibi_slopes: AlibiSlopes::Bloom,
             alibi_scale: 1.0,
+            alibi_bf16_products: false,
             head_bias: false,
             moe: None,
             clip_after_qk_norm: false,
@@ -243,7 +248,8 @@ impl ModelSpec {
     }
 
     /// ALiBi slope per head (already multiplied by the attention scale where the family
-    /// scales the bias), for models with ALiBi positions.
+    /// scales the bias, unless [`Self::alibi_bf16_scale`] applies it to the rounded products),
+    /// for models with ALiBi positions.
     pub fn alibi(&self) -> Option<Vec<f32>> {
         if !matches!(self.positions, Positions::Alibi) {
             return None;
@@ -270,10 +276,28 @@ impl ModelSpec {
                 }
             }
         };
-        if self.alibi_scale != 1.0 {
+        if self.alibi_scale != 1.0 && !self.alibi_bf16_products {
             s.iter_mut().for_each(|x| *x *= self.alibi_scale);
         }
         Some(s)
+    }
+
+    /// Phi-3 longrope: `original_max_position_embeddings`, past which the long factors apply.
+    pub fn longrope_original_max(&self) -> Option<usize> {
+        match &self.positions {
+            Positions::Rope(RopeSpec {
+                scaling: RopeScaling::LongRope { original_max, .. },
+                ..
+            }) => Some(*original_max),
+            _ => None,
+        }
+    }
+
+    /// With `alibi_bf16_products` (Falcon): the factor on the bfloat16-rounded products of
+    /// [`Self::alibi`]'s slopes and the key positions.
+    pub fn alibi_bf16_scale(&self) -> Option<f32> {
+        (self.alibi_bf16_products && matches!(self.positions, Positions::Alibi))
+            .then_some(self.alibi_scale)
     }
 
     pub fn q_dim(&self) -> usize {

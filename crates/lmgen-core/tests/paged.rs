@@ -130,10 +130,12 @@ fn paged_equals_tensor_path_for_every_family() {
         "falcon",
         "falcon-mq",
         "falcon-rw",
+        "falcon-rw-long",
         "gpt-bigcode",
         "gpt-bigcode-mha",
         "mpt",
         "mixtral",
+        "mixtral-ties",
         "qwen2-moe",
         "qwen3-moe",
         "olmoe",
@@ -273,4 +275,71 @@ fn samples_of_one_prompt_share_its_blocks() {
         got.windows(2).any(|w| w[0].token_ids != w[1].token_ids),
         "samples differ"
     );
+}
+
+/// Phi-3 longrope (`original_max_position_embeddings` 12): a sequence that outgrows it while
+/// generating is recomputed with the long factors once, as transformers does, on either path,
+/// in any batch, with prompts prefilled in chunks (rotated for their whole length), and after
+/// preemption in a full pool.
+#[test]
+fn longrope_sequences_are_recomputed_once_when_they_cross() {
+    let m = model("phi3-longrope");
+    let vocab = m.spec().vocab_size;
+    assert_eq!(m.spec().longrope_original_max(), Some(12));
+    let prompts: Vec<Vec<u32>> = [1, 5, 11, 12, 13, 20, 40]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| tokens(i as u32 + 40, n, vocab))
+        .collect();
+    let greedy = SamplingParams::default();
+    let reqs = || {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| req(i, 0, p.clone(), &greedy, 20))
+            .collect::<Vec<_>>()
+    };
+    let mut tensor = Generator::new(&m, 3);
+    tensor.paged = false;
+    let (want, s) = run(&tensor, reqs());
+    // The prompts of 1, 5, 11 and 12 tokens cross 12 while generating.
+    assert_eq!(s.rope_recomputes, 4, "{s:?}");
+    let (got, s) = run(&Generator::new(&m, 3), reqs());
+    assert_eq!(s.rope_recomputes, 4, "{s:?}");
+    assert_same("longrope paged", &got, &want, 1e-4);
+    let mut chunked = Generator::new(&m, 1);
+    chunked.max_step_tokens = 5;
+    let (got, _) = run(&chunked, reqs());
+    assert_same("longrope chunked", &got, &want, 1e-4);
+    let mut tight = Generator::new(&m, 7);
+    tight.kv_memory = Some(6 * m.decoder.kv_block_bytes());
+    let (got, s) = run(&tight, reqs());
+    assert!(s.preemptions > 0, "no preemption tested: {s:?}");
+    assert_same("longrope preempted", &got, &want, 1e-4);
+}
+
+/// Falcon's bfloat16 ALiBi products past position 256 are the same on the paged CPU kernel
+/// and the tensor path (what GPUs run).
+#[test]
+fn falcon_alibi_past_256_paged_equals_tensor_path() {
+    let m = model("falcon-rw-long");
+    let vocab = m.spec().vocab_size;
+    let prompts: Vec<Vec<u32>> = [300, 270]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| tokens(i as u32 + 7, n, vocab))
+        .collect();
+    let greedy = SamplingParams::default();
+    let reqs = || {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| req(i, 0, p.clone(), &greedy, 8))
+            .collect::<Vec<_>>()
+    };
+    let mut tensor = Generator::new(&m, 2);
+    tensor.paged = false;
+    let (want, _) = run(&tensor, reqs());
+    let (got, _) = run(&Generator::new(&m, 2), reqs());
+    assert_same("falcon-rw-long", &got, &want, 1e-4);
 }

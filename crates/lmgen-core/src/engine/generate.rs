@@ -87,6 +87,9 @@ struct Active<'m> {
     stream: Option<(DecodeStream<'m>, String)>,
     /// Admission order (the youngest is preempted first).
     admitted: u64,
+    /// Phi-3 longrope: the cached keys were rotated with the short factors (the sequence fit
+    /// `original_max_position_embeddings` when they were computed).
+    short_rope: bool,
 }
 
 impl Active<'_> {
@@ -119,6 +122,9 @@ pub struct Generator<'m> {
 pub struct RunStats {
     /// Sequences preempted (blocks freed, recomputed later) because the pool was full.
     pub preemptions: usize,
+    /// Phi-3 longrope sequences recomputed with the long factors on outgrowing
+    /// `original_max_position_embeddings` (as transformers does).
+    pub rope_recomputes: usize,
     /// Prompt positions whose keys and values came from shared blocks.
     pub reused_tokens: usize,
     pub pool_blocks: usize,
@@ -184,6 +190,13 @@ impl<'m> Generator<'m> {
             self.paged,
         );
         let total_blocks = runner.blocks.num_blocks();
+        let longrope = model.decoder.spec.longrope_original_max();
+        // Blocks cached for a longrope sequence are shared only within its regime (short or
+        // long factors): the regime is part of the prefix hash.
+        let rope_root = |root: crate::kv::BlockHash, len: usize| match longrope {
+            Some(o) if len > o => crate::kv::BlockManager::chain(root, &[u32::MAX]),
+            _ => root,
+        };
         let mut run_stats = RunStats {
             pool_blocks: total_blocks,
             ..Default::default()
@@ -246,8 +259,10 @@ impl<'m> Generator<'m> {
                         BlockTable::blocks_for(need_total)
                     )));
                 }
+                // Keys cached from here on use the short factors while the sequence fits.
+                a.short_rope = longrope.is_some_and(|o| a.history.len() <= o);
                 if runner.shares_blocks() {
-                    let root = runner.blocks.root(a.req.index);
+                    let root = rope_root(runner.blocks.root(a.req.index), a.history.len());
                     run_stats.reused_tokens +=
                         runner
                             .blocks
@@ -273,6 +288,21 @@ impl<'m> Generator<'m> {
                 in_flight: active.len(),
                 ..Default::default()
             };
+            // Phi-3 longrope: when a sequence outgrows `original_max_position_embeddings`,
+            // transformers drops its cache and recomputes it with the long factors
+            // (`Phi3ForCausalLM.prepare_inputs_for_generation`); so does this: its blocks are
+            // freed and the whole history is prefilled again (rotated with the long factors, as
+            // `rope_len` is the history's length).
+            if let Some(o) = longrope {
+                for a in active.iter_mut() {
+                    if a.short_rope && a.history.len() > o {
+                        runner.free(&mut a.kv);
+                        a.kv = SeqKv::default();
+                        a.short_rope = false;
+                        run_stats.rope_recomputes += 1;
+                    }
+                }
+            }
             // Decode tokens first (one per running sequence), then prompt chunks while the
             // step's token budget lasts; a long prompt is prefilled over several steps.
             let mut budget = self.max_step_tokens.max(1);
@@ -343,6 +373,9 @@ impl<'m> Generator<'m> {
                             tokens: &a.history[start..start + len],
                             kv: &mut a.kv,
                             want: if done { Want::Last } else { Want::Nothing },
+                            // A prompt prefilled in chunks is rotated as transformers rotates it
+                            // in one call (dynamic NTK, longrope).
+                            rope_len: a.history.len(),
                         })
                     })
                     .collect();
@@ -357,7 +390,7 @@ impl<'m> Generator<'m> {
                 k += 1;
                 let a = &mut active[i];
                 if runner.shares_blocks() {
-                    let root = runner.blocks.root(a.req.index);
+                    let root = rope_root(runner.blocks.root(a.req.index), a.history.len());
                     runner
                         .blocks
                         .commit_full_blocks(&mut a.kv.table, root, &a.history);
@@ -420,6 +453,7 @@ impl<'m> Generator<'m> {
                 )
             }),
             admitted: 0,
+            short_rope: false,
             req,
         }
     }

@@ -30,6 +30,10 @@ pub struct RunSeq<'a> {
     pub tokens: &'a [u32],
     pub kv: &'a mut SeqKv,
     pub want: Want,
+    /// The sequence length the rotary frequencies are chosen for where they depend on it
+    /// (dynamic NTK, longrope): transformers' length of the call, e.g. the whole prompt while
+    /// it is prefilled in chunks. 0 (or anything shorter): the positions computed so far.
+    pub rope_len: usize,
 }
 
 enum Exec {
@@ -103,6 +107,7 @@ impl<'m> Runner<'m> {
                             past: s.kv.table.len,
                             blocks: &s.kv.table.blocks,
                             want: s.want,
+                            rope_len: s.rope_len,
                         })
                         .collect();
                     dec.cpu_step(ws, pool, &paged, want_hidden)?;
@@ -126,6 +131,7 @@ impl<'m> Runner<'m> {
                                 tokens: s.tokens,
                                 cache,
                                 want: s.want,
+                                rope_len: s.rope_len,
                             }
                         })
                         .collect();

@@ -58,6 +58,7 @@ fn full_pass<'m>(
             tokens: ids,
             kv,
             want,
+            rope_len: 0,
         })
         .collect();
     runner.step(&mut steps, hidden)?;

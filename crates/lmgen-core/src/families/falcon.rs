@@ -3,8 +3,12 @@
 //! per-kv-group `[q heads, k, v]`), rotary or ALiBi (scaled with the scores), parallel or
 //! sequential blocks with one or two LayerNorms, GELU MLP, optional biases, tied head.
 //! With ALiBi, transformers rounds the slopes and also the products slope × position to
-//! bfloat16; lmgen rounds the slopes only, so positions past 256 (where the products stop being
-//! exact in bfloat16) differ slightly.
+//! bfloat16 (absolute key positions, cast to bfloat16 first), so past position 256 the bias
+//! moves in steps; lmgen builds the bias the same way (`alibi_bf16_products`), in the CPU
+//! kernel and in the dense (candle) attention path alike. All of this is transformers' eager
+//! attention (what the fixtures use): its SDPA path, the default in transformers 5, adds the
+//! ALiBi bias only once (through the mask, scaled by 1/sqrt(head_dim)) and gives different
+//! numbers (0.52 in logprob on a 10-token input of the falcon-rw fixture).
 use super::{degroup_qkv, heads, Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
@@ -72,6 +76,8 @@ pub fn spec(c: &RawConfig, _arch: &str) -> Result<ModelSpec> {
         // transformers adds the ALiBi bias twice, each time scaled by 1/sqrt(head_dim): inside
         // the attention, (scores + alibi) / sqrt(hd), and again in the causal mask it builds.
         alibi_scale: 2.0 / (hd as f32).sqrt(),
+        // ... and builds it as `slopes.bfloat16() * positions`: products rounded to bfloat16.
+        alibi_bf16_products: true,
         tie_embeddings: c.bool_or("tie_word_embeddings", true)?,
         embed_dim: e,
         ..ModelSpec::defaults(c)

@@ -1,12 +1,13 @@
 //! Phi-3 / 3.5 / 4 (`Phi3ForCausalLM`): the Llama block with fused `qkv_proj` and
 //! `gate_up_proj`, partial rotary (Phi-4-mini), `longrope` scaling (short factors up to
 //! `original_max_position_embeddings`, long ones beyond), sliding window on every layer.
-//! Limitation: when generation carries a sequence past `original_max_position_embeddings`,
-//! transformers drops its KV cache and recomputes everything with the long factors; lmgen
-//! rotates the new tokens with the long factors but keeps the earlier keys and values, so such
-//! continuations are close to, not equal to, transformers'. Prompts longer than the original
-//! context (scoring) use the long factors throughout, as transformers does, when prefilled in
-//! one chunk.
+//! Past `original_max_position_embeddings` transformers switches to the long factors for the
+//! whole sequence: a prompt longer than it is rotated with them throughout, and when generation
+//! carries a sequence past it, `Phi3ForCausalLM.prepare_inputs_for_generation` drops the KV
+//! cache and recomputes everything with the long factors. lmgen does the same: prompts
+//! prefilled in chunks use the factors of their whole length (`RunSeq::rope_len`), and the
+//! generator frees a crossing sequence's blocks and prefills its history again
+//! (`RunStats::rope_recomputes`); its prefix-cache blocks are keyed by the regime.
 use super::{heads, layer_types, load_llama_like, Family, Layout, Loader, MlpIn, Qkv, Weights};
 use crate::config::*;
 use crate::error::Result;

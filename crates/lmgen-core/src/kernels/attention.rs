@@ -37,6 +37,10 @@ pub struct AttnParams<'a> {
     pub window: Option<usize>,
     /// ALiBi: per query head slope; score += slope[h] * (key position j as f32).
     pub alibi: Option<&'a [f32]>,
+    /// Falcon's ALiBi as transformers builds it: score += `bf16(slope[h] * bf16(j)) * factor`,
+    /// the product of the (bfloat16) slope and the absolute key position rounded to bfloat16
+    /// (exact up to position 256 for power-of-two slopes, rounded past it), then scaled.
+    pub alibi_bf16: Option<f32>,
     /// Soft-capping of the scaled scores, `cap * tanh(s / cap)` (Gemma-2).
     pub softcap: Option<f32>,
 }
@@ -74,6 +78,15 @@ pub fn paged_attention(
         out_stride,
         Exec::auto(detect_isa()),
     );
+}
+
+/// Falcon's ALiBi term for key position `j` before its scale: transformers multiplies the
+/// bfloat16 slope by the integer positions, which torch first casts to bfloat16, and rounds the
+/// product to bfloat16.
+#[inline]
+pub fn alibi_bf16_bias(slope: f32, j: usize) -> f32 {
+    use crate::config::round_bf16;
+    round_bf16(slope * round_bf16(j as f32))
 }
 
 /// Query rows (tokens × heads) per work unit.
@@ -632,10 +645,20 @@ unsafe fn unit_impl<const AVX: bool>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scr
                 continue;
             }
             if let Some(slopes) = p.alibi {
-                // slope * (j - pos): equal after softmax to slope * j, and exact near the diagonal.
                 let slope = slopes[u.h0 + r % u.nh];
-                for (j, x) in row.iter_mut().enumerate().take(jhi).skip(jlo) {
-                    *x -= slope * (pos - (c0 + j)) as f32;
+                match p.alibi_bf16 {
+                    // slope * (j - pos): equal after softmax to slope * j, and exact near the
+                    // diagonal.
+                    None => {
+                        for (j, x) in row.iter_mut().enumerate().take(jhi).skip(jlo) {
+                            *x -= slope * (pos - (c0 + j)) as f32;
+                        }
+                    }
+                    Some(f) => {
+                        for (j, x) in row.iter_mut().enumerate().take(jhi).skip(jlo) {
+                            *x += alibi_bf16_bias(slope, c0 + j) * f;
+                        }
+                    }
                 }
             }
             if let Some(cap) = p.softcap {
@@ -1166,6 +1189,8 @@ mod tests {
         bs: usize,
         window: Option<usize>,
         alibi: bool,
+        /// Falcon's bfloat16-rounded ALiBi products, with this factor.
+        alibi_bf16: Option<f32>,
         /// (past, q_len) per sequence.
         seqs: Vec<(usize, usize)>,
         /// Query magnitude: larger makes the softmax peakier.
@@ -1180,6 +1205,7 @@ mod tests {
             bs,
             window: None,
             alibi: false,
+            alibi_bf16: None,
             seqs: seqs.to_vec(),
             qscale: 2.0,
         }
@@ -1260,6 +1286,7 @@ mod tests {
             scale: 1.0 / (c.hd as f32).sqrt(),
             window: c.window,
             alibi: if c.alibi { Some(&d.slopes) } else { None },
+            alibi_bf16: c.alibi_bf16,
             softcap: None,
         }
     }
@@ -1292,7 +1319,14 @@ mod tests {
                         let mut sc: f64 = qv.iter().zip(&kj).map(|(&a, b)| a as f64 * b).sum();
                         sc *= p.scale as f64;
                         if c.alibi {
-                            sc += d.slopes[h] as f64 * j as f64;
+                            sc += match c.alibi_bf16 {
+                                None => d.slopes[h] as f64 * j as f64,
+                                Some(f) => {
+                                    let prod = d.slopes[h] as f64
+                                        * crate::config::round_bf16(j as f32) as f64;
+                                    crate::config::round_bf16(prod as f32) as f64 * f as f64
+                                }
+                            };
                         }
                         scores.push((j, sc));
                     }
@@ -1460,6 +1494,23 @@ mod tests {
         c.alibi = true;
         c.window = Some(6);
         check(&c);
+    }
+
+    /// Falcon's bfloat16-rounded products slope × position, past position 256 where they
+    /// stop being exact.
+    #[test]
+    fn alibi_bf16_products() {
+        let mut c = case(4, 4, 32, 16, &[(300, 1), (250, 40), (0, 70)]);
+        c.alibi = true;
+        c.alibi_bf16 = Some(0.1);
+        check(&c);
+        // The rounding, as torch computes `slopes.bfloat16() * arange` (positions cast first).
+        assert_eq!(alibi_bf16_bias(0.25, 256), 64.0);
+        assert_eq!(alibi_bf16_bias(0.25, 257), 64.0);
+        assert_eq!(alibi_bf16_bias(0.25, 259), 65.0);
+        assert_eq!(alibi_bf16_bias(0.5, 301), 150.0);
+        let s = crate::config::round_bf16(0.3);
+        assert_eq!(alibi_bf16_bias(s, 100), 30.125);
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct PagedSeq<'a> {
     /// Block table covering at least `past + tokens.len()` positions.
     pub blocks: &'a [u32],
     pub want: Want,
+    /// The sequence length rotary frequencies are chosen for, when longer than
+    /// `past + tokens.len()` (see `RunSeq::rope_len`).
+    pub rope_len: usize,
 }
 
 /// Step buffers, grown to the largest step seen and then reused.
@@ -59,8 +62,10 @@ pub struct Workspace {
 struct MoeBufs {
     logits: Vec<f32>,
     picked: Vec<(usize, f32)>,
-    /// Per expert: (token row, weight).
-    groups: Vec<Vec<(usize, f32)>>,
+    /// Per expert: (token row, top-k slot, weight).
+    groups: Vec<Vec<(usize, usize, f32)>>,
+    /// Weighted expert outputs `[rows, top_k, width]`, summed over the slots in top-k order.
+    slots: Vec<f32>,
     x: Vec<f32>,
     mlp: Vec<f32>,
     act: Vec<f32>,
@@ -189,7 +194,7 @@ fn rope_tables(
     let mut i = 0;
     for s in seqs {
         let t = s.tokens.len();
-        let dynamic = dynamic_inv_freq(r, s.past + t);
+        let dynamic = dynamic_inv_freq(r, (s.past + t).max(s.rope_len));
         let inv = dynamic.as_deref().unwrap_or(&r.inv_freq);
         for p in s.past..s.past + t {
             for (j, &f) in inv.iter().enumerate() {
@@ -232,8 +237,10 @@ fn dense_mlp(
 }
 
 /// The experts of a block over `n` rows of `x` into `out`: each token's top-k experts, run
-/// for the tokens routed to them only (grouped per expert), summed in expert order with their
-/// routing weights; plus the gated shared expert (`shared`) when the block has one.
+/// for the tokens routed to them only (grouped per expert), weighted by their routing weights
+/// and summed in top-k order, as transformers' default `grouped_mm` experts do
+/// (`weighted_out.view(tokens, top_k, hidden).sum(dim=1)`); plus the gated shared expert
+/// (`shared`) when the block has one.
 #[allow(clippy::too_many_arguments)]
 fn moe_mlp(
     spec: &ModelSpec,
@@ -253,6 +260,7 @@ fn moe_mlp(
     linear(&moe.router, x, n, logits)?;
     b.groups.resize_with(ne, Vec::new);
     b.groups.iter_mut().for_each(|g| g.clear());
+    let k = ms.top_k.min(ne);
     for t in 0..n {
         route(
             &logits[t * ne..(t + 1) * ne],
@@ -260,28 +268,36 @@ fn moe_mlp(
             ms.norm_topk,
             &mut b.picked,
         );
-        for &(e, w) in &b.picked {
-            b.groups[e].push((t, w));
+        for (slot, &(e, w)) in b.picked.iter().enumerate() {
+            b.groups[e].push((t, slot, w));
         }
     }
-    let out = &mut out[..n * width];
-    out.fill(0.0);
+    let slots = fit(&mut b.slots, n * k * width);
     for (e, group) in b.groups.iter().enumerate() {
         let m = group.len();
         if m == 0 {
             continue;
         }
         let xe = fit(&mut b.x, m * width);
-        for (r, &(t, _)) in group.iter().enumerate() {
+        for (r, &(t, _, _)) in group.iter().enumerate() {
             xe[r * width..(r + 1) * width].copy_from_slice(&x[t * width..(t + 1) * width]);
         }
         let (gu, down) = &moe.experts[e];
         let y = fit(&mut b.y, m * width);
         dense_mlp(spec, gu, down, xe, m, &mut b.mlp, &mut b.act, y)?;
-        for (r, &(t, w)) in group.iter().enumerate() {
-            let dst = &mut out[t * width..(t + 1) * width];
+        for (r, &(t, slot, w)) in group.iter().enumerate() {
+            let dst = &mut slots[(t * k + slot) * width..(t * k + slot + 1) * width];
             for (d, &v) in dst.iter_mut().zip(&y[r * width..(r + 1) * width]) {
-                *d += v * w;
+                *d = v * w;
+            }
+        }
+    }
+    let out = &mut out[..n * width];
+    out.fill(0.0);
+    for (t, dst) in out.chunks_exact_mut(width).enumerate() {
+        for s in slots[t * k * width..(t + 1) * k * width].chunks_exact(width) {
+            for (d, &v) in dst.iter_mut().zip(s) {
+                *d += v;
             }
         }
     }
@@ -524,6 +540,7 @@ impl Decoder {
                     scale: scale as f32,
                     window: if windowed { spec.sliding_window } else { None },
                     alibi: self.alibi_slopes(),
+                    alibi_bf16: self.alibi_bf16_scale(),
                     softcap: spec.attn_softcap,
                 };
                 let (kc, vc) = pool.layer(li);

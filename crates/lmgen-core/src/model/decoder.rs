@@ -85,32 +85,36 @@ impl Block {
     }
 }
 
-/// Top-k routing of one token as transformers computes it: softmax over all experts (f32),
-/// the `k` largest, renormalized when `norm`. Returns `(expert, weight)` pairs in `out`.
-/// Exactly equal router logits go to the lowest expert index; torch's CPU `topk` orders such
-/// ties by its selection algorithm instead (they do not arise with trained weights).
+/// Top-k routing of one token as transformers computes it (Mixtral, Qwen2-MoE, Qwen3-MoE and
+/// OLMoE alike): softmax over all experts' router logits (f32), `torch.topk` of those
+/// probabilities, renormalized to sum to 1 when `norm`. Returns `(expert, weight)` pairs in
+/// `out`, in torch's top-k order. Exactly equal probabilities (a zero router row, identical
+/// rows) are resolved as torch's CPU `topk` resolves them (see [`super::topk`]), so tied tokens
+/// go to the same experts as in transformers.
 pub fn route(logits: &[f32], k: usize, norm: bool, out: &mut Vec<(usize, f32)>) {
-    let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|&l| (l - mx).exp()).sum();
-    out.clear();
-    for _ in 0..k.min(logits.len()) {
-        let mut best: Option<(usize, f32)> = None;
-        for (e, &l) in logits.iter().enumerate() {
-            if out.iter().any(|&(o, _)| o == e) {
-                continue;
-            }
-            if best.is_none_or(|(_, b)| l > b) {
-                best = Some((e, l));
-            }
-        }
-        if let Some((e, l)) = best {
-            out.push((e, (l - mx).exp() / sum));
-        }
-    }
+    ROUTE_SCRATCH.with(|s| {
+        let (probs, pairs, idx) = &mut *s.borrow_mut();
+        let mx = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        probs.clear();
+        probs.extend(logits.iter().map(|&l| (l - mx).exp()));
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        super::topk::topk_into(probs, k, pairs, idx);
+        out.clear();
+        out.extend(idx.iter().map(|&e| (e, probs[e])));
+    });
     if norm {
         let s: f32 = out.iter().map(|&(_, w)| w).sum();
         out.iter_mut().for_each(|(_, w)| *w /= s);
     }
+}
+
+type RouteScratch = (Vec<f32>, Vec<(f32, usize)>, Vec<usize>);
+
+thread_local! {
+    static ROUTE_SCRATCH: std::cell::RefCell<RouteScratch> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new()))
+    };
 }
 
 /// All weights of a model in canonical form.
@@ -183,6 +187,9 @@ pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut SeqCache,
     pub want: Want,
+    /// The sequence length rotary frequencies are chosen for, when longer than the cache
+    /// plus `tokens` (see `RunSeq::rope_len`).
+    pub rope_len: usize,
 }
 
 pub struct StepOutput {
@@ -199,6 +206,8 @@ pub struct Decoder {
     pub device: Device,
     /// ALiBi slopes per head.
     alibi: Option<Vec<f32>>,
+    /// Falcon: the factor on the bfloat16-rounded products slope × key position.
+    alibi_bf16: Option<f32>,
     /// GPU paged KV pool for decode attention (`LMGEN_CUDA_PAGED=1`, experimental).
     paged: Option<Arc<GpuKvPool>>,
 }
@@ -251,6 +260,7 @@ fn paged_check(li: usize, paged: &Tensor, dense: &Tensor) -> Result<()> {
 impl Decoder {
     pub fn new(spec: ModelSpec, weights: Weights, device: Device) -> Self {
         let alibi = spec.alibi();
+        let alibi_bf16 = spec.alibi_bf16_scale();
         let paged = if gpu_paged::requested() {
             match Self::paged_pool(&spec, &weights) {
                 Ok(pool) => {
@@ -275,6 +285,7 @@ impl Decoder {
             weights,
             device,
             alibi,
+            alibi_bf16,
             paged,
         }
     }
@@ -315,6 +326,12 @@ impl Decoder {
     /// ALiBi slope per head, for models with ALiBi positions.
     pub fn alibi_slopes(&self) -> Option<&[f32]> {
         self.alibi.as_deref()
+    }
+
+    /// Falcon: the factor on the bfloat16-rounded products of the slopes and the key positions
+    /// (see `AttnParams::alibi_bf16`).
+    pub fn alibi_bf16_scale(&self) -> Option<f32> {
+        self.alibi_bf16
     }
 
     pub fn new_cache(&self, capacity: usize) -> SeqCache {
@@ -545,7 +562,7 @@ impl Decoder {
         for s in seqs {
             let t = s.tokens.len();
             // Dynamic NTK (as transformers): frequencies follow the sequence length seen by this call.
-            let seq_len = s.cache.len() + t;
+            let seq_len = (s.cache.len() + t).max(s.rope_len);
             let dynamic = dynamic_inv_freq(rope, seq_len);
             let inv = dynamic.as_deref().unwrap_or(&rope.inv_freq);
             for &p in &positions[i..i + t] {
@@ -596,18 +613,24 @@ impl Decoder {
                 candle_core::Error::Msg("experts without a mixture-of-experts spec".into())
             })?;
             let logits: Vec<Vec<f32>> = moe.router.forward(h)?.to_dtype(DType::F32)?.to_vec2()?;
-            // Tokens grouped by expert: (rows, weights).
-            let mut groups: Vec<(Vec<u32>, Vec<f32>)> = vec![(vec![], vec![]); moe.experts.len()];
+            // Tokens grouped by expert: (rows, top-k slots `row * k + slot`, weights).
+            let k = spec.top_k.min(moe.experts.len());
+            let mut groups: Vec<(Vec<u32>, Vec<u32>, Vec<f32>)> =
+                vec![(vec![], vec![], vec![]); moe.experts.len()];
             let mut picked = Vec::new();
             for (t, l) in logits.iter().enumerate() {
                 route(l, spec.top_k, spec.norm_topk, &mut picked);
-                for &(e, w) in &picked {
+                for (slot, &(e, w)) in picked.iter().enumerate() {
                     groups[e].0.push(t as u32);
-                    groups[e].1.push(w);
+                    groups[e].1.push((t * k + slot) as u32);
+                    groups[e].2.push(w);
                 }
             }
-            let mut out = h.zeros_like()?;
-            for (e, (rows, ws)) in groups.iter().enumerate() {
+            // Weighted outputs per (token, slot), summed in top-k order as transformers'
+            // default `grouped_mm` experts do.
+            let (n, width) = h.dims2()?;
+            let mut slots = Tensor::zeros((n * k, width), h.dtype(), h.device())?;
+            for (e, (rows, dest, ws)) in groups.iter().enumerate() {
                 if rows.is_empty() {
                     continue;
                 }
@@ -617,8 +640,10 @@ impl Decoder {
                 let w = Tensor::new(ws.as_slice(), h.device())?
                     .to_dtype(y.dtype())?
                     .unsqueeze(1)?;
-                out = out.index_add(&idx, &y.broadcast_mul(&w)?, 0)?;
+                let dest = Tensor::new(dest.as_slice(), h.device())?;
+                slots = slots.index_add(&dest, &y.broadcast_mul(&w)?, 0)?;
             }
+            let mut out = slots.reshape((n, k, width))?.sum(1)?;
             if let Some(g) = &moe.shared_gate {
                 let shared = dense(h, &b.mlp_in, &b.mlp_out)?;
                 let gate = candle_nn::ops::sigmoid(&g.forward(h)?)?;
@@ -846,8 +871,14 @@ impl Decoder {
             Some(slopes) => {
                 let nh = slopes.len();
                 let mut a = Vec::with_capacity(nh * total);
-                for s in slopes {
-                    a.extend((0..total).map(|j| s * j as f32));
+                for &s in slopes {
+                    match self.alibi_bf16 {
+                        None => a.extend((0..total).map(|j| s * j as f32)),
+                        Some(f) => a.extend(
+                            (0..total)
+                                .map(|j| crate::kernels::attention::alibi_bf16_bias(s, j) * f),
+                        ),
+                    }
                 }
                 Tensor::from_vec(a, (nh, 1, total), &self.device)?.broadcast_add(&mask)
             }

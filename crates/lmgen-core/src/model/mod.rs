@@ -2,6 +2,7 @@
 pub mod cpu_step;
 pub mod decoder;
 pub mod layers;
+pub mod topk;
 
 /// Kept at their old paths for callers outside the crate.
 pub use crate::kernels::{matmul as kernels, quant};
