@@ -47,6 +47,24 @@ fn req(
     }
 }
 
+/// One request per prompt (index = position), `n` new tokens each.
+fn reqs_for(prompts: &[Vec<u32>], params: &SamplingParams, n: usize) -> Vec<GenRequest> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| req(i, 0, p.clone(), params, n))
+        .collect()
+}
+
+/// Prompts of the given lengths, seeded `seed0`, `seed0 + 1`, ...
+fn prompts_of(lengths: &[usize], seed0: u32, vocab: usize) -> Vec<Vec<u32>> {
+    lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| tokens(i as u32 + seed0, n, vocab))
+        .collect()
+}
+
 fn run(g: &Generator, reqs: Vec<GenRequest>) -> (Vec<GenOutput>, RunStats) {
     let mut out: Vec<GenOutput> = Vec::new();
     let stats = g
@@ -85,7 +103,7 @@ fn assert_same(name: &str, a: &[GenOutput], b: &[GenOutput], tol: f32) {
 
 /// Prompts whose lengths straddle block boundaries (1, 15, 16, 17, 31, 33, 40 tokens).
 fn boundary_prompts(vocab: usize) -> Vec<Vec<u32>> {
-    [
+    let lengths = [
         1,
         BLOCK_SIZE - 1,
         BLOCK_SIZE,
@@ -93,11 +111,8 @@ fn boundary_prompts(vocab: usize) -> Vec<Vec<u32>> {
         2 * BLOCK_SIZE - 1,
         2 * BLOCK_SIZE + 1,
         40,
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, &n)| tokens(i as u32, n, vocab))
-    .collect()
+    ];
+    prompts_of(&lengths, 0, vocab)
 }
 
 #[test]
@@ -143,13 +158,7 @@ fn paged_equals_tensor_path_for_every_family() {
         let m = model(name);
         assert!(m.decoder.cpu_step_supported(), "{name}");
         let prompts = boundary_prompts(m.spec().vocab_size);
-        let reqs = || {
-            prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| req(i, 0, p.clone(), &greedy, 20))
-                .collect::<Vec<_>>()
-        };
+        let reqs = || reqs_for(&prompts, &greedy, 20);
         let mut tensor = Generator::new(&m, 3);
         tensor.paged = false;
         let (want, _) = run(&tensor, reqs());
@@ -174,13 +183,7 @@ fn preemption_when_the_pool_is_full_changes_nothing() {
         ..Default::default()
     };
     let prompts = boundary_prompts(m.spec().vocab_size);
-    let reqs = || {
-        prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| req(i, 0, p.clone(), &params, 30))
-            .collect::<Vec<_>>()
-    };
+    let reqs = || reqs_for(&prompts, &params, 30);
     let (want, free) = run(&Generator::new(&m, 8), reqs());
     assert_eq!(free.preemptions, 0);
     // A pool of 8 blocks: the longest request (40 + 30 tokens) needs 5 alone; all 7 need 22.
@@ -232,13 +235,7 @@ fn shared_prefixes_are_computed_once_with_the_same_results() {
         seed: Some(11),
         ..Default::default()
     };
-    let reqs = || {
-        prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| req(i, 0, p.clone(), &params, 12))
-            .collect::<Vec<_>>()
-    };
+    let reqs = || reqs_for(&prompts, &params, 12);
     let mut off = Generator::new(&m, 2);
     off.prefix_cache = false;
     let (want, s_off) = run(&off, reqs());
@@ -286,19 +283,9 @@ fn longrope_sequences_are_recomputed_once_when_they_cross() {
     let m = model("phi3-longrope");
     let vocab = m.spec().vocab_size;
     assert_eq!(m.spec().longrope_original_max(), Some(12));
-    let prompts: Vec<Vec<u32>> = [1, 5, 11, 12, 13, 20, 40]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| tokens(i as u32 + 40, n, vocab))
-        .collect();
+    let prompts = prompts_of(&[1, 5, 11, 12, 13, 20, 40], 40, vocab);
     let greedy = SamplingParams::default();
-    let reqs = || {
-        prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| req(i, 0, p.clone(), &greedy, 20))
-            .collect::<Vec<_>>()
-    };
+    let reqs = || reqs_for(&prompts, &greedy, 20);
     let mut tensor = Generator::new(&m, 3);
     tensor.paged = false;
     let (want, s) = run(&tensor, reqs());
@@ -324,19 +311,9 @@ fn longrope_sequences_are_recomputed_once_when_they_cross() {
 fn falcon_alibi_past_256_paged_equals_tensor_path() {
     let m = model("falcon-rw-long");
     let vocab = m.spec().vocab_size;
-    let prompts: Vec<Vec<u32>> = [300, 270]
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| tokens(i as u32 + 7, n, vocab))
-        .collect();
+    let prompts = prompts_of(&[300, 270], 7, vocab);
     let greedy = SamplingParams::default();
-    let reqs = || {
-        prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| req(i, 0, p.clone(), &greedy, 8))
-            .collect::<Vec<_>>()
-    };
+    let reqs = || reqs_for(&prompts, &greedy, 8);
     let mut tensor = Generator::new(&m, 2);
     tensor.paged = false;
     let (want, _) = run(&tensor, reqs());

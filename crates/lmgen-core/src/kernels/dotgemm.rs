@@ -355,16 +355,7 @@ unsafe fn k256<const MR: usize, const NR: usize>(
 mod tests {
     use super::*;
     use crate::kernels::matmul::matmul_wt_small;
-
-    fn rand_vec(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::kernels::matmul::tests::rand_vec;
 
     /// Every ISA the CPU has gives, for each row, the bits of the streaming kernel on that
     /// row alone: k with and without 16-, 8- and 1-wide remainders, tiles cut at every edge.

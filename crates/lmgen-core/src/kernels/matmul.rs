@@ -31,17 +31,7 @@ pub fn matmul_wt_into(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    check_dims(x, m, k, w, n, bias, out);
-    if m <= SMALL_M {
-        stream_into(x, m, k, w, n, bias, out);
-    } else {
-        if !super::dotgemm::dot_gemm(x, m, k, w, n, out) {
-            gemm_into(x, m, k, w, n, out);
-        }
-        if let Some(b) = bias {
-            add_bias_rows(out, n, b);
-        }
-    }
+    product(x, m, k, w, n, bias, out, false)
 }
 
 /// As [`matmul_wt_into`] for `m > SMALL_M` through the `gemm` crate (candle's CPU matmul,
@@ -56,8 +46,28 @@ pub fn matmul_wt_gemm_crate(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    product(x, m, k, w, n, bias, out, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    gemm_crate: bool,
+) {
     check_dims(x, m, k, w, n, bias, out);
-    gemm_into(x, m, k, w, n, out);
+    if m <= SMALL_M && !gemm_crate {
+        stream_into(x, m, k, w, n, bias, out);
+        return;
+    }
+    if gemm_crate || !super::dotgemm::dot_gemm(x, m, k, w, n, out) {
+        gemm_into(x, m, k, w, n, out);
+    }
     if let Some(b) = bias {
         add_bias_rows(out, n, b);
     }
@@ -472,7 +482,7 @@ mod avx {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) -> Vec<f32> {
@@ -515,7 +525,8 @@ mod tests {
         }
     }
 
-    fn rand_vec(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-0.5, 0.5).
+    pub(crate) fn rand_vec(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
         (0..n)
             .map(|_| {
