@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::kernels::quant::QMatrix;
 use crate::model::decoder::{Block, Weights};
 use crate::model::layers::{Linear, Norm, Weight};
+use crate::weights::gguf::GgufArch;
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -36,8 +37,9 @@ pub struct Family {
     pub architectures: &'static [&'static str],
     /// `model_type` values, for configs without `architectures`.
     pub model_types: &'static [&'static str],
-    /// llama.cpp `general.architecture` values this family reads, with the class each means.
-    pub gguf: &'static [(&'static str, &'static str)],
+    /// llama.cpp `general.architecture` values this family reads: the class each means, its
+    /// tensor names and metadata (what `convert_hf_to_gguf.py` writes for the family).
+    pub gguf: &'static [GgufArch],
     /// config → spec, given the architecture name that matched.
     pub spec: fn(&RawConfig, &str) -> Result<ModelSpec>,
     /// checkpoint → canonical weights.
@@ -108,20 +110,19 @@ pub fn detect(cfg: &RawConfig) -> Result<(&'static Family, String)> {
     })
 }
 
-/// The transformers class a GGUF `general.architecture` stands for.
-pub fn gguf_class(path: &std::path::Path, gguf_arch: &str) -> Result<&'static str> {
+/// The family's description of a GGUF `general.architecture`.
+pub fn gguf_arch(path: &std::path::Path, gguf_arch: &str) -> Result<&'static GgufArch> {
     FAMILIES
         .iter()
         .flat_map(|f| f.gguf.iter())
-        .find(|(a, _)| *a == gguf_arch)
-        .map(|(_, c)| *c)
+        .find(|a| a.arch == gguf_arch)
         .ok_or_else(|| Error::UnknownArchitecture {
             path: path.to_path_buf(),
             arch: gguf_arch.to_string(),
             supported: FAMILIES
                 .iter()
                 .flat_map(|f| f.gguf.iter())
-                .map(|(a, _)| format!("{a} (GGUF)"))
+                .map(|a| format!("{} (GGUF)", a.arch))
                 .collect::<Vec<_>>()
                 .join(", "),
         })

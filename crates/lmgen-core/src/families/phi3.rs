@@ -10,12 +10,41 @@
 use super::{heads, layer_types, load_llama_like, Family, Layout, Loader, MlpIn, Qkv, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile, LLAMA_TENSORS};
+use serde_json::{Map, Value};
+
+/// `config.json` of a Phi-3 GGUF: the sliding window (0: none, as Phi-4 files say) and the
+/// original context. Files with `longrope` factors (`rope_factors_long/short` tensors) are not
+/// read: those tensors stay unused and the load fails naming them.
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let k = |s: &str| g.key(s);
+    let window = g.md_u64(&k("attention.sliding_window")).filter(|&w| w > 0);
+    c.insert("sliding_window".into(), window.map_or(Value::Null, Value::from));
+    if let Some(o) = g.md_u64(&k("rope.scaling.original_context_length")) {
+        c.insert("original_max_position_embeddings".into(), o.into());
+    }
+    c.insert("hidden_act".into(), "silu".into());
+    c.insert("attention_bias".into(), false.into());
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "phi3",
     architectures: &["Phi3ForCausalLM"],
     model_types: &["phi3"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "phi3",
+        class: "Phi3ForCausalLM",
+        blocks: "model.layers",
+        tensors: &[
+            &[
+                ("attn_qkv", "self_attn.qkv_proj", Fix::Keep),
+                ("ffn_up", "mlp.gate_up_proj", Fix::Keep),
+            ],
+            LLAMA_TENSORS,
+        ],
+        config: gguf_config,
+    }],
     spec,
     load,
 };
