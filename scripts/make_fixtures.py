@@ -1358,10 +1358,13 @@ GGUF_FIXTURES = {
     "bloom": [("bloom.f32.gguf", "gpt-2", "f32")],
     "gpt2": [("gpt2.f32.gguf", "gpt-2", "f32")],
     "neox": [("neox.f32.gguf", "gpt-2", "f32")],
+    "mpt": [("mpt.bf16.gguf", "gpt-2", "bf16")],
 }
-# config.json keys the converter reads under their older names (transformers 5 no longer writes them).
+# config.json keys the converter reads under their older names (transformers 5 no longer writes them),
+# and MPT's class as MosaicML's own checkpoints (same tensor names and config) spell it.
 GGUF_CONFIG_ALIASES = {
     "gpt2": lambda c: {"n_ctx": c["n_positions"]},
+    "mpt": lambda c: {"architectures": ["MPTForCausalLM"]},
 }
 
 

@@ -325,6 +325,7 @@ fn gguf_from_llama_cpp_converter() {
         ("bloom", "bloom.f32.gguf", ""),
         ("gpt2", "gpt2.f32.gguf", ""),
         ("neox", "neox.f32.gguf", ""),
+        ("mpt", "mpt.bf16.gguf", ""),
     ] {
         let path = fixtures().join("gguf").join(file);
         let model = load(&ModelLocation::Gguf(path.clone()), &LoadOptions::default())
