@@ -22,11 +22,19 @@ pub const FAMILY: Family = Family {
         blocks: "transformer.h",
         tensors: &[&[
             ("token_embd", "transformer.word_embeddings", Fix::Keep),
-            ("token_embd_norm", "transformer.word_embeddings_layernorm", Fix::Keep),
+            (
+                "token_embd_norm",
+                "transformer.word_embeddings_layernorm",
+                Fix::Keep,
+            ),
             ("output_norm", "transformer.ln_f", Fix::Keep),
             ("output", "lm_head", Fix::Keep),
             ("attn_norm", "input_layernorm", Fix::Keep),
-            ("attn_qkv", "self_attention.query_key_value", Fix::Deinterleaved),
+            (
+                "attn_qkv",
+                "self_attention.query_key_value",
+                Fix::Deinterleaved,
+            ),
             ("attn_output", "self_attention.dense", Fix::Keep),
             ("ffn_norm", "post_attention_layernorm", Fix::Keep),
             ("ffn_up", "mlp.dense_h_to_4h", Fix::Keep),

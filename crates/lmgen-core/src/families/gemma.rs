@@ -20,7 +20,11 @@ const GEMMA_NORMS: &[(&str, &str, Fix)] = &[
 const GEMMA2_NORMS: &[(&str, &str, Fix)] = &[
     ("output_norm", "model.norm", Fix::PlusOne),
     ("attn_norm", "input_layernorm", Fix::PlusOne),
-    ("post_attention_norm", "post_attention_layernorm", Fix::PlusOne),
+    (
+        "post_attention_norm",
+        "post_attention_layernorm",
+        Fix::PlusOne,
+    ),
     ("ffn_norm", "pre_feedforward_layernorm", Fix::PlusOne),
     ("post_ffw_norm", "post_feedforward_layernorm", Fix::PlusOne),
     ("attn_q_norm", "self_attn.q_norm", Fix::PlusOne),
@@ -36,7 +40,11 @@ fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
     let k = |s: &str| g.key(s);
     let layers = g.req_u64(&k("block_count"))?;
     let num = |key: &str| c.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
-    let (hidden, heads, hd) = (num("hidden_size"), num("num_attention_heads"), num("head_dim"));
+    let (hidden, heads, hd) = (
+        num("hidden_size"),
+        num("num_attention_heads"),
+        num("head_dim"),
+    );
     c.entry("max_position_embeddings").or_insert(8192.into());
     c.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
     c.insert("hidden_act".into(), "gelu_pytorch_tanh".into());
@@ -74,7 +82,10 @@ fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
             _ => "full_attention",
         })
         .collect();
-    c.insert("sliding_window".into(), window.map_or(Value::Null, Value::from));
+    c.insert(
+        "sliding_window".into(),
+        window.map_or(Value::Null, Value::from),
+    );
     c.insert("layer_types".into(), json!(types));
     if !gemma2 {
         // Per layer type: the global layers take the file's base and scaling, the sliding ones

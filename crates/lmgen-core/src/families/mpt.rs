@@ -12,8 +12,7 @@ use serde_json::{json, Map, Value};
 /// `attention.clamp_kqv`; ALiBi always (llama.cpp's MPT has no other positions).
 fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
     let e = c.get("hidden_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-    if let (Some(&[inter, _]), true) = (g.shape("transformer.blocks.0.ffn.up_proj.weight"), e > 0)
-    {
+    if let (Some(&[inter, _]), true) = (g.shape("transformer.blocks.0.ffn.up_proj.weight"), e > 0) {
         if inter % e != 0 {
             return Err(g.bad_config(format!(
                 "MLP width {inter} is not a multiple of the hidden size {e}"

@@ -19,7 +19,10 @@ use serde_json::{Map, Value};
 fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
     let k = |s: &str| g.key(s);
     let window = g.md_u64(&k("attention.sliding_window")).filter(|&w| w > 0);
-    c.insert("sliding_window".into(), window.map_or(Value::Null, Value::from));
+    c.insert(
+        "sliding_window".into(),
+        window.map_or(Value::Null, Value::from),
+    );
     if let Some(o) = g.md_u64(&k("rope.scaling.original_context_length")) {
         c.insert("original_max_position_embeddings".into(), o.into());
     }

@@ -363,7 +363,12 @@ impl GgufFile {
                         expert: Some(j),
                         ..raw.clone()
                     };
-                    insert(&mut tensors, full(&hf.replace('*', &j.to_string())), m, &bad)?;
+                    insert(
+                        &mut tensors,
+                        full(&hf.replace('*', &j.to_string())),
+                        m,
+                        &bad,
+                    )?;
                 }
                 continue;
             }
@@ -400,7 +405,10 @@ impl GgufFile {
                     } else {
                         h
                     };
-                    if shape.is_empty() || shape.len() > 2 || h % kv != 0 || rows % (h + 2 * kv) != 0
+                    if shape.is_empty()
+                        || shape.len() > 2
+                        || h % kv != 0
+                        || rows % (h + 2 * kv) != 0
                     {
                         return Err(bad(format!(
                             "fused QKV tensor '{gname}' of shape {shape:?} does not split into {h} query and {kv} key/value heads"
@@ -527,14 +535,18 @@ impl GgufFile {
             _ => None,
         };
         // The embedding matrix is authoritative (it may be padded past the token list).
-        let embed = spec.lookup("token_embd").map(|(hf, _)| format!("{hf}.weight"));
+        let embed = spec
+            .lookup("token_embd")
+            .map(|(hf, _)| format!("{hf}.weight"));
         let head = spec.lookup("output").map(|(hf, _)| format!("{hf}.weight"));
         let vocab = embed
             .as_deref()
             .and_then(|e| self.shape(e))
             .and_then(|s| s.first().map(|&r| r as u64))
             .or(n_tokens)
-            .ok_or_else(|| self.bad_config("GGUF has neither a token list nor token_embd.weight"))?;
+            .ok_or_else(|| {
+                self.bad_config("GGUF has neither a token list nor token_embd.weight")
+            })?;
         let tie = !head.as_deref().is_some_and(|h| self.has(h));
         let tok = |key: &str| {
             self.md_u64(key)
@@ -695,7 +707,9 @@ impl TensorSource for GgufFile {
             None => t,
         };
         let t = match m.fix {
-            Fix::Transposed if m.shape.len() == 2 => t.t().and_then(|t| t.contiguous()).map_err(wrap)?,
+            Fix::Transposed if m.shape.len() == 2 => {
+                t.t().and_then(|t| t.contiguous()).map_err(wrap)?
+            }
             Fix::PlusOne => (t.to_dtype(DType::F32).map_err(wrap)? - 1.0).map_err(wrap)?,
             _ => t,
         };
@@ -981,6 +995,111 @@ mod tests {
         assert_eq!(c["tie_word_embeddings"], false);
     }
 
+    fn no_config(_: &GgufFile, _: &mut Map<String, serde_json::Value>) -> Result<()> {
+        Ok(())
+    }
+
+    static FIXES: GgufArch = GgufArch {
+        arch: "fixes",
+        class: "None",
+        blocks: "layers",
+        tensors: &[&[
+            ("grouped", "g", Fix::Ungrouped),
+            ("interleaved", "i", Fix::Deinterleaved),
+            ("conv", "c", Fix::Transposed),
+            ("norm", "n", Fix::PlusOne),
+            ("exps", "e.*.w", Fix::Keep),
+        ]],
+        config: no_config,
+    };
+
+    /// Each fix undoes what llama.cpp's converter does (its operations written out here).
+    #[test]
+    fn fixes_undo_the_converter() {
+        let dev = Device::Cpu;
+        let (nh, kv, hd, cols) = (4usize, 2usize, 3usize, 5usize);
+        let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, &dev).unwrap();
+        // Falcon: per kv group [q heads of the group, k, v] -> [q heads; k heads; v heads].
+        let g = r(&[(nh + 2 * kv) * hd, cols]);
+        let t = g.reshape((kv, nh / kv + 2, hd, cols)).unwrap();
+        let part = |a: usize, n: usize, rows: usize| {
+            t.narrow(1, a, n)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap()
+        };
+        let g_file = Tensor::cat(
+            &[
+                part(0, nh / kv, nh * hd),
+                part(nh / kv, 1, kv * hd),
+                part(nh / kv + 1, 1, kv * hd),
+            ],
+            0,
+        )
+        .unwrap();
+        // GPT-NeoX/BLOOM: per head [q, k, v] -> [q; k; v].
+        let i = r(&[3 * nh * hd]);
+        let ti = i.reshape((nh, 3, hd)).unwrap();
+        let i_file = Tensor::cat(
+            &(0..3)
+                .map(|j| ti.narrow(1, j, 1).unwrap().flatten_all().unwrap())
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
+        let c = r(&[cols, 2 * cols]);
+        let n = r(&[cols]);
+        let e = r(&[3, 2, cols]);
+        let f32q = |x: &Tensor| QTensor::quantize(x, GgmlDType::F32).unwrap();
+        let tensors = [
+            ("grouped.weight", f32q(&g_file)),
+            ("interleaved.bias", f32q(&i_file)),
+            ("conv.weight", f32q(&c.t().unwrap().contiguous().unwrap())),
+            ("norm.weight", f32q(&(&n + 1.0).unwrap())),
+            ("blk.1.exps.weight", f32q(&e)),
+        ];
+        let md = [
+            ("general.architecture", Value::String("fixes".into())),
+            ("fixes.attention.head_count", Value::U32(nh as u32)),
+            ("fixes.attention.head_count_kv", Value::U32(kv as u32)),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fixes.gguf");
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md_refs, &t_refs).unwrap();
+        let gg = GgufFile::open(&p).unwrap().with_arch(&FIXES).unwrap();
+        let load = |name: &str| gg.load(name, DType::F32, &dev).unwrap();
+        assert_eq!(max_diff(&load("g.weight"), &g), 0.0);
+        assert_eq!(max_diff(&load("i.bias"), &i), 0.0);
+        assert_eq!(gg.shape("c.weight"), Some(&[cols, 2 * cols][..]));
+        assert_eq!(max_diff(&load("c.weight"), &c), 0.0);
+        assert!(max_diff(&load("n.weight"), &n) < 1e-6);
+        assert_eq!(
+            max_diff(&load("layers.1.e.2.w.weight"), &e.get(2).unwrap()),
+            0.0
+        );
+        // A fused tensor that does not split into the heads is a one-line error naming it.
+        let bad = [("fixes.attention.head_count_kv", Value::U32(3))];
+        let md_refs: Vec<(&str, &Value)> =
+            md[..2].iter().chain(&bad).map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md_refs, &t_refs).unwrap();
+        let err = GgufFile::open(&p)
+            .unwrap()
+            .with_arch(&FIXES)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("fixes.gguf")
+                && err.contains("'grouped.weight'")
+                && err.lines().count() == 1,
+            "{err}"
+        );
+    }
+
     #[test]
     fn errors() {
         let dir = tempfile::tempdir().unwrap();
@@ -1007,7 +1126,9 @@ mod tests {
         let up = dir.path().join("phi.gguf");
         write_tiny(&up, "phi9", true);
         let g = GgufFile::open(&up).unwrap();
-        let e = crate::families::gguf_arch(&up, g.architecture()).err().unwrap();
+        let e = crate::families::gguf_arch(&up, g.architecture())
+            .err()
+            .unwrap();
         assert!(
             matches!(e, Error::UnknownArchitecture { ref arch, .. } if arch == "phi9"),
             "{e}"
