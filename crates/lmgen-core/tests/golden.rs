@@ -375,6 +375,61 @@ fn gguf_q8_0_experts_stay_quantized() {
     assert!(worst < 1.0, "{worst}");
 }
 
+/// Q8_0 GGUF files keep their fused QKV matrices quantized with the rows put back in
+/// canonical order (from Falcon's kv groups, BLOOM's per-head interleave) or, for GPT-2's
+/// transposed Conv1D matrices, expanded: the kept matrix is exactly the one the same file gives
+/// dequantized at load, and the model runs alike (up to the quantized activations).
+#[test]
+fn gguf_q8_0_reordered_rows_match_dequantized() {
+    for (name, file) in [
+        ("falcon", "falcon.q8_0.gguf"),
+        ("bloom", "bloom.q8_0.gguf"),
+        ("gpt2", "gpt2.q8_0.gguf"),
+    ] {
+        let path = fixtures().join("gguf").join(file);
+        let load_as = |keep_quantized| {
+            let opts = LoadOptions {
+                keep_quantized,
+                ..LoadOptions::default()
+            };
+            load(&ModelLocation::Gguf(path.clone()), &opts).unwrap()
+        };
+        let (q, dense) = (load_as(true), load_as(false));
+        for (bq, bd) in q
+            .decoder
+            .weights
+            .blocks
+            .iter()
+            .zip(&dense.decoder.weights.blocks)
+        {
+            let kept = matches!(bq.qkv.weight, lmgen_core::model::layers::Weight::Quant(_));
+            assert_eq!(kept, name != "gpt2", "{file}");
+            let diff = (bq.qkv.to_dense().unwrap() - bd.qkv.to_dense().unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{file}");
+        }
+        let mut worst = 0f32;
+        for p in golden(name)["prompts"].as_array().unwrap() {
+            let ids = ids(&p["input_ids"]);
+            let a = score_batch(&q, &[&ids]).unwrap().remove(0);
+            let b = score_batch(&dense, &[&ids]).unwrap().remove(0);
+            for (x, y) in a.logprobs.iter().zip(&b.logprobs) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+        eprintln!("{file}: max |logprob kept Q8_0 - dequantized| = {worst:.2e}");
+        assert!(worst < 0.5, "{file}: {worst}");
+    }
+}
+
 /// `lmgen bench` builds every family from its config alone, with synthetic weights, and the
 /// result runs on the paged CPU executor.
 #[test]
