@@ -1351,6 +1351,7 @@ GGUF_FIXTURES = {
     "phi3": [("phi3.bf16.gguf", "default", "bf16")],
     "starcoder2-gguf": [("starcoder2.f16.gguf", "gpt-2", "f16")],
     "falcon": [("falcon.bf16.gguf", "gpt-2", "bf16"), ("falcon.q8_0.gguf", "gpt-2", "q8_0")],
+    "falcon-mq": [("falcon-mq.f16.gguf", "gpt-2", "f16")],
     "qwen3-moe-gguf": [("qwen3-moe.bf16.gguf", "qwen2", "bf16")],
     "phi": [("phi2.f16.gguf", "gpt-2", "f16")],
     "stablelm": [("stablelm.bf16.gguf", "gpt-2", "bf16")],
@@ -1361,10 +1362,14 @@ GGUF_FIXTURES = {
     "mpt": [("mpt.bf16.gguf", "gpt-2", "bf16")],
 }
 # config.json keys the converter reads under their older names (transformers 5 no longer writes them),
-# and MPT's class as MosaicML's own checkpoints (same tensor names and config) spell it.
+# MPT's class as MosaicML's own checkpoints (same tensor names and config) spell it, and what the
+# converter misreads in a transformers config.
 GGUF_CONFIG_ALIASES = {
     "gpt2": lambda c: {"n_ctx": c["n_positions"]},
     "mpt": lambda c: {"architectures": ["MPTForCausalLM"]},
+    # Falcon-7B style: the converter takes the kv heads from num_kv_heads, which transformers fills
+    # with the head count when multi_query (one kv head) is what counts.
+    "falcon-mq": lambda c: {"num_kv_heads": 1},
 }
 
 

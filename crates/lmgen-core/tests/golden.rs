@@ -318,6 +318,7 @@ fn gguf_from_llama_cpp_converter() {
         ("phi3", "phi3.bf16.gguf", ""),
         ("starcoder2-gguf", "starcoder2.f16.gguf", ""),
         ("falcon", "falcon.bf16.gguf", ""),
+        ("falcon-mq", "falcon-mq.f16.gguf", ""),
         ("qwen3-moe-gguf", "qwen3-moe.bf16.gguf", ""),
         ("phi", "phi2.f16.gguf", ""),
         ("stablelm", "stablelm.bf16.gguf", ""),
