@@ -696,6 +696,13 @@ GGUF_VARIANT_FIXTURES = [
               "the others sliding (window 4, rope 10000)"),
     dict(name="starcoder2-gguf", family="starcoder2", tok="gpt2", fmt="safetensors", dtype="float16",
          cfg=dict(sliding_window=None), axes="StarCoder2 without a sliding window (llama.cpp has none)"),
+    dict(name="phi3-longrope-gguf", family="phi3", tok="llama", fmt="safetensors", dtype="bfloat16",
+         cfg=dict(original_max_position_embeddings=4,
+                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 4,
+                                   "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.0, 1.5, 2.5, 4.0]}),
+         axes="Phi-3 longrope (as Phi-3-128k/3.5): original context 4, so every prompt runs on the long factors "
+              "and the attention factor sqrt(1 + ln 16 / ln 4)"),
     dict(name="qwen3-moe-gguf", family="qwen3_moe", tok="qwen2", fmt="safetensors", dtype="bfloat16",
          cfg=dict(mlp_only_layers=[]), axes="Qwen3-MoE with every layer sparse, q/k norms, top-2 renormalized"),
 ]
@@ -1349,6 +1356,7 @@ GGUF_FIXTURES = {
     "gemma2-gguf": [("gemma2.f32.gguf", "default", "f32")],
     "gemma3-gguf": [("gemma3.bf16.gguf", "default", "bf16")],
     "phi3": [("phi3.bf16.gguf", "default", "bf16")],
+    "phi3-longrope-gguf": [("phi3-longrope.bf16.gguf", "default", "bf16")],
     "starcoder2-gguf": [("starcoder2.f16.gguf", "gpt-2", "f16")],
     "falcon": [("falcon.bf16.gguf", "gpt-2", "bf16"), ("falcon.q8_0.gguf", "gpt-2", "q8_0")],
     "falcon-mq": [("falcon-mq.f16.gguf", "gpt-2", "f16")],
