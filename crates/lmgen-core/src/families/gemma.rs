@@ -72,14 +72,25 @@ fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
         .md_u64(&k("attention.sliding_window"))
         .filter(|&w| w > 0)
         .or(gemma2.then_some(4096));
-    let pattern = g
-        .md_u64(&k("attention.sliding_window_pattern"))
-        .unwrap_or(if gemma2 { 2 } else { 6 })
-        .max(1);
+    // `attention.sliding_window_pattern`: one flag per layer, or the period n (layers
+    // i % n < n - 1 slide), as llama.cpp reads it.
+    let key = k("attention.sliding_window_pattern");
+    let flags = g.md_bools(&key);
+    if flags.as_ref().is_some_and(|f| f.len() as u64 != layers) {
+        return Err(g.bad_config(format!("'{key}' has not one flag per layer")));
+    }
+    let pattern = g.md_u64(&key).unwrap_or(if gemma2 { 2 } else { 6 }).max(1);
     let types: Vec<&str> = (0..layers)
-        .map(|i| match window {
-            Some(_) if i % pattern < pattern - 1 => "sliding_attention",
-            _ => "full_attention",
+        .map(|i| {
+            let sliding = match &flags {
+                Some(f) => f[i as usize],
+                None => i % pattern < pattern - 1,
+            };
+            if sliding && window.is_some() {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
         })
         .collect();
     c.insert(

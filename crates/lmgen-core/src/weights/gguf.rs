@@ -485,6 +485,20 @@ impl GgufFile {
         }
     }
 
+    /// An array of booleans in the metadata.
+    pub fn md_bools(&self, key: &str) -> Option<Vec<bool>> {
+        match self.md(key) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::Bool(b) => Some(*b),
+                    v => value_u64(v).map(|x| x != 0),
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
     /// A string in the metadata.
     pub fn md_str(&self, key: &str) -> Option<&str> {
         match self.md(key) {
