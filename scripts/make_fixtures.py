@@ -794,6 +794,35 @@ NEW_FIXTURES = [
 ]
 FIXTURES += NEW_FIXTURES
 
+# Variants that a GGUF file can describe exactly: llama.cpp fixes what its converter does not record
+# (Gemma-2's attention scale 1/sqrt(head_dim), Gemma-3's sliding pattern of one global layer in six,
+# no sliding window for StarCoder2) and its converter maps only sparse Qwen3-MoE layers.
+GGUF_VARIANT_FIXTURES = [
+    dict(name="gemma-gguf", family="gemma", tok="llama", fmt="safetensors", dtype="bfloat16",
+         axes="Gemma 1 in bfloat16 as Gemma ships (the converter adds 1 to the norm weights in the checkpoint's "
+              "precision when that is float16, in float32 for bfloat16)"),
+    dict(name="gemma2-gguf", family="gemma2", tok="llama", fmt="safetensors", dtype="float32",
+         cfg=dict(query_pre_attn_scalar=16),
+         axes="Gemma-2 as a GGUF describes it: query_pre_attn_scalar = head_dim, sliding window 4 on layer 0, "
+              "softcaps 20/15"),
+    dict(name="gemma3-gguf", family="gemma3", tok="llama", fmt="safetensors", dtype="bfloat16",
+         cfg=dict(num_hidden_layers=6, layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+         axes="Gemma-3 text as a GGUF describes it: six layers, the sixth global (rope 1e6, linear factor 2), "
+              "the others sliding (window 4, rope 10000)"),
+    dict(name="starcoder2-gguf", family="starcoder2", tok="gpt2", fmt="safetensors", dtype="float16",
+         cfg=dict(sliding_window=None), axes="StarCoder2 without a sliding window (llama.cpp has none)"),
+    dict(name="phi3-longrope-gguf", family="phi3", tok="llama", fmt="safetensors", dtype="bfloat16",
+         cfg=dict(original_max_position_embeddings=4,
+                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 4,
+                                   "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.0, 1.5, 2.5, 4.0]}),
+         axes="Phi-3 longrope (as Phi-3-128k/3.5): original context 4, so every prompt runs on the long factors "
+              "and the attention factor sqrt(1 + ln 16 / ln 4)"),
+    dict(name="qwen3-moe-gguf", family="qwen3_moe", tok="qwen2", fmt="safetensors", dtype="bfloat16",
+         cfg=dict(mlp_only_layers=[]), axes="Qwen3-MoE with every layer sparse, q/k norms, top-2 renormalized"),
+]
+FIXTURES += GGUF_VARIANT_FIXTURES
+
 
 def to_legacy_config(d: dict, spec: dict) -> dict:
     """Rewrite a transformers-v5 config.json dict in the pre-v5 (Hub) spelling."""
@@ -1436,12 +1465,74 @@ def spm_fixtures(out_root: Path) -> None:
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist benches/build-llama-cpp.sh uses; its vendor/llama.cpp has the converter
 # fixture -> [(GGUF file, tokenizer.ggml.pre to record, output type)]. The converter recognizes
 # pre-tokenizers by hashing their output on a test string; the fixtures' tiny tokenizers are unknown
-# to it, so the name of the pre-tokenizer the fixture's tokenizer uses is given.
+# to it, so the name of the pre-tokenizer the fixture's tokenizer uses is given. Output types keep
+# the fixture's own precision (bf16 fixtures as bf16, ...), so the weights are exactly the fixture's.
 GGUF_FIXTURES = {
     "qwen3": [("qwen3.f16.gguf", "qwen2", "f16")],
     "qwen2-moe": [("qwen2-moe.f16.gguf", "qwen2", "f16"), ("qwen2-moe.q8_0.gguf", "qwen2", "q8_0")],
     "olmo2": [("olmo2.f32.gguf", "gpt-2", "f32")],  # an f32 fixture
+    "gemma-gguf": [("gemma.bf16.gguf", "default", "bf16")],
+    "gemma2-gguf": [("gemma2.f32.gguf", "default", "f32")],
+    "gemma3-gguf": [("gemma3.bf16.gguf", "default", "bf16")],
+    "phi3": [("phi3.bf16.gguf", "default", "bf16")],
+    "phi3-longrope-gguf": [("phi3-longrope.bf16.gguf", "default", "bf16")],
+    "starcoder2-gguf": [("starcoder2.f16.gguf", "gpt-2", "f16")],
+    "falcon": [("falcon.bf16.gguf", "gpt-2", "bf16"), ("falcon.q8_0.gguf", "gpt-2", "q8_0")],
+    "falcon-mq": [("falcon-mq.f16.gguf", "gpt-2", "f16")],
+    "qwen3-moe-gguf": [("qwen3-moe.bf16.gguf", "qwen2", "bf16")],
+    "phi": [("phi2.f16.gguf", "gpt-2", "f16")],
+    "stablelm": [("stablelm.bf16.gguf", "gpt-2", "bf16")],
+    "gpt-bigcode": [("gpt-bigcode.bf16.gguf", "gpt-2", "bf16")],
+    "bloom": [("bloom.f32.gguf", "gpt-2", "f32"), ("bloom.q8_0.gguf", "gpt-2", "q8_0")],
+    "gpt2": [("gpt2.f32.gguf", "gpt-2", "f32"), ("gpt2.q8_0.gguf", "gpt-2", "q8_0")],
+    "neox": [("neox.f32.gguf", "gpt-2", "f32")],
+    "mpt": [("mpt.bf16.gguf", "gpt-2", "bf16")],
 }
+# config.json keys the converter reads under their older names (transformers 5 no longer writes them),
+# MPT's class as MosaicML's own checkpoints (same tensor names and config) spell it, and what the
+# converter misreads in a transformers config.
+GGUF_CONFIG_ALIASES = {
+    "gpt2": lambda c: {"n_ctx": c["n_positions"]},
+    "mpt": lambda c: {"architectures": ["MPTForCausalLM"]},
+    # Falcon-7B style: the converter takes the kv heads from num_kv_heads, which transformers fills
+    # with the head count when multi_query (one kv head) is what counts.
+    "falcon-mq": lambda c: {"num_kv_heads": 1},
+}
+
+
+def sentencepiece_model_of(tokenizer_json: Path, out: Path) -> None:
+    """A tokenizer.model equivalent to a SentencePiece-style BPE tokenizer.json (Metaspace, byte fallback).
+
+    Real Gemma/Phi-3 checkpoints ship one and the converter reads the vocabulary from it; the fixtures
+    have tokenizer.json only. The tokenizer.json vocabulary lists merged tokens in merge order, so
+    score -id ranks them as SentencePiece's BPE scores do."""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+    t = json.loads(tokenizer_json.read_text())
+    vocab = t["model"]["vocab"]
+    special = {a["content"] for a in t["added_tokens"] if a.get("special")}
+    unk = t["model"].get("unk_token")
+    m = spm_pb2.ModelProto()
+    m.trainer_spec.model_type = spm_pb2.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = len(vocab)
+    m.trainer_spec.byte_fallback = bool(t["model"].get("byte_fallback"))
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    m.normalizer_spec.escape_whitespaces = True
+    m.normalizer_spec.remove_extra_whitespaces = False
+    for piece, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        p = m.pieces.add()
+        p.piece = piece
+        p.score = -float(i)
+        if piece == unk:
+            p.type = spm_pb2.ModelProto.SentencePiece.UNKNOWN
+        elif piece in special:
+            p.type = spm_pb2.ModelProto.SentencePiece.CONTROL
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            p.type = spm_pb2.ModelProto.SentencePiece.BYTE
+    m.trainer_spec.unk_id = vocab[unk] if unk in vocab else 0
+    for key in ("bos", "eos", "pad"):
+        setattr(m.trainer_spec, f"{key}_id", -1)
+    out.write_bytes(m.SerializeToString())
 
 
 def llama_cpp_src() -> Path:
@@ -1469,6 +1560,14 @@ def gguf_fixtures(out_root: Path, only: set) -> None:
         "sys.path[:0] = [src, src + '/gguf-py']\n"
         "import conversion.base as b\n"
         "b.TextModel.get_vocab_base_pre = lambda self, tok: pre\n"
+        # transformers 5 folds GPT-NeoX's rotary_pct into rope_parameters; the converter reads the old key.
+        "init = b.TextModel.__init__\n"
+        "def init_with_rotary_pct(self, *a, **k):\n"
+        "    init(self, *a, **k)\n"
+        "    rp = self.hparams.get('rope_parameters') or {}\n"
+        "    if 'partial_rotary_factor' in rp:\n"
+        "        self.hparams.setdefault('rotary_pct', rp['partial_rotary_factor'])\n"
+        "b.TextModel.__init__ = init_with_rotary_pct\n"
         "sys.argv = [src + '/convert_hf_to_gguf.py'] + sys.argv[3:]\n"
         "runpy.run_path(src + '/convert_hf_to_gguf.py', run_name='__main__')\n"
     )
@@ -1476,12 +1575,24 @@ def gguf_fixtures(out_root: Path, only: set) -> None:
     for name, files in GGUF_FIXTURES.items():
         if only and name not in only:
             continue
-        for fname, pre, outtype in files:
-            out = out_root / "gguf" / fname
-            subprocess.check_call([sys.executable, "-c", runner, str(src), pre, str(out_root / name), "--outtype",
-                                   outtype, "--outfile", str(out)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-            print(f"[gguf] {name} -> {out.relative_to(out_root)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            # A copy of the fixture as the converter expects a checkpoint of its kind.
+            d = Path(tmp) / name
+            shutil.copytree(out_root / name, d)
+            if name in GGUF_CONFIG_ALIASES:
+                cfg = json.loads((d / "config.json").read_text())
+                cfg.update(GGUF_CONFIG_ALIASES[name](cfg))
+                (d / "config.json").write_text(json.dumps(cfg, indent=2))
+            tj = d / "tokenizer.json"
+            if (tj.is_file() and not (d / "tokenizer.model").is_file()
+                    and json.loads(tj.read_text())["pre_tokenizer"]["type"] == "Metaspace"):
+                sentencepiece_model_of(tj, d / "tokenizer.model")
+            for fname, pre, outtype in files:
+                out = out_root / "gguf" / fname
+                subprocess.check_call([sys.executable, "-c", runner, str(src), pre, str(d), "--outtype",
+                                       outtype, "--outfile", str(out)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+                print(f"[gguf] {name} -> {out.relative_to(out_root)}")
 
 
 def main() -> None:

@@ -107,7 +107,7 @@ pub fn read_spec(location: &ModelLocation) -> Result<ModelSpec> {
             }
             RawConfig::from_file(&p)?
         }
-        ModelLocation::Gguf(file) => gguf_config(file, &GgufFile::open(file)?)?,
+        ModelLocation::Gguf(file) => gguf_config(file, &open_gguf(file)?)?,
     };
     let (family, arch) = families::detect(&cfg)?;
     families::spec(family, &arch, &cfg)
@@ -146,7 +146,7 @@ fn load_dir(dir: &Path, location: &ModelLocation, opts: &LoadOptions) -> Result<
 }
 
 fn load_gguf(file: &Path, location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {
-    let g = GgufFile::open(file)?;
+    let g = open_gguf(file)?;
     let cfg = gguf_config(file, &g)?;
     let (family, arch) = families::detect(&cfg)?;
     let spec = families::spec(family, &arch, &cfg)?;
@@ -159,10 +159,16 @@ fn load_gguf(file: &Path, location: &ModelLocation, opts: &LoadOptions) -> Resul
     build(spec, store, tokenizer, eos, location, opts)
 }
 
+/// A GGUF file with its tensors under the names of the family its architecture belongs to.
+fn open_gguf(file: &Path) -> Result<GgufFile> {
+    let g = GgufFile::open(file)?;
+    let arch = families::gguf_arch(file, g.architecture())?;
+    g.with_arch(arch)
+}
+
 /// The config of a GGUF file, as the class its architecture stands for in the registry.
 fn gguf_config(file: &Path, g: &GgufFile) -> Result<RawConfig> {
-    let class = families::gguf_class(file, g.architecture())?;
-    Ok(RawConfig::from_value(file, g.config_json(class)?))
+    Ok(RawConfig::from_value(file, g.config_json()?))
 }
 
 fn build(

@@ -2,12 +2,46 @@
 use super::{load_interleaved_blocks, BlockNames, Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile};
+use serde_json::{Map, Value};
+
+/// `config.json` of a BLOOM GGUF. The converter's context length is `seq_length` or, absent
+/// that, the hidden size; with ALiBi it is no limit, so it is not used.
+fn gguf_config(_g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    c.remove("max_position_embeddings");
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "bloom",
     architectures: &["BloomForCausalLM"],
     model_types: &["bloom"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "bloom",
+        class: "BloomForCausalLM",
+        blocks: "transformer.h",
+        tensors: &[&[
+            ("token_embd", "transformer.word_embeddings", Fix::Keep),
+            (
+                "token_embd_norm",
+                "transformer.word_embeddings_layernorm",
+                Fix::Keep,
+            ),
+            ("output_norm", "transformer.ln_f", Fix::Keep),
+            ("output", "lm_head", Fix::Keep),
+            ("attn_norm", "input_layernorm", Fix::Keep),
+            (
+                "attn_qkv",
+                "self_attention.query_key_value",
+                Fix::Deinterleaved,
+            ),
+            ("attn_output", "self_attention.dense", Fix::Keep),
+            ("ffn_norm", "post_attention_layernorm", Fix::Keep),
+            ("ffn_up", "mlp.dense_h_to_4h", Fix::Keep),
+            ("ffn_down", "mlp.dense_4h_to_h", Fix::Keep),
+        ]],
+        config: gguf_config,
+    }],
     spec,
     load,
 };

@@ -13,12 +13,50 @@ use super::{degroup_qkv, heads, Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
 use crate::model::decoder::Block;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile};
+use serde_json::{Map, Value};
+
+/// `config.json` of a Falcon GGUF. llama.cpp runs Falcon as a parallel block with rotary
+/// positions; two norms per block (`attn_norm_2`) mean the new decoder architecture.
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let new = g.has("transformer.h.0.ln_attn.weight");
+    let kv = c.get("num_key_value_heads").cloned().unwrap_or(1.into());
+    c.insert("new_decoder_architecture".into(), new.into());
+    c.insert("num_kv_heads".into(), kv.clone());
+    c.insert("multi_query".into(), (kv.as_u64() == Some(1)).into());
+    c.insert("parallel_attn".into(), true.into());
+    c.insert("alibi".into(), false.into());
+    let bias = g.has("transformer.h.0.self_attention.query_key_value.bias");
+    c.insert("bias".into(), bias.into());
+    if let Some(&[inter, _]) = g.shape("transformer.h.0.mlp.dense_h_to_4h.weight") {
+        c.insert("ffn_hidden_size".into(), inter.into());
+    }
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "falcon",
     architectures: &["FalconForCausalLM", "RWForCausalLM"],
     model_types: &["falcon", "RefinedWebModel", "RefinedWeb"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "falcon",
+        class: "FalconForCausalLM",
+        blocks: "transformer.h",
+        tensors: &[&[
+            ("token_embd", "transformer.word_embeddings", Fix::Keep),
+            ("output_norm", "transformer.ln_f", Fix::Keep),
+            ("output", "lm_head", Fix::Keep),
+            // llama.cpp: `ln_mlp` (or a single norm's `input_layernorm`), then `ln_attn`.
+            ("attn_norm", "input_layernorm", Fix::Keep),
+            ("attn_norm_2", "ln_attn", Fix::Keep),
+            // The converter's "jploski" layout: `[q heads; k heads; v heads]`.
+            ("attn_qkv", "self_attention.query_key_value", Fix::Ungrouped),
+            ("attn_output", "self_attention.dense", Fix::Keep),
+            ("ffn_up", "mlp.dense_h_to_4h", Fix::Keep),
+            ("ffn_down", "mlp.dense_4h_to_h", Fix::Keep),
+        ]],
+        config: gguf_config,
+    }],
     spec,
     load,
 };
@@ -94,14 +132,21 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
     );
     l.ignore_buffers(&[".rotary_emb.inv_freq"]);
     // The new decoder architecture has `ln_attn` and `ln_mlp` (unless num_ln_in_parallel_attn=1).
+    // In GGUF files the MLP's norm is the one single-norm files have (`attn_norm`, exposed as
+    // `input_layernorm`) and `ln_attn` the second (`attn_norm_2`).
     let two_norms = l.store.contains("transformer.h.0.ln_attn.weight");
+    let ln_mlp = if l.store.contains("transformer.h.0.ln_mlp.weight") {
+        "ln_mlp"
+    } else {
+        "input_layernorm"
+    };
     let blocks = (0..s.num_layers)
         .map(|i| {
             let l = l.block(i);
             let p = format!("transformer.h.{i}");
             let norm = |n: &str| l.norm(&format!("{p}.{n}"), s.norm, e, s.norm_eps);
             let (ln1, ln2) = if two_norms {
-                (norm("ln_attn")?, Some(norm("ln_mlp")?))
+                (norm("ln_attn")?, Some(norm(ln_mlp)?))
             } else if s.residual == Residual::Parallel {
                 (norm("input_layernorm")?, None)
             } else {

@@ -3,12 +3,42 @@ use super::{Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
 use crate::model::decoder::Block;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile};
+use serde_json::{Map, Value};
+
+/// `config.json` of a GPT-2 GGUF: the MLP width and the position table from their matrices.
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    if let Some(&[_, inter]) = g.shape("transformer.h.0.mlp.c_fc.weight") {
+        c.insert("n_inner".into(), inter.into());
+    }
+    if let Some(&[n, _]) = g.shape("transformer.wpe.weight") {
+        c.insert("n_positions".into(), n.into());
+    }
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "gpt2",
     architectures: &["GPT2LMHeadModel"],
     model_types: &["gpt2"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "gpt2",
+        class: "GPT2LMHeadModel",
+        blocks: "transformer.h",
+        tensors: &[&[
+            ("token_embd", "transformer.wte", Fix::Keep),
+            ("position_embd", "transformer.wpe", Fix::Keep),
+            ("output_norm", "transformer.ln_f", Fix::Keep),
+            ("output", "lm_head", Fix::Keep),
+            ("attn_norm", "ln_1", Fix::Keep),
+            ("attn_qkv", "attn.c_attn", Fix::Transposed),
+            ("attn_output", "attn.c_proj", Fix::Transposed),
+            ("ffn_norm", "ln_2", Fix::Keep),
+            ("ffn_up", "mlp.c_fc", Fix::Transposed),
+            ("ffn_down", "mlp.c_proj", Fix::Transposed),
+        ]],
+        config: gguf_config,
+    }],
     spec,
     load,
 };

@@ -4,13 +4,47 @@
 use super::{deinterleave_qkv, heads, Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile};
+use serde_json::{Map, Value};
+
+/// `config.json` of a GPT-BigCode GGUF (llama.cpp's `starcoder`): multi-query from the kv
+/// heads, the MLP width and the position table from their matrices.
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let mq = c.get("num_key_value_heads").and_then(|v| v.as_u64()) == Some(1);
+    c.insert("multi_query".into(), mq.into());
+    if let Some(&[inter, _]) = g.shape("transformer.h.0.mlp.c_fc.weight") {
+        c.insert("n_inner".into(), inter.into());
+    }
+    if let Some(&[n, _]) = g.shape("transformer.wpe.weight") {
+        c.insert("n_positions".into(), n.into());
+    }
+    c.insert("activation_function".into(), "gelu_pytorch_tanh".into());
+    Ok(())
+}
 use crate::model::decoder::Block;
 
 pub const FAMILY: Family = Family {
     name: "gpt_bigcode",
     architectures: &["GPTBigCodeForCausalLM"],
     model_types: &["gpt_bigcode"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "starcoder",
+        class: "GPTBigCodeForCausalLM",
+        blocks: "transformer.h",
+        tensors: &[&[
+            ("token_embd", "transformer.wte", Fix::Keep),
+            ("position_embd", "transformer.wpe", Fix::Keep),
+            ("output_norm", "transformer.ln_f", Fix::Keep),
+            ("output", "lm_head", Fix::Keep),
+            ("attn_norm", "ln_1", Fix::Keep),
+            ("attn_qkv", "attn.c_attn", Fix::Keep),
+            ("attn_output", "attn.c_proj", Fix::Keep),
+            ("ffn_norm", "ln_2", Fix::Keep),
+            ("ffn_up", "mlp.c_fc", Fix::Keep),
+            ("ffn_down", "mlp.c_proj", Fix::Keep),
+        ]],
+        config: gguf_config,
+    }],
     spec,
     load,
 };

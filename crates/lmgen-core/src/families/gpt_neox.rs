@@ -3,12 +3,40 @@
 use super::{load_interleaved_blocks, BlockNames, Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile};
+use serde_json::{Map, Value};
+
+/// `config.json` of a GPT-NeoX GGUF: the residual kind; the rotary base is llama.cpp's
+/// default unless the file has one (the converter writes none).
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let parallel = g.md_bool(&g.key("use_parallel_residual")).unwrap_or(true);
+    c.insert("use_parallel_residual".into(), parallel.into());
+    let bias = g.has("gpt_neox.layers.0.attention.query_key_value.bias");
+    c.insert("attention_bias".into(), bias.into());
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "gpt_neox",
     architectures: &["GPTNeoXForCausalLM"],
     model_types: &["gpt_neox"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "gptneox",
+        class: "GPTNeoXForCausalLM",
+        blocks: "gpt_neox.layers",
+        tensors: &[&[
+            ("token_embd", "gpt_neox.embed_in", Fix::Keep),
+            ("output_norm", "gpt_neox.final_layer_norm", Fix::Keep),
+            ("output", "embed_out", Fix::Keep),
+            ("attn_norm", "input_layernorm", Fix::Keep),
+            ("attn_qkv", "attention.query_key_value", Fix::Deinterleaved),
+            ("attn_output", "attention.dense", Fix::Keep),
+            ("ffn_norm", "post_attention_layernorm", Fix::Keep),
+            ("ffn_up", "mlp.dense_h_to_4h", Fix::Keep),
+            ("ffn_down", "mlp.dense_4h_to_h", Fix::Keep),
+        ]],
+        config: gguf_config,
+    }],
     spec,
     load,
 };

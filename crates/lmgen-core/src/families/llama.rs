@@ -4,6 +4,8 @@
 use super::{heads, layer_types, load_llama_like, Family, Layout, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile, LLAMA_TENSORS};
+use serde_json::{Map, Value};
 
 pub const FAMILY: Family = Family {
     name: "llama",
@@ -15,9 +17,34 @@ pub const FAMILY: Family = Family {
     ],
     model_types: &["llama", "mistral", "qwen2", "qwen3"],
     gguf: &[
-        ("llama", "LlamaForCausalLM"),
-        ("qwen2", "Qwen2ForCausalLM"),
-        ("qwen3", "Qwen3ForCausalLM"),
+        GgufArch {
+            arch: "llama",
+            class: "LlamaForCausalLM",
+            blocks: "model.layers",
+            // llama.cpp's llama converter permutes the Q/K rows for its interleaved rope.
+            tensors: &[
+                &[
+                    ("attn_q", "self_attn.q_proj", Fix::PermutedQ),
+                    ("attn_k", "self_attn.k_proj", Fix::PermutedK),
+                ],
+                LLAMA_TENSORS,
+            ],
+            config: gguf_config,
+        },
+        GgufArch {
+            arch: "qwen2",
+            class: "Qwen2ForCausalLM",
+            blocks: "model.layers",
+            tensors: &[LLAMA_TENSORS],
+            config: gguf_config,
+        },
+        GgufArch {
+            arch: "qwen3",
+            class: "Qwen3ForCausalLM",
+            blocks: "model.layers",
+            tensors: &[LLAMA_TENSORS],
+            config: gguf_config,
+        },
     ],
     spec,
     load,
@@ -81,4 +108,31 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         ..Layout::LLAMA
     };
     load_llama_like(s, l, &layout, "model.norm")
+}
+
+/// `config.json` keys of the Llama-style classes from GGUF metadata (also the MoE and OLMo-2
+/// variants): transformers' defaults for what the metadata leaves out (Qwen's differ), the
+/// head size from the rotary dimensions when no key length is given, biases as the tensors say.
+pub fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let arch = g.architecture();
+    let qwen = arch.starts_with("qwen");
+    c.entry("rms_norm_eps")
+        .or_insert(if qwen { 1e-6 } else { 1e-5 }.into());
+    c.entry("rope_theta")
+        .or_insert(if qwen { 1_000_000.0 } else { 10_000.0 }.into());
+    c.entry("max_position_embeddings")
+        .or_insert(if qwen { 32768 } else { 2048 }.into());
+    c.insert("hidden_act".into(), "silu".into());
+    if g.md_u64(&g.key("attention.key_length")).is_none() {
+        if let Some(d) = g.md_u64(&g.key("rope.dimension_count")) {
+            c.insert("head_dim".into(), d.into());
+        }
+    }
+    c.remove("partial_rotary_factor");
+    if !matches!(arch, "qwen2" | "qwen2moe") {
+        let bias = g.has("model.layers.0.self_attn.q_proj.bias");
+        c.insert("attention_bias".into(), bias.into());
+        c.insert("mlp_bias".into(), false.into());
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::kernels::quant::QMatrix;
 use crate::model::decoder::{Block, Weights};
 use crate::model::layers::{Linear, Norm, Weight};
+use crate::weights::gguf::GgufArch;
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -36,8 +37,9 @@ pub struct Family {
     pub architectures: &'static [&'static str],
     /// `model_type` values, for configs without `architectures`.
     pub model_types: &'static [&'static str],
-    /// llama.cpp `general.architecture` values this family reads, with the class each means.
-    pub gguf: &'static [(&'static str, &'static str)],
+    /// llama.cpp `general.architecture` values this family reads: the class each means, its
+    /// tensor names and metadata (what `convert_hf_to_gguf.py` writes for the family).
+    pub gguf: &'static [GgufArch],
     /// config → spec, given the architecture name that matched.
     pub spec: fn(&RawConfig, &str) -> Result<ModelSpec>,
     /// checkpoint → canonical weights.
@@ -108,20 +110,19 @@ pub fn detect(cfg: &RawConfig) -> Result<(&'static Family, String)> {
     })
 }
 
-/// The transformers class a GGUF `general.architecture` stands for.
-pub fn gguf_class(path: &std::path::Path, gguf_arch: &str) -> Result<&'static str> {
+/// The family's description of a GGUF `general.architecture`.
+pub fn gguf_arch(path: &std::path::Path, gguf_arch: &str) -> Result<&'static GgufArch> {
     FAMILIES
         .iter()
         .flat_map(|f| f.gguf.iter())
-        .find(|(a, _)| *a == gguf_arch)
-        .map(|(_, c)| *c)
+        .find(|a| a.arch == gguf_arch)
         .ok_or_else(|| Error::UnknownArchitecture {
             path: path.to_path_buf(),
             arch: gguf_arch.to_string(),
             supported: FAMILIES
                 .iter()
                 .flat_map(|f| f.gguf.iter())
-                .map(|(a, _)| format!("{a} (GGUF)"))
+                .map(|a| format!("{} (GGUF)", a.arch))
                 .collect::<Vec<_>>()
                 .join(", "),
         })
@@ -482,22 +483,47 @@ pub fn fuse(parts: &[Linear]) -> Result<Linear> {
     Ok(Linear::new(Tensor::cat(&ws, 0)?, bias))
 }
 
+/// `l` with its output rows (and bias) taken in `order`: row `r` of the result is row
+/// `order[r]` of `l`. Quantized weights (GGUF) keep their blocks, moved row by row.
+pub fn select_rows(l: Linear, order: &[u32]) -> Result<Linear> {
+    let idx = |d: &Device| Tensor::from_slice(order, order.len(), d);
+    let bias = match &l.bias {
+        Some(b) => Some(b.index_select(&idx(b.device())?, 0)?),
+        None => None,
+    };
+    match &l.weight {
+        Weight::Dense(w) => Ok(Linear::new(w.index_select(&idx(w.device())?, 0)?, bias)),
+        Weight::Quant(q) => {
+            let rb = q.kind().row_bytes(q.cols());
+            let bytes = q.to_ggml_bytes();
+            let mut out = Vec::with_capacity(order.len() * rb);
+            for &r in order {
+                let r = r as usize;
+                let row = bytes.get(r * rb..(r + 1) * rb).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("row {r} of a {}-row matrix", q.rows()))
+                })?;
+                out.extend_from_slice(row);
+            }
+            let q = QMatrix::from_ggml_bytes(q.kind(), order.len(), q.cols(), &out)
+                .map_err(candle_core::Error::Msg)?;
+            Ok(Linear {
+                weight: Weight::Quant(Arc::new(q)),
+                bias,
+            })
+        }
+    }
+}
+
 /// Fused QKV stored per head as `[heads, 3, head_dim]` rows (GPT-NeoX, BLOOM) →
 /// canonical `[q heads; k heads; v heads]`.
 pub fn deinterleave_qkv(l: Linear, heads: usize, head_dim: usize) -> Result<Linear> {
-    let inp = l.dense()?.dim(1)?;
-    let reorder = |t: &Tensor, cols: usize| -> Result<Tensor> {
-        Ok(t.reshape((heads, 3, head_dim, cols))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((3 * heads * head_dim, cols))?)
-    };
-    let weight = reorder(l.dense()?, inp)?;
-    let bias = match &l.bias {
-        Some(b) => Some(reorder(&b.reshape((3 * heads * head_dim, 1))?, 1)?.flatten_all()?),
-        None => None,
-    };
-    Ok(Linear::new(weight, bias))
+    let order: Vec<u32> = (0..3)
+        .flat_map(|t| {
+            (0..heads)
+                .flat_map(move |h| (0..head_dim).map(move |d| ((h * 3 + t) * head_dim + d) as u32))
+        })
+        .collect();
+    select_rows(l, &order)
 }
 
 /// Blocks for the common "two LayerNorms, fused QKV, plain MLP" layout, given name builders.
@@ -553,31 +579,13 @@ pub fn load_interleaved_blocks(
 /// canonical `[q heads; k heads; v heads]`.
 pub fn degroup_qkv(l: Linear, heads: usize, kv_heads: usize, head_dim: usize) -> Result<Linear> {
     let g = heads / kv_heads;
-    let inp = l.dense()?.dim(1)?;
-    let reorder = |t: &Tensor, cols: usize| -> Result<Tensor> {
-        let t = t.reshape((kv_heads, g + 2, head_dim, cols))?;
-        let q = t
-            .narrow(1, 0, g)?
-            .contiguous()?
-            .reshape((heads * head_dim, cols))?;
-        let k = t
-            .narrow(1, g, 1)?
-            .contiguous()?
-            .reshape((kv_heads * head_dim, cols))?;
-        let v = t
-            .narrow(1, g + 1, 1)?
-            .contiguous()?
-            .reshape((kv_heads * head_dim, cols))?;
-        Ok(Tensor::cat(&[&q, &k, &v], 0)?)
-    };
-    let weight = reorder(l.dense()?, inp)?;
-    let bias = match &l.bias {
-        Some(b) => {
-            Some(reorder(&b.reshape(((heads + 2 * kv_heads) * head_dim, 1))?, 1)?.flatten_all()?)
-        }
-        None => None,
-    };
-    Ok(Linear::new(weight, bias))
+    // Stored row of head `slot` of group `grp`, dimension `d`.
+    let at = |grp: usize, slot: usize, d: usize| ((grp * (g + 2) + slot) * head_dim + d) as u32;
+    let q = (0..heads).flat_map(|h| (0..head_dim).map(move |d| at(h / g, h % g, d)));
+    let k = (0..kv_heads).flat_map(|j| (0..head_dim).map(move |d| at(j, g, d)));
+    let v = (0..kv_heads).flat_map(|j| (0..head_dim).map(move |d| at(j, g + 1, d)));
+    let order: Vec<u32> = q.chain(k).chain(v).collect();
+    select_rows(l, &order)
 }
 
 /// How the projections of the input are stored.

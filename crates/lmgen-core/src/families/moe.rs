@@ -7,6 +7,8 @@
 use super::{load_llama_like, Family, Layout, Loader, MoeNames, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{GgufArch, GgufFile, LLAMA_TENSORS};
+use serde_json::{Map, Value};
 
 pub const FAMILY: Family = Family {
     name: "moe",
@@ -17,7 +19,22 @@ pub const FAMILY: Family = Family {
         "OlmoeForCausalLM",
     ],
     model_types: &["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"],
-    gguf: &[("qwen2moe", "Qwen2MoeForCausalLM")],
+    gguf: &[
+        GgufArch {
+            arch: "qwen2moe",
+            class: "Qwen2MoeForCausalLM",
+            blocks: "model.layers",
+            tensors: &[LLAMA_TENSORS],
+            config: gguf_config,
+        },
+        GgufArch {
+            arch: "qwen3moe",
+            class: "Qwen3MoeForCausalLM",
+            blocks: "model.layers",
+            tensors: &[LLAMA_TENSORS],
+            config: gguf_config,
+        },
+    ],
     spec,
     load,
 };
@@ -103,4 +120,35 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         ..Layout::LLAMA
     };
     load_llama_like(s, l, &layout, "model.norm")
+}
+
+/// `config.json` of a Qwen MoE GGUF: the Llama-style keys, then the experts (every layer is
+/// sparse: llama.cpp's converter maps no dense MLP layers for these architectures).
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    super::llama::gguf_config(g, c)?;
+    let k = |s: &str| g.key(s);
+    let n = g.req_u64(&k("expert_count"))?;
+    c.insert("num_experts".into(), n.into());
+    c.insert(
+        "num_experts_per_tok".into(),
+        g.req_u64(&k("expert_used_count"))?.into(),
+    );
+    for (key, md) in [
+        ("moe_intermediate_size", "expert_feed_forward_length"),
+        (
+            "shared_expert_intermediate_size",
+            "expert_shared_feed_forward_length",
+        ),
+    ] {
+        if let Some(v) = g.md_u64(&k(md)) {
+            c.insert(key.into(), v.into());
+        }
+    }
+    // llama.cpp records renormalized top-k weights as `expert_weights_norm`; its Qwen3-MoE
+    // graph always renormalizes.
+    let norm = g
+        .md_bool(&k("expert_weights_norm"))
+        .unwrap_or(g.architecture() == "qwen3moe");
+    c.insert("norm_topk_prob".into(), norm.into());
+    Ok(())
 }

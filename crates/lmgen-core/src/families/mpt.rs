@@ -5,12 +5,53 @@ use super::{Family, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
 use crate::model::decoder::Block;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile};
+use serde_json::{json, Map, Value};
+
+/// `config.json` of an MPT GGUF: the MLP's expansion from its matrix, `clip_qkv` from
+/// `attention.clamp_kqv`; ALiBi always (llama.cpp's MPT has no other positions).
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let e = c.get("hidden_size").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    if let (Some(&[inter, _]), true) = (g.shape("transformer.blocks.0.ffn.up_proj.weight"), e > 0) {
+        if inter % e != 0 {
+            return Err(g.bad_config(format!(
+                "MLP width {inter} is not a multiple of the hidden size {e}"
+            )));
+        }
+        c.insert("expansion_ratio".into(), (inter / e).into());
+    }
+    if let Some(n) = c.get("max_position_embeddings").cloned() {
+        c.insert("max_seq_len".into(), n);
+    }
+    let clip = g.md_f64(&g.key("attention.clamp_kqv"));
+    c.insert(
+        "attn_config".into(),
+        json!({"alibi": true, "clip_qkv": clip, "softmax_scale": null}),
+    );
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "mpt",
     architectures: &["MptForCausalLM", "MPTForCausalLM"],
     model_types: &["mpt"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "mpt",
+        class: "MptForCausalLM",
+        blocks: "transformer.blocks",
+        tensors: &[&[
+            ("token_embd", "transformer.wte", Fix::Keep),
+            ("output_norm", "transformer.norm_f", Fix::Keep),
+            ("output", "lm_head", Fix::Keep),
+            ("attn_norm", "norm_1", Fix::Keep),
+            ("attn_qkv", "attn.Wqkv", Fix::Keep),
+            ("attn_output", "attn.out_proj", Fix::Keep),
+            ("ffn_norm", "norm_2", Fix::Keep),
+            ("ffn_up", "ffn.up_proj", Fix::Keep),
+            ("ffn_down", "ffn.down_proj", Fix::Keep),
+        ]],
+        config: gguf_config,
+    }],
     spec,
     load,
 };

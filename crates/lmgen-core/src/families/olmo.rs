@@ -4,12 +4,19 @@
 use super::{heads, load_llama_like, Family, Layout, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{GgufArch, LLAMA_TENSORS};
 
 pub const FAMILY: Family = Family {
     name: "olmo",
     architectures: &["OlmoForCausalLM", "Olmo2ForCausalLM"],
     model_types: &["olmo", "olmo2"],
-    gguf: &[("olmo2", "Olmo2ForCausalLM")],
+    gguf: &[GgufArch {
+        arch: "olmo2",
+        class: "Olmo2ForCausalLM",
+        blocks: "model.layers",
+        tensors: &[LLAMA_TENSORS],
+        config: super::llama::gguf_config,
+    }],
     spec,
     load,
 };

@@ -4,12 +4,39 @@
 use super::{heads, Family, Layout, Loader, MlpIn, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile, LLAMA_TENSORS};
+use serde_json::{Map, Value};
+
+/// `config.json` of a Phi-2 GGUF: the MLP width from its matrix (the converter writes
+/// 4 × hidden whatever the checkpoint has).
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    if let Some(&[inter, _]) = g.shape("model.layers.0.mlp.fc1.weight") {
+        c.insert("intermediate_size".into(), inter.into());
+    }
+    c.insert("hidden_act".into(), "gelu_new".into());
+    c.insert("qk_layernorm".into(), false.into());
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "phi",
     architectures: &["PhiForCausalLM"],
     model_types: &["phi"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "phi2",
+        class: "PhiForCausalLM",
+        blocks: "model.layers",
+        tensors: &[
+            &[
+                ("output_norm", "model.final_layernorm", Fix::Keep),
+                ("attn_output", "self_attn.dense", Fix::Keep),
+                ("ffn_up", "mlp.fc1", Fix::Keep),
+                ("ffn_down", "mlp.fc2", Fix::Keep),
+            ],
+            LLAMA_TENSORS,
+        ],
+        config: gguf_config,
+    }],
     spec,
     load,
 };

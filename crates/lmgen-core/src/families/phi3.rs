@@ -11,12 +11,65 @@
 use super::{heads, layer_types, load_llama_like, Family, Layout, Loader, MlpIn, Qkv, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile, LLAMA_TENSORS};
+use crate::weights::TensorSource;
+use candle_core::{DType, Device};
+use serde_json::{Map, Value};
+
+/// The `longrope` factors of a GGUF file (read into the config, not weights).
+const ROPE_LONG: &str = "rope_factors_long.weight";
+const ROPE_SHORT: &str = "rope_factors_short.weight";
+
+/// `config.json` of a Phi-3 GGUF: the sliding window (0: none, as Phi-4 files say), the
+/// original context, and `longrope` (Phi-3-128k, Phi-3.5) from the `rope_factors_long/short`
+/// tensors the converter writes, with its attention factor.
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let k = |s: &str| g.key(s);
+    let window = g.md_u64(&k("attention.sliding_window")).filter(|&w| w > 0);
+    c.insert(
+        "sliding_window".into(),
+        window.map_or(Value::Null, Value::from),
+    );
+    if let Some(o) = g.md_u64(&k("rope.scaling.original_context_length")) {
+        c.insert("original_max_position_embeddings".into(), o.into());
+    }
+    if g.has(ROPE_LONG) || g.has(ROPE_SHORT) {
+        let factors = |n: &str| -> Result<Vec<f32>> {
+            Ok(g.load(n, DType::F32, &Device::Cpu)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        let mut r = Map::new();
+        r.insert("rope_type".into(), "longrope".into());
+        r.insert("long_factor".into(), factors(ROPE_LONG)?.into());
+        r.insert("short_factor".into(), factors(ROPE_SHORT)?.into());
+        if let Some(a) = g.md_f64(&k("rope.scaling.attn_factor")) {
+            r.insert("attention_factor".into(), a.into());
+        }
+        c.insert("rope_scaling".into(), r.into());
+    }
+    c.insert("hidden_act".into(), "silu".into());
+    c.insert("attention_bias".into(), false.into());
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "phi3",
     architectures: &["Phi3ForCausalLM"],
     model_types: &["phi3"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "phi3",
+        class: "Phi3ForCausalLM",
+        blocks: "model.layers",
+        tensors: &[
+            &[
+                ("attn_qkv", "self_attn.qkv_proj", Fix::Keep),
+                ("ffn_up", "mlp.gate_up_proj", Fix::Keep),
+            ],
+            LLAMA_TENSORS,
+        ],
+        config: gguf_config,
+    }],
     spec,
     load,
 };
@@ -67,5 +120,6 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         mlp_in: MlpIn::One("mlp.gate_up_proj"),
         ..Layout::LLAMA
     };
+    l.ignore_buffers(&[ROPE_LONG, ROPE_SHORT]);
     load_llama_like(s, l, &layout, "model.norm")
 }

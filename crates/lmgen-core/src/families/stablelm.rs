@@ -4,6 +4,20 @@
 use super::{heads, load_llama_like, Family, Layout, Loader, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{GgufArch, GgufFile, LLAMA_TENSORS};
+use serde_json::{Map, Value};
+
+/// `config.json` of a StableLM GGUF. Per-head q/k norms (StableLM 2 12B), which the converter
+/// stacks, are not read: those tensors stay unused and the load fails naming them.
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let parallel = g.md_bool(&g.key("use_parallel_residual")).unwrap_or(true);
+    c.insert("use_parallel_residual".into(), parallel.into());
+    let bias = g.has("model.layers.0.self_attn.q_proj.bias");
+    c.insert("use_qkv_bias".into(), bias.into());
+    c.insert("qk_layernorm".into(), false.into());
+    c.insert("hidden_act".into(), "silu".into());
+    Ok(())
+}
 use crate::model::layers::Norm;
 use candle_core::Tensor;
 
@@ -11,7 +25,13 @@ pub const FAMILY: Family = Family {
     name: "stablelm",
     architectures: &["StableLmForCausalLM"],
     model_types: &["stablelm"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "stablelm",
+        class: "StableLmForCausalLM",
+        blocks: "model.layers",
+        tensors: &[LLAMA_TENSORS],
+        config: gguf_config,
+    }],
     spec,
     load,
 };

@@ -3,12 +3,36 @@
 use super::{heads, layer_types, load_llama_like, Family, Layout, Loader, MlpIn, Weights};
 use crate::config::*;
 use crate::error::Result;
+use crate::weights::gguf::{Fix, GgufArch, GgufFile, LLAMA_TENSORS};
+use serde_json::{Map, Value};
+
+/// `config.json` of a StarCoder2 GGUF: biases as the tensors say, no sliding window (the
+/// converter records none and llama.cpp attends to the whole context).
+fn gguf_config(g: &GgufFile, c: &mut Map<String, Value>) -> Result<()> {
+    let bias = g.has("model.layers.0.self_attn.q_proj.bias");
+    c.insert("use_bias".into(), bias.into());
+    c.insert("sliding_window".into(), Value::Null);
+    c.insert("hidden_act".into(), "gelu_pytorch_tanh".into());
+    Ok(())
+}
 
 pub const FAMILY: Family = Family {
     name: "starcoder2",
     architectures: &["Starcoder2ForCausalLM"],
     model_types: &["starcoder2"],
-    gguf: &[],
+    gguf: &[GgufArch {
+        arch: "starcoder2",
+        class: "Starcoder2ForCausalLM",
+        blocks: "model.layers",
+        tensors: &[
+            &[
+                ("ffn_up", "mlp.c_fc", Fix::Keep),
+                ("ffn_down", "mlp.c_proj", Fix::Keep),
+            ],
+            LLAMA_TENSORS,
+        ],
+        config: gguf_config,
+    }],
     spec,
     load,
 };

@@ -1,8 +1,11 @@
 //! GGUF (llama.cpp) files, exposed under Hugging Face tensor names and layouts.
 //!
-//! Tensors are dequantized on `load`. The llama converter of llama.cpp permutes the rows of the
-//! Q and K projections (for its interleaved rope); that permutation is undone here so the weights
-//! match Hugging Face's half-split (`rotate_half`) rope.
+//! Tensors are dequantized on `load`. What llama.cpp's converter (`convert_hf_to_gguf.py`) does
+//! to a checkpoint is undone here, as the family's [`GgufArch`] table says: tensor names, the
+//! Q/K row permutation of the `llama` converter (for its interleaved rope), Gemma's norms stored
+//! as `1 + weight`, fused QKV re-ordered from per-head or per-group layouts to `[q; k; v]`,
+//! GPT-2's Conv1D matrices transposed. The architecture-specific parts live in the family files;
+//! this file only knows these layout operations.
 use super::st::one_line;
 use super::{TensorMeta, TensorSource};
 use crate::error::{Error, Result};
@@ -10,9 +13,90 @@ use crate::kernels::quant::{QMatrix, QuantKind};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
+use serde_json::Map;
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+
+/// What llama.cpp's converter did to a tensor, undone on load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fix {
+    /// Stored as the checkpoint has it.
+    Keep,
+    /// Rows permuted for llama.cpp's interleaved rope (the `llama` converter): Q, with
+    /// `attention.head_count` heads.
+    PermutedQ,
+    /// The same for K, with `attention.head_count_kv` heads.
+    PermutedK,
+    /// Stored as `1 + weight` (Gemma's RMSNorm weights).
+    PlusOne,
+    /// Fused `[q heads; k heads; v heads]` where the checkpoint groups per kv head
+    /// `[the group's q heads, k, v]` (Falcon).
+    Ungrouped,
+    /// Fused `[q; k; v]` where the checkpoint interleaves per head `[q, k, v]` (GPT-NeoX, BLOOM).
+    Deinterleaved,
+    /// Stored `[out, in]` where the checkpoint has GPT-2's Conv1D `[in, out]`.
+    Transposed,
+}
+
+/// One llama.cpp architecture as a family reads it: the transformers class it stands for, the
+/// Hugging Face names of its tensors and the `config.json` its metadata makes.
+pub struct GgufArch {
+    /// `general.architecture`.
+    pub arch: &'static str,
+    /// The transformers class (an `architectures` entry of the family).
+    pub class: &'static str,
+    /// Block `N`'s tensors are named `{blocks}.N.{name}`.
+    pub blocks: &'static str,
+    /// GGUF name -> HF name and fix, without the `.weight`/`.bias` suffix, in tables searched
+    /// in order (a family's own entries, then a shared table such as [`LLAMA_TENSORS`]). Names
+    /// of block tensors are relative (`attn_q` for `blk.N.attn_q`); others are whole
+    /// (`token_embd`). A `*` in the HF name of a block tensor stands for the expert index: the
+    /// GGUF tensor stacks the experts (`[experts, rows, cols]`), each is exposed on its own.
+    pub tensors: &'static [&'static [(&'static str, &'static str, Fix)]],
+    /// Completes the `config.json` of the class: [`GgufFile::config_json`] has put in the keys
+    /// common to all (in their Llama spellings) and this adds or renames the rest.
+    pub config: fn(&GgufFile, &mut Map<String, serde_json::Value>) -> Result<()>,
+}
+
+impl GgufArch {
+    /// HF name and fix of the GGUF tensor `part` (see [`GgufArch::tensors`]).
+    pub fn lookup(&self, part: &str) -> Option<(&'static str, Fix)> {
+        self.tensors
+            .iter()
+            .flat_map(|t| t.iter())
+            .find(|(g, _, _)| *g == part)
+            .map(|&(_, hf, fix)| (hf, fix))
+    }
+}
+
+/// The Llama layout's names (Llama, Mistral, Qwen2/3, their MoE variants, OLMo-2, Gemma ...).
+pub const LLAMA_TENSORS: &[(&str, &str, Fix)] = &[
+    ("token_embd", "model.embed_tokens", Fix::Keep),
+    ("output_norm", "model.norm", Fix::Keep),
+    ("output", "lm_head", Fix::Keep),
+    ("attn_q", "self_attn.q_proj", Fix::Keep),
+    ("attn_k", "self_attn.k_proj", Fix::Keep),
+    ("attn_v", "self_attn.v_proj", Fix::Keep),
+    ("attn_output", "self_attn.o_proj", Fix::Keep),
+    ("ffn_gate", "mlp.gate_proj", Fix::Keep),
+    ("ffn_up", "mlp.up_proj", Fix::Keep),
+    ("ffn_down", "mlp.down_proj", Fix::Keep),
+    ("attn_norm", "input_layernorm", Fix::Keep),
+    ("ffn_norm", "post_attention_layernorm", Fix::Keep),
+    ("post_attention_norm", "post_attention_layernorm", Fix::Keep),
+    ("post_ffw_norm", "post_feedforward_layernorm", Fix::Keep),
+    ("attn_q_norm", "self_attn.q_norm", Fix::Keep),
+    ("attn_k_norm", "self_attn.k_norm", Fix::Keep),
+    ("ffn_gate_inp", "mlp.gate", Fix::Keep),
+    ("ffn_gate_exps", "mlp.experts.*.gate_proj", Fix::Keep),
+    ("ffn_up_exps", "mlp.experts.*.up_proj", Fix::Keep),
+    ("ffn_down_exps", "mlp.experts.*.down_proj", Fix::Keep),
+    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj", Fix::Keep),
+    ("ffn_up_shexp", "mlp.shared_expert.up_proj", Fix::Keep),
+    ("ffn_down_shexp", "mlp.shared_expert.down_proj", Fix::Keep),
+    ("ffn_gate_inp_shexp", "mlp.shared_expert_gate", Fix::Keep),
+];
 
 #[derive(Debug, Clone)]
 struct Mapped {
@@ -20,8 +104,10 @@ struct Mapped {
     gguf: String,
     shape: Vec<usize>,
     ggml: GgmlDType,
-    /// Undo llama.cpp's Q/K row permutation with this many heads.
-    unpermute_heads: Option<usize>,
+    fix: Fix,
+    /// Heads for the row fixes (`PermutedQ/K`: its heads; `Ungrouped`: q heads, kv heads;
+    /// `Deinterleaved`: heads).
+    heads: (usize, usize),
     /// Expert `j` of a stacked `[experts, rows, cols]` tensor (`shape` is one expert's).
     expert: Option<usize>,
 }
@@ -32,64 +118,25 @@ pub struct GgufFile {
     mmap: memmap2::Mmap,
     content: Content,
     arch: String,
-    /// HF name -> GGUF tensor.
+    /// The family's description, once [`GgufFile::with_arch`] has given it.
+    spec: Option<&'static GgufArch>,
+    /// HF name -> GGUF tensor (GGUF names until an architecture is given).
     tensors: BTreeMap<String, Mapped>,
 }
 
-/// `blk.N.ffn_{gate,up,down}_exps.{weight,bias}` (experts stacked in one tensor) ->
-/// `(N, HF projection name, kind)`; each expert is exposed as
-/// `model.layers.N.mlp.experts.J.{proj}.{kind}` (the Qwen-MoE layout).
-fn expert_parts(gguf: &str) -> Option<(usize, &'static str, &str)> {
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let proj = match part {
-        "ffn_gate_exps" => "gate_proj",
-        "ffn_up_exps" => "up_proj",
-        "ffn_down_exps" => "down_proj",
-        _ => return None,
-    };
-    Some((layer.parse().ok()?, proj, kind))
-}
-
-/// llama.cpp tensor name -> Hugging Face name (Llama/Qwen2/Qwen3/Qwen2-MoE/OLMo-2 layout). `None` for names without an
-/// HF counterpart; those are exposed under their GGUF name (and then reported as unused).
-fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = rest.rsplit_once('.')?;
+/// `name` split into (layer, part, suffix) for `blk.N.part.suffix`, or (None, part, suffix).
+fn split_name(gguf: &str) -> Option<(Option<usize>, &str, &str)> {
+    let (part, kind) = gguf.rsplit_once('.')?;
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "post_attention_norm" => "post_attention_layernorm",
-        "post_ffw_norm" => "post_feedforward_layernorm",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate_inp" => "mlp.gate",
-        "ffn_gate_shexp" => "mlp.shared_expert.gate_proj",
-        "ffn_up_shexp" => "mlp.shared_expert.up_proj",
-        "ffn_down_shexp" => "mlp.shared_expert.down_proj",
-        "ffn_gate_inp_shexp" => "mlp.shared_expert_gate",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    match part.strip_prefix("blk.") {
+        Some(rest) => {
+            let (layer, part) = rest.split_once('.')?;
+            Some((Some(layer.parse().ok()?), part, kind))
+        }
+        None => Some((None, part, kind)),
+    }
 }
 
 fn value_u64(v: &Value) -> Option<u64> {
@@ -134,24 +181,72 @@ fn ggml_dtype_name(d: GgmlDType) -> &'static str {
     }
 }
 
-/// Inverse of llama.cpp's `permute`:
-/// GGUF = HF.reshape(h, 2, r/h/2, ...).swapaxes(1, 2).reshape(r, ...).
-fn unpermute(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let dims = t.dims().to_vec();
-    let rows = dims[0];
-    let half = rows / heads / 2;
-    match dims.len() {
-        1 => t
-            .reshape((heads, half, 2))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape(rows),
-        2 => t
-            .reshape((heads, half, 2, dims[1]))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((rows, dims[1])),
-        n => candle_core::bail!("cannot un-permute a rank-{n} tensor"),
+impl Mapped {
+    /// For the fixes that reorder rows: the stored row of each checkpoint row.
+    fn row_order(&self) -> Option<Vec<usize>> {
+        let rows = *self.shape.first()?;
+        let (h, kv) = self.heads;
+        let order = match self.fix {
+            // Inverse of llama.cpp's `permute`: GGUF = HF.reshape(h, 2, r/h/2, ...)
+            // .swapaxes(1, 2): checkpoint row (a, b, c) of shape (h, 2, half) is stored row
+            // (a, c, b) of shape (h, half, 2).
+            Fix::PermutedQ | Fix::PermutedK => {
+                let per = rows / h;
+                let half = per / 2;
+                (0..rows)
+                    .map(|r| {
+                        let (a, b, c) = (r / per, (r % per) / half, r % half);
+                        a * per + c * 2 + b
+                    })
+                    .collect()
+            }
+            // Checkpoint (group, slot, d) of shape (kv, h/kv + 2, hd): slot < h/kv is a query
+            // head of the group, then its key, then its value.
+            Fix::Ungrouped => {
+                let hd = rows / (h + 2 * kv);
+                let g = h / kv;
+                (0..rows)
+                    .map(|r| {
+                        let (grp, slot, d) = (r / ((g + 2) * hd), (r / hd) % (g + 2), r % hd);
+                        if slot < g {
+                            (grp * g + slot) * hd + d
+                        } else if slot == g {
+                            (h + grp) * hd + d
+                        } else {
+                            (h + kv + grp) * hd + d
+                        }
+                    })
+                    .collect()
+            }
+            // Checkpoint (head, q/k/v, d) of shape (h, 3, hd).
+            Fix::Deinterleaved => {
+                let hd = rows / (3 * h);
+                (0..rows)
+                    .map(|r| {
+                        let (head, t, d) = (r / (3 * hd), (r / hd) % 3, r % hd);
+                        (t * h + head) * hd + d
+                    })
+                    .collect()
+            }
+            _ => return None,
+        };
+        Some(order)
+    }
+}
+
+fn insert(
+    tensors: &mut BTreeMap<String, Mapped>,
+    name: String,
+    m: Mapped,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<()> {
+    let g = m.gguf.clone();
+    match tensors.insert(name.clone(), m) {
+        Some(prev) => Err(bad(format!(
+            "tensors '{}' and '{g}' both map to '{name}'",
+            prev.gguf
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -183,10 +278,6 @@ impl GgufFile {
             Some(Value::String(s)) => s.clone(),
             _ => return Err(bad("GGUF metadata lacks 'general.architecture'".into())),
         };
-        let md_u64 = |k: &str| content.metadata.get(k).and_then(value_u64);
-        let n_head = md_u64(&format!("{arch}.attention.head_count"));
-        let n_kv = md_u64(&format!("{arch}.attention.head_count_kv")).or(n_head);
-
         let mut tensors = BTreeMap::new();
         let mut names: Vec<&String> = content.tensor_infos.keys().collect();
         names.sort();
@@ -207,89 +298,142 @@ impl GgufFile {
             };
             let start = content.tensor_data_offset.checked_add(info.offset);
             let end = start.zip(size).and_then(|(s, n)| s.checked_add(n));
-            match (start, end) {
-                (Some(s), Some(e)) if e <= file_len => {
-                    let _ = s;
-                }
-                _ => {
-                    return Err(bad(format!(
-                        "truncated or corrupt GGUF file: tensor '{gname}' ({}, shape {shape:?}) needs bytes {}..{} but the file has only {file_len} bytes",
-                        ggml_dtype_name(info.ggml_dtype),
-                        start.map_or("?".into(), |s| s.to_string()),
-                        end.map_or("?".into(), |s| s.to_string()),
-                    )))
-                }
+            if !matches!(end, Some(e) if e <= file_len) {
+                return Err(bad(format!(
+                    "truncated or corrupt GGUF file: tensor '{gname}' ({}, shape {shape:?}) needs bytes {}..{} but the file has only {file_len} bytes",
+                    ggml_dtype_name(info.ggml_dtype),
+                    start.map_or("?".into(), |s| s.to_string()),
+                    end.map_or("?".into(), |s| s.to_string()),
+                )));
             }
-            if let Some((layer, proj, kind)) = expert_parts(gname) {
-                let [n, rows, cols] = shape[..] else {
-                    return Err(bad(format!(
-                        "expert tensor '{gname}' has shape {shape:?}, expected 3 dimensions"
-                    )));
-                };
-                for j in 0..n {
-                    let name = format!("model.layers.{layer}.mlp.experts.{j}.{proj}.{kind}");
-                    let m = Mapped {
-                        gguf: gname.clone(),
-                        shape: vec![rows, cols],
-                        ggml: info.ggml_dtype,
-                        unpermute_heads: None,
-                        expert: Some(j),
-                    };
-                    if tensors.insert(name.clone(), m).is_some() {
-                        return Err(bad(format!("two tensors map to '{name}'")));
-                    }
-                }
-                continue;
-            }
-            let hf = hf_name(gname);
-            let mut unpermute_heads = None;
-            if arch == "llama" {
-                let heads = if gname.ends_with(".attn_q.weight") || gname.ends_with(".attn_q.bias")
-                {
-                    Some(n_head)
-                } else if gname.ends_with(".attn_k.weight") || gname.ends_with(".attn_k.bias") {
-                    Some(n_kv)
-                } else {
-                    None
-                };
-                if let Some(h) = heads {
-                    let h = h.ok_or_else(|| {
-                        bad(format!("GGUF metadata lacks '{arch}.attention.head_count'"))
-                    })?;
-                    let rows = shape.first().copied().unwrap_or(0) as u64;
-                    if shape.is_empty()
-                        || shape.len() > 2
-                        || h.checked_mul(2).and_then(|d| rows.checked_rem(d)) != Some(0)
-                    {
-                        return Err(bad(format!(
-                            "tensor '{gname}' of shape {shape:?} does not split into {h} heads of even size"
-                        )));
-                    }
-                    unpermute_heads = Some(h as usize);
-                }
-            }
-            let name = hf.unwrap_or_else(|| gname.clone());
             let m = Mapped {
                 gguf: gname.clone(),
                 shape,
                 ggml: info.ggml_dtype,
-                unpermute_heads,
+                fix: Fix::Keep,
+                heads: (0, 0),
                 expert: None,
             };
-            if let Some(prev) = tensors.insert(name.clone(), m) {
-                return Err(bad(format!(
-                    "tensors '{}' and '{gname}' both map to '{name}'",
-                    prev.gguf
-                )));
-            }
+            tensors.insert(gname.clone(), m);
         }
         Ok(Self {
             path,
             mmap,
             content,
             arch,
+            spec: None,
             tensors,
         })
+    }
+
+    /// Expose the tensors under the Hugging Face names and layouts `spec` gives (the family's
+    /// description of this file's architecture). Tensors it does not name keep their GGUF
+    /// name (and are then reported as unused).
+    pub fn with_arch(mut self, spec: &'static GgufArch) -> Result<Self> {
+        let path = self.path.clone();
+        let bad = |msg: String| Error::bad_weights(&path, msg);
+        let arch = self.arch.clone();
+        let n_head = self.md_u64(&format!("{arch}.attention.head_count"));
+        let n_kv = self
+            .md_u64(&format!("{arch}.attention.head_count_kv"))
+            .or(n_head);
+        let mut tensors = BTreeMap::new();
+        for (gname, raw) in std::mem::take(&mut self.tensors) {
+            let shape = raw.shape.clone();
+            let found = split_name(&gname).and_then(|(layer, part, kind)| {
+                spec.lookup(part).map(|(hf, fix)| (layer, hf, fix, kind))
+            });
+            let Some((layer, hf, fix, kind)) = found else {
+                insert(&mut tensors, gname.clone(), raw, &bad)?;
+                continue;
+            };
+            let full = |hf: &str| match layer {
+                Some(n) => format!("{}.{n}.{hf}.{kind}", spec.blocks),
+                None => format!("{hf}.{kind}"),
+            };
+            if hf.contains('*') {
+                let [n, rows, cols] = shape[..] else {
+                    return Err(bad(format!(
+                        "expert tensor '{gname}' has shape {shape:?}, expected 3 dimensions"
+                    )));
+                };
+                for j in 0..n {
+                    let m = Mapped {
+                        shape: vec![rows, cols],
+                        expert: Some(j),
+                        ..raw.clone()
+                    };
+                    insert(
+                        &mut tensors,
+                        full(&hf.replace('*', &j.to_string())),
+                        m,
+                        &bad,
+                    )?;
+                }
+                continue;
+            }
+            // Norm weights only: biases are stored as they are.
+            let fix = if fix == Fix::PlusOne && kind != "weight" {
+                Fix::Keep
+            } else {
+                fix
+            };
+            let need = |key: &str, v: Option<u64>| {
+                v.filter(|&h| h > 0)
+                    .map(|h| h as usize)
+                    .ok_or_else(|| bad(format!("GGUF metadata lacks '{arch}.{key}'")))
+            };
+            let rows = shape.first().copied().unwrap_or(0);
+            let heads = match fix {
+                Fix::PermutedQ | Fix::PermutedK => {
+                    let h = if fix == Fix::PermutedQ {
+                        need("attention.head_count", n_head)?
+                    } else {
+                        need("attention.head_count_kv", n_kv)?
+                    };
+                    if shape.is_empty() || shape.len() > 2 || rows % (2 * h) != 0 {
+                        return Err(bad(format!(
+                            "tensor '{gname}' of shape {shape:?} does not split into {h} heads of even size"
+                        )));
+                    }
+                    (h, 0)
+                }
+                Fix::Ungrouped | Fix::Deinterleaved => {
+                    let h = need("attention.head_count", n_head)?;
+                    let kv = if fix == Fix::Ungrouped {
+                        need("attention.head_count_kv", n_kv)?
+                    } else {
+                        h
+                    };
+                    if shape.is_empty()
+                        || shape.len() > 2
+                        || h % kv != 0
+                        || rows % (h + 2 * kv) != 0
+                    {
+                        return Err(bad(format!(
+                            "fused QKV tensor '{gname}' of shape {shape:?} does not split into {h} query and {kv} key/value heads"
+                        )));
+                    }
+                    (h, kv)
+                }
+                _ => (0, 0),
+            };
+            let shape = if fix == Fix::Transposed && shape.len() == 2 {
+                vec![shape[1], shape[0]]
+            } else {
+                shape
+            };
+            let m = Mapped {
+                shape,
+                fix,
+                heads,
+                ..raw
+            };
+            insert(&mut tensors, full(hf), m, &bad)?;
+        }
+        self.tensors = tensors;
+        self.spec = Some(spec);
+        Ok(self)
     }
 
     /// The parsed GGUF header (metadata, including `tokenizer.ggml.*`, and tensor infos).
@@ -307,138 +451,174 @@ impl GgufFile {
         self.tensors.get(hf_name).map(|m| (m.gguf.as_str(), m.ggml))
     }
 
-    fn md(&self, key: &str) -> Option<&Value> {
+    /// A metadata value.
+    pub fn md(&self, key: &str) -> Option<&Value> {
         self.content.metadata.get(key)
     }
 
-    fn md_u64(&self, key: &str) -> Option<u64> {
+    /// `{general.architecture}.{key}`, the spelling of the architecture's own metadata.
+    pub fn key(&self, key: &str) -> String {
+        format!("{}.{key}", self.arch)
+    }
+
+    /// An integer metadata value.
+    pub fn md_u64(&self, key: &str) -> Option<u64> {
         self.md(key).and_then(value_u64)
     }
 
-    fn req_u64(&self, key: &str) -> Result<u64> {
-        self.md_u64(key).ok_or_else(|| {
-            Error::bad_config(&self.path, format!("GGUF metadata lacks integer '{key}'"))
-        })
+    /// An integer metadata value that must be there.
+    pub fn req_u64(&self, key: &str) -> Result<u64> {
+        self.md_u64(key)
+            .ok_or_else(|| self.bad_config(format!("GGUF metadata lacks integer '{key}'")))
     }
 
-    fn md_f64(&self, key: &str) -> Option<f64> {
+    /// A number in the metadata.
+    pub fn md_f64(&self, key: &str) -> Option<f64> {
         self.md(key).and_then(value_f64)
     }
 
-    /// A Hugging Face `config.json` equivalent built from the GGUF metadata, for the
-    /// transformers class `class` (the family registry says which class an architecture is).
-    pub fn config_json(&self, class: &str) -> Result<serde_json::Value> {
-        let arch = self.arch.as_str();
-        let k = |s: &str| format!("{arch}.{s}");
+    /// A boolean in the metadata.
+    pub fn md_bool(&self, key: &str) -> Option<bool> {
+        match self.md(key) {
+            Some(Value::Bool(b)) => Some(*b),
+            v => v.and_then(value_u64).map(|x| x != 0),
+        }
+    }
+
+    /// An array of booleans in the metadata.
+    pub fn md_bools(&self, key: &str) -> Option<Vec<bool>> {
+        match self.md(key) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| match v {
+                    Value::Bool(b) => Some(*b),
+                    v => value_u64(v).map(|x| x != 0),
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
+    /// A string in the metadata.
+    pub fn md_str(&self, key: &str) -> Option<&str> {
+        match self.md(key) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether a tensor is exposed under `hf_name`.
+    pub fn has(&self, hf_name: &str) -> bool {
+        self.tensors.contains_key(hf_name)
+    }
+
+    /// Shape of the tensor exposed under `hf_name`.
+    pub fn shape(&self, hf_name: &str) -> Option<&[usize]> {
+        self.tensors.get(hf_name).map(|m| m.shape.as_slice())
+    }
+
+    /// A one-line configuration error naming this file.
+    pub fn bad_config(&self, msg: impl std::fmt::Display) -> Error {
+        Error::bad_config(&self.path, msg)
+    }
+
+    /// A Hugging Face `config.json` equivalent built from the GGUF metadata, for the class of
+    /// the architecture given to [`GgufFile::with_arch`]. The keys common to all are written
+    /// here in their Llama spellings, when the metadata has them; the family's
+    /// [`GgufArch::config`] does the rest.
+    pub fn config_json(&self) -> Result<serde_json::Value> {
+        let spec = self.spec.ok_or_else(|| {
+            self.bad_config(format!(
+                "no family description given for GGUF architecture '{}'",
+                self.arch
+            ))
+        })?;
+        let k = |s: &str| self.key(s);
         let layers = self.req_u64(&k("block_count"))?;
         let hidden = self.req_u64(&k("embedding_length"))?;
-        let ffn = self.req_u64(&k("feed_forward_length"))?;
         let heads = self.req_u64(&k("attention.head_count"))?;
         if heads == 0 {
-            return Err(Error::bad_config(
-                &self.path,
-                format!("'{}' is 0", k("attention.head_count")),
-            ));
+            return Err(self.bad_config(format!("'{}' is 0", k("attention.head_count"))));
         }
         let kv_heads = self.md_u64(&k("attention.head_count_kv")).unwrap_or(heads);
         let head_dim = self
             .md_u64(&k("attention.key_length"))
-            .or_else(|| self.md_u64(&k("rope.dimension_count")))
             .unwrap_or(hidden / heads);
-        let qwen = matches!(arch, "qwen2" | "qwen3" | "qwen2moe");
-        let eps = self
-            .md_f64(&k("attention.layer_norm_rms_epsilon"))
-            .unwrap_or(if qwen { 1e-6 } else { 1e-5 });
-        let theta =
-            self.md_f64(&k("rope.freq_base"))
-                .unwrap_or(if qwen { 1_000_000.0 } else { 10_000.0 });
-        let ctx = self
-            .md_u64(&k("context_length"))
-            .unwrap_or(if qwen { 32768 } else { 2048 });
         let n_tokens = match self.md("tokenizer.ggml.tokens") {
             Some(Value::Array(a)) => Some(a.len() as u64),
             _ => None,
         };
         // The embedding matrix is authoritative (it may be padded past the token list).
-        let vocab = self
-            .tensors
-            .get("model.embed_tokens.weight")
-            .and_then(|m| m.shape.first().map(|&r| r as u64))
+        let embed = spec
+            .lookup("token_embd")
+            .map(|(hf, _)| format!("{hf}.weight"));
+        let head = spec.lookup("output").map(|(hf, _)| format!("{hf}.weight"));
+        let vocab = embed
+            .as_deref()
+            .and_then(|e| self.shape(e))
+            .and_then(|s| s.first().map(|&r| r as u64))
             .or(n_tokens)
             .ok_or_else(|| {
-                Error::bad_config(
-                    &self.path,
-                    "GGUF has neither a token list nor token_embd.weight",
-                )
+                self.bad_config("GGUF has neither a token list nor token_embd.weight")
             })?;
-        let tie = !self.tensors.contains_key("lm_head.weight");
-        let bias = self
-            .tensors
-            .contains_key("model.layers.0.self_attn.q_proj.bias");
+        let tie = !head.as_deref().is_some_and(|h| self.has(h));
         let tok = |key: &str| {
             self.md_u64(key)
                 .map(serde_json::Value::from)
                 .unwrap_or(serde_json::Value::Null)
         };
 
-        let mut c = serde_json::Map::new();
-        c.insert("architectures".into(), serde_json::json!([class]));
-        c.insert("model_type".into(), arch.into());
+        let mut c = Map::new();
+        c.insert("architectures".into(), serde_json::json!([spec.class]));
+        c.insert("model_type".into(), self.arch.clone().into());
         c.insert("vocab_size".into(), vocab.into());
         c.insert("hidden_size".into(), hidden.into());
-        c.insert("intermediate_size".into(), ffn.into());
+        if let Some(ffn) = self.md_u64(&k("feed_forward_length")) {
+            c.insert("intermediate_size".into(), ffn.into());
+        }
         c.insert("num_hidden_layers".into(), layers.into());
         c.insert("num_attention_heads".into(), heads.into());
         c.insert("num_key_value_heads".into(), kv_heads.into());
         c.insert("head_dim".into(), head_dim.into());
-        c.insert("hidden_act".into(), "silu".into());
-        c.insert("max_position_embeddings".into(), ctx.into());
-        c.insert("rms_norm_eps".into(), eps.into());
-        c.insert("rope_theta".into(), theta.into());
+        if let Some(ctx) = self.md_u64(&k("context_length")) {
+            c.insert("max_position_embeddings".into(), ctx.into());
+        }
+        if let Some(eps) = self.md_f64(&k("attention.layer_norm_rms_epsilon")) {
+            c.insert("rms_norm_eps".into(), eps.into());
+        }
+        if let Some(eps) = self.md_f64(&k("attention.layer_norm_epsilon")) {
+            // The spellings of the LayerNorm families.
+            for key in ["layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"] {
+                c.insert(key.into(), eps.into());
+            }
+        }
+        if let Some(theta) = self.md_f64(&k("rope.freq_base")) {
+            c.insert("rope_theta".into(), theta.into());
+        }
+        if let (Some(dims), true) = (self.md_u64(&k("rope.dimension_count")), head_dim > 0) {
+            c.insert(
+                "partial_rotary_factor".into(),
+                (dims as f64 / head_dim as f64).into(),
+            );
+        }
         c.insert("tie_word_embeddings".into(), tie.into());
         c.insert("bos_token_id".into(), tok("tokenizer.ggml.bos_token_id"));
         c.insert("eos_token_id".into(), tok("tokenizer.ggml.eos_token_id"));
-        if !matches!(arch, "qwen2" | "qwen2moe") {
-            c.insert("attention_bias".into(), bias.into());
-            c.insert("mlp_bias".into(), false.into());
-        }
-        if let Some(n) = self.md_u64(&k("expert_count")) {
-            c.insert("num_experts".into(), n.into());
-            let used = self.req_u64(&k("expert_used_count"))?;
-            c.insert("num_experts_per_tok".into(), used.into());
-            for (key, md) in [
-                ("moe_intermediate_size", "expert_feed_forward_length"),
-                (
-                    "shared_expert_intermediate_size",
-                    "expert_shared_feed_forward_length",
-                ),
-            ] {
-                if let Some(v) = self.md_u64(&k(md)) {
-                    c.insert(key.into(), v.into());
-                }
-            }
-            // llama.cpp records renormalized top-k weights as `expert_weights_norm`.
-            if let Some(Value::Bool(b)) = self.md(&k("expert_weights_norm")) {
-                c.insert("norm_topk_prob".into(), (*b).into());
-            }
-        }
-        let scaling = match self.md(&k("rope.scaling.type")) {
-            Some(Value::String(s)) => s.clone(),
-            _ => "none".into(),
-        };
+        let scaling = self.md_str(&k("rope.scaling.type")).unwrap_or("none");
         if let (true, Some(f)) = (
             scaling == "linear" || scaling == "yarn",
             self.md_f64(&k("rope.scaling.factor")),
         ) {
-            let mut r = serde_json::Map::new();
-            r.insert("type".into(), scaling.clone().into());
-            r.insert("rope_type".into(), scaling.clone().into());
+            let mut r = Map::new();
+            r.insert("type".into(), scaling.into());
+            r.insert("rope_type".into(), scaling.into());
             r.insert("factor".into(), f.into());
             if let Some(o) = self.md_u64(&k("rope.scaling.original_context_length")) {
                 r.insert("original_max_position_embeddings".into(), o.into());
             }
             c.insert("rope_scaling".into(), r.into());
         }
+        (spec.config)(self, &mut c)?;
         Ok(serde_json::Value::Object(c))
     }
 }
@@ -511,7 +691,11 @@ impl TensorSource for GgufFile {
                             format!("tensor '{}' lies outside the file", m.gguf),
                         )
                     })?;
-                Tensor::from_raw_buffer(bytes, dt, &m.shape, &cpu).map_err(wrap)?
+                let mut stored = m.shape.clone();
+                if m.fix == Fix::Transposed {
+                    stored.reverse();
+                }
+                Tensor::from_raw_buffer(bytes, dt, &stored, &cpu).map_err(wrap)?
             }
             _ => {
                 let q = info
@@ -528,9 +712,20 @@ impl TensorSource for GgufFile {
                 }
             }
         };
-        let t = match m.unpermute_heads {
-            Some(h) => unpermute(&t, h).map_err(wrap)?,
+        let t = match m.row_order() {
+            Some(order) => {
+                let idx: Vec<u32> = order.into_iter().map(|r| r as u32).collect();
+                let idx = Tensor::from_vec(idx, m.shape[0], &cpu).map_err(wrap)?;
+                t.index_select(&idx, 0).map_err(wrap)?
+            }
             None => t,
+        };
+        let t = match m.fix {
+            Fix::Transposed if m.shape.len() == 2 => {
+                t.t().and_then(|t| t.contiguous()).map_err(wrap)?
+            }
+            Fix::PlusOne => (t.to_dtype(DType::F32).map_err(wrap)? - 1.0).map_err(wrap)?,
+            _ => t,
         };
         let t = if t.dtype() == dtype {
             t
@@ -563,6 +758,9 @@ impl TensorSource for GgufFile {
         let [rows, cols] = m.shape[..] else {
             return Ok(None);
         };
+        if matches!(m.fix, Fix::Transposed | Fix::PlusOne) {
+            return Ok(None);
+        }
         let info = self.content.tensor_infos.get(&m.gguf).ok_or_else(|| {
             Error::bad_weights(
                 &self.path,
@@ -578,21 +776,12 @@ impl TensorSource for GgufFile {
                 format!("tensor '{}' lies outside the file", m.gguf),
             )
         })?;
-        let data: std::borrow::Cow<[u8]> = match m.unpermute_heads {
+        let data: std::borrow::Cow<[u8]> = match m.row_order() {
             None => bytes.into(),
-            Some(h) => {
-                // Same row order as `unpermute`: new row (a, b, c) of shape (h, 2, half) is
-                // old row (a, c, b) of shape (h, half, 2).
-                let per_head = rows / h;
-                let half = per_head / 2;
+            Some(order) => {
                 let mut out = Vec::with_capacity(bytes.len());
-                for a in 0..h {
-                    for b in 0..2 {
-                        for c in 0..half {
-                            let old = a * per_head + c * 2 + b;
-                            out.extend_from_slice(&bytes[old * rb..(old + 1) * rb]);
-                        }
-                    }
+                for old in order {
+                    out.extend_from_slice(&bytes[old * rb..(old + 1) * rb]);
                 }
                 out.into()
             }
@@ -609,6 +798,12 @@ impl TensorSource for GgufFile {
 mod tests {
     use super::*;
     use candle_core::quantized::{gguf_file, QTensor};
+
+    fn open_as(p: &Path) -> GgufFile {
+        let g = GgufFile::open(p).unwrap();
+        let arch = crate::families::gguf_arch(p, g.architecture()).unwrap();
+        g.with_arch(arch).unwrap()
+    }
 
     /// llama.cpp's `permute` (HF -> GGUF).
     fn permute(t: &Tensor, heads: usize) -> Tensor {
@@ -717,7 +912,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tiny.gguf");
         let t = write_tiny(&p, "llama", false);
-        let g = GgufFile::open(&p).unwrap();
+        let g = open_as(&p);
         let dev = Device::Cpu;
         let metas: BTreeMap<_, _> = g.metas().unwrap().into_iter().collect();
         let expect = [
@@ -775,7 +970,7 @@ mod tests {
             .unwrap();
         assert_eq!(e.dtype(), DType::F16);
 
-        let c = g.config_json("LlamaForCausalLM").unwrap();
+        let c = g.config_json().unwrap();
         assert_eq!(c["architectures"][0], "LlamaForCausalLM");
         assert_eq!(c["model_type"], "llama");
         assert_eq!(c["num_hidden_layers"], 1);
@@ -801,7 +996,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("qwen.gguf");
         let t = write_tiny(&p, "qwen2", true);
-        let g = GgufFile::open(&p).unwrap();
+        let g = open_as(&p);
         let dev = Device::Cpu;
         let q = g
             .load("model.layers.0.self_attn.q_proj.weight", DType::F32, &dev)
@@ -809,9 +1004,114 @@ mod tests {
         assert_eq!(max_diff(&q, &t.q), 0.0);
         let lm = g.load("lm_head.weight", DType::F32, &dev).unwrap();
         assert!(max_diff(&lm, &t.embd) < 0.05);
-        let c = g.config_json("Qwen2ForCausalLM").unwrap();
+        let c = g.config_json().unwrap();
         assert_eq!(c["architectures"][0], "Qwen2ForCausalLM");
         assert_eq!(c["tie_word_embeddings"], false);
+    }
+
+    fn no_config(_: &GgufFile, _: &mut Map<String, serde_json::Value>) -> Result<()> {
+        Ok(())
+    }
+
+    static FIXES: GgufArch = GgufArch {
+        arch: "fixes",
+        class: "None",
+        blocks: "layers",
+        tensors: &[&[
+            ("grouped", "g", Fix::Ungrouped),
+            ("interleaved", "i", Fix::Deinterleaved),
+            ("conv", "c", Fix::Transposed),
+            ("norm", "n", Fix::PlusOne),
+            ("exps", "e.*.w", Fix::Keep),
+        ]],
+        config: no_config,
+    };
+
+    /// Each fix undoes what llama.cpp's converter does (its operations written out here).
+    #[test]
+    fn fixes_undo_the_converter() {
+        let dev = Device::Cpu;
+        let (nh, kv, hd, cols) = (4usize, 2usize, 3usize, 5usize);
+        let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, &dev).unwrap();
+        // Falcon: per kv group [q heads of the group, k, v] -> [q heads; k heads; v heads].
+        let g = r(&[(nh + 2 * kv) * hd, cols]);
+        let t = g.reshape((kv, nh / kv + 2, hd, cols)).unwrap();
+        let part = |a: usize, n: usize, rows: usize| {
+            t.narrow(1, a, n)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap()
+        };
+        let g_file = Tensor::cat(
+            &[
+                part(0, nh / kv, nh * hd),
+                part(nh / kv, 1, kv * hd),
+                part(nh / kv + 1, 1, kv * hd),
+            ],
+            0,
+        )
+        .unwrap();
+        // GPT-NeoX/BLOOM: per head [q, k, v] -> [q; k; v].
+        let i = r(&[3 * nh * hd]);
+        let ti = i.reshape((nh, 3, hd)).unwrap();
+        let i_file = Tensor::cat(
+            &(0..3)
+                .map(|j| ti.narrow(1, j, 1).unwrap().flatten_all().unwrap())
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap();
+        let c = r(&[cols, 2 * cols]);
+        let n = r(&[cols]);
+        let e = r(&[3, 2, cols]);
+        let f32q = |x: &Tensor| QTensor::quantize(x, GgmlDType::F32).unwrap();
+        let tensors = [
+            ("grouped.weight", f32q(&g_file)),
+            ("interleaved.bias", f32q(&i_file)),
+            ("conv.weight", f32q(&c.t().unwrap().contiguous().unwrap())),
+            ("norm.weight", f32q(&(&n + 1.0).unwrap())),
+            ("blk.1.exps.weight", f32q(&e)),
+        ];
+        let md = [
+            ("general.architecture", Value::String("fixes".into())),
+            ("fixes.attention.head_count", Value::U32(nh as u32)),
+            ("fixes.attention.head_count_kv", Value::U32(kv as u32)),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fixes.gguf");
+        let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+        let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md_refs, &t_refs).unwrap();
+        let gg = GgufFile::open(&p).unwrap().with_arch(&FIXES).unwrap();
+        let load = |name: &str| gg.load(name, DType::F32, &dev).unwrap();
+        assert_eq!(max_diff(&load("g.weight"), &g), 0.0);
+        assert_eq!(max_diff(&load("i.bias"), &i), 0.0);
+        assert_eq!(gg.shape("c.weight"), Some(&[cols, 2 * cols][..]));
+        assert_eq!(max_diff(&load("c.weight"), &c), 0.0);
+        assert!(max_diff(&load("n.weight"), &n) < 1e-6);
+        assert_eq!(
+            max_diff(&load("layers.1.e.2.w.weight"), &e.get(2).unwrap()),
+            0.0
+        );
+        // A fused tensor that does not split into the heads is a one-line error naming it.
+        let bad = [("fixes.attention.head_count_kv", Value::U32(3))];
+        let md_refs: Vec<(&str, &Value)> =
+            md[..2].iter().chain(&bad).map(|(k, v)| (*k, v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md_refs, &t_refs).unwrap();
+        let err = GgufFile::open(&p)
+            .unwrap()
+            .with_arch(&FIXES)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("fixes.gguf")
+                && err.contains("'grouped.weight'")
+                && err.lines().count() == 1,
+            "{err}"
+        );
     }
 
     #[test]
@@ -840,7 +1140,9 @@ mod tests {
         let up = dir.path().join("phi.gguf");
         write_tiny(&up, "phi9", true);
         let g = GgufFile::open(&up).unwrap();
-        let e = crate::families::gguf_class(&up, g.architecture()).unwrap_err();
+        let e = crate::families::gguf_arch(&up, g.architecture())
+            .err()
+            .unwrap();
         assert!(
             matches!(e, Error::UnknownArchitecture { ref arch, .. } if arch == "phi9"),
             "{e}"
@@ -876,8 +1178,8 @@ mod tests {
             },
         };
         eprintln!("checking {}", p.display());
-        let g = GgufFile::open(&p).unwrap();
-        g.config_json("LlamaForCausalLM").unwrap();
+        let g = open_as(&p);
+        g.config_json().unwrap();
         let dev = Device::Cpu;
         let metas = g.metas().unwrap();
         for (n, m) in &metas {
