@@ -66,10 +66,15 @@ fn bench_table_and_json_on_a_tiny_config() {
         "peak RSS ",
         "machine limits    read ",
         "GB/s (1 thread)",
-        "GFLOP/s (candle matmul ",
+        " GFLOP/s (",
     ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
+    // The GEMM peak names the kernel that reached it.
+    assert!(
+        out.contains("(candle matmul ") || out.contains("(lmgen dotgemm "),
+        "{out}"
+    );
     // One decode row per batch size; only batch 1 has a bandwidth ratio.
     let rows: Vec<&str> = out
         .lines()
@@ -111,6 +116,11 @@ fn bench_table_and_json_on_a_tiny_config() {
     }
     assert_eq!(l["read_threads"], 1);
     assert_eq!(l["gemm_shape"].as_array().unwrap().len(), 3);
+    let kernel = l["gemm_kernel"].as_str().unwrap();
+    assert!(
+        kernel == "candle matmul" || kernel.starts_with("lmgen dotgemm "),
+        "{kernel}"
+    );
 }
 
 #[test]
