@@ -865,7 +865,7 @@ mod scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     /// Sums of four accumulators: [Σa0, Σa1, Σa2, Σa3].
@@ -1106,7 +1106,7 @@ mod avx2 {
     /// exp(x) for x in about [-87, 88] (clamped), Cephes-style polynomial, ~2 ulp.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp(x: __m256) -> __m256 {
+    pub(crate) unsafe fn exp(x: __m256) -> __m256 {
         let x = _mm256_min_ps(
             _mm256_max_ps(x, _mm256_set1_ps(-87.0)),
             _mm256_set1_ps(88.0),

@@ -116,8 +116,16 @@ pub fn activate(a: Activation, x: &mut [f32]) {
 
 /// Gated MLP: rows of `gu` are `[gate (inter); up (inter)]`; `out[r] = act(gate) * up`.
 pub fn gate(a: Activation, gu: &[f32], out: &mut [f32], inter: usize) {
+    #[cfg(target_arch = "x86_64")]
+    let simd_silu = a == Activation::Silu && avx2();
     let row = |(g, o): (&[f32], &mut [f32])| {
         let (gate, up) = g.split_at(inter);
+        #[cfg(target_arch = "x86_64")]
+        if simd_silu {
+            // SAFETY: AVX2 and FMA are available (checked above); the slices are `inter` long.
+            unsafe { silu_gate_avx2(&gate[..inter], &up[..inter], &mut o[..inter]) };
+            return;
+        }
         for i in 0..inter {
             o[i] = act(a, gate[i]) * up[i];
         }
@@ -138,6 +146,41 @@ pub fn gate(a: Activation, gu: &[f32], out: &mut [f32], inter: usize) {
         gu.chunks(2 * inter)
             .zip(out.chunks_mut(inter))
             .for_each(row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    use std::sync::OnceLock;
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// `o = silu(g) · u` = `g / (1 + exp(-g)) · u`, 8 lanes at a time with the attention kernel's
+/// exp (~2 ulp; libm's scalar `expf` was 6 % of a prefill step); the tail as [`act`].
+///
+/// # Safety
+/// AVX2 and FMA available; the three slices have the same length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_gate_avx2(g: &[f32], u: &[f32], o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = o.len();
+    let one = _mm256_set1_ps(1.0);
+    let zero = _mm256_setzero_ps();
+    let mut i = 0;
+    while i + 8 <= n {
+        let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+        let e = super::attention::avx2::exp(_mm256_sub_ps(zero, gv));
+        let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(
+            o.as_mut_ptr().add(i),
+            _mm256_mul_ps(s, _mm256_loadu_ps(u.as_ptr().add(i))),
+        );
+        i += 8;
+    }
+    for j in i..n {
+        o[j] = act(Activation::Silu, g[j]) * u[j];
     }
 }
 
@@ -214,4 +257,43 @@ pub fn softcap(x: &mut [f32], cap: f32) {
 /// `x = clamp(x, -c, c)` in place.
 pub fn clamp(x: &mut [f32], c: f32) {
     x.iter_mut().for_each(|v| *v = v.clamp(-c, c));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector SiLU gate agrees with the scalar formula (libm `expf`) to a few ulp, over
+    /// ordinary values, large magnitudes and an odd tail.
+    #[test]
+    fn silu_gate_matches_scalar() {
+        let inter = 8 * 9 + 5;
+        let rows = 3;
+        let mut gu = Vec::with_capacity(rows * 2 * inter);
+        for r in 0..rows {
+            for i in 0..2 * inter {
+                let t = (r * 2 * inter + i) as f32;
+                gu.push(match i % 11 {
+                    0 => 95.0 - t * 0.01,
+                    1 => -95.0 + t * 0.01,
+                    _ => (t * 0.37).sin() * 12.0,
+                });
+            }
+        }
+        let mut out = vec![0f32; rows * inter];
+        gate(Activation::Silu, &gu, &mut out, inter);
+        for r in 0..rows {
+            let (g, u) = gu[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter);
+            for i in 0..inter {
+                let want = act(Activation::Silu, g[i]) * u[i];
+                let got = out[r * inter + i];
+                assert!(
+                    (got - want).abs() <= 4.0 * f32::EPSILON * want.abs() + 1e-30,
+                    "row {r} [{i}]: silu({}) * {} = {got}, want {want}",
+                    g[i],
+                    u[i]
+                );
+            }
+        }
+    }
 }
