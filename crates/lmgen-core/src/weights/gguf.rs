@@ -695,7 +695,13 @@ impl TensorSource for GgufFile {
                 if m.fix == Fix::Transposed {
                     stored.reverse();
                 }
-                Tensor::from_raw_buffer(bytes, dt, &stored, &cpu).map_err(wrap)?
+                match (dtype == DType::F32)
+                    .then(|| super::f32_tensor_from_le(bytes, dt, &stored))
+                    .flatten()
+                {
+                    Some(t) => t,
+                    None => Tensor::from_raw_buffer(bytes, dt, &stored, &cpu).map_err(wrap)?,
+                }
             }
             _ => {
                 let q = info

@@ -11,6 +11,61 @@ pub mod gguf;
 pub mod pth;
 pub mod st;
 
+/// Little-endian f32 / f16 / bf16 bytes → an f32 CPU tensor, converted by the compute pool's
+/// threads in 1 MiB pieces: the copy (and the page faults of the fresh buffer) is most of a
+/// load's time, and a bf16 checkpoint computed in f32 is also widened here. The values are
+/// those candle's `from_raw_buffer` + `to_dtype(F32)` give (widening is exact). `None` for
+/// other dtypes or a byte count that does not match the shape (the caller's path reports it).
+pub(crate) fn f32_tensor_from_le(bytes: &[u8], dtype: DType, shape: &[usize]) -> Option<Tensor> {
+    let width = match dtype {
+        DType::F32 => 4,
+        DType::F16 | DType::BF16 => 2,
+        _ => return None,
+    };
+    let n: usize = shape.iter().product();
+    if bytes.len() != n * width || cfg!(target_endian = "big") {
+        return None;
+    }
+    const CHUNK: usize = 1 << 18;
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    let (dst, src) = (v.as_mut_ptr() as usize, bytes.as_ptr() as usize);
+    let piece = |c: usize| {
+        let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(n));
+        let out = dst as *mut f32;
+        // SAFETY: elements a..b of the allocation (capacity n) are written by this piece only,
+        // through the raw pointer; the source has n * width bytes.
+        unsafe {
+            match dtype {
+                DType::F32 => std::ptr::copy_nonoverlapping(
+                    (src as *const u8).add(a * 4),
+                    out.add(a) as *mut u8,
+                    (b - a) * 4,
+                ),
+                _ => {
+                    let s = std::slice::from_raw_parts((src as *const u8).add(a * 2), (b - a) * 2);
+                    for (i, h) in s.chunks_exact(2).enumerate() {
+                        let bits = u16::from_le_bytes([h[0], h[1]]);
+                        *out.add(a + i) = if dtype == DType::BF16 {
+                            half::bf16::from_bits(bits).to_f32()
+                        } else {
+                            half::f16::from_bits(bits).to_f32()
+                        };
+                    }
+                }
+            }
+        }
+    };
+    let pieces = n.div_ceil(CHUNK);
+    if pieces > 1 {
+        crate::kernels::pool::for_each(pieces, piece);
+    } else {
+        (0..pieces).for_each(piece);
+    }
+    // SAFETY: every element 0..n was written above.
+    unsafe { v.set_len(n) };
+    Tensor::from_vec(v, shape, &Device::Cpu).ok()
+}
+
 /// Shape and storage dtype of a tensor in a checkpoint.
 #[derive(Debug, Clone)]
 pub struct TensorMeta {

@@ -237,7 +237,13 @@ impl TensorSource for SafetensorsFile {
                 format!("tensor '{name}': {}", one_line(&err.to_string())),
             )
         };
-        let t = decode(bytes, e.st_dtype, &e.meta.shape).map_err(wrap)?;
+        let fast = (dtype == DType::F32 && device.is_cpu())
+            .then(|| super::f32_tensor_from_le(bytes, e.meta.dtype, &e.meta.shape))
+            .flatten();
+        let t = match fast {
+            Some(t) => t,
+            None => decode(bytes, e.st_dtype, &e.meta.shape).map_err(wrap)?,
+        };
         let t = if t.dtype() == dtype {
             t
         } else {
