@@ -136,14 +136,22 @@ fn smollm2_gguf_matches_transformers() {
 }
 
 /// Weight-only quantization at load: perplexity on a fixed text stays close to f32
-/// (measured: f32 16.86, q8_0 17.04, q4_k 16.79 — the f32 baseline is the dequantized Q4_1 file).
+/// (measured: f32 14.51, q8_0 14.66–14.70, q4_k 14.42–14.64 — the f32 baseline is the
+/// dequantized Q4_1 file). The text is ~140 tokens: on 30 tokens a last-bit change in the
+/// activations moved the q4_k perplexity by 2 %, which the 5 % bound cannot absorb.
 #[test]
 fn smollm2_quantized_perplexity_close_to_f32() {
     use lmgen_core::engine::score_batch;
     use lmgen_core::model::quant::QuantKind;
     let Some(gguf) = fetch() else { return };
     let text = "The function of proteins is mainly dictated by their three dimensional structure. \
-        Evolution has played its part in selecting the best possible protein structure that can perform its functions.";
+        Evolution has played its part in selecting the best possible protein structure that can perform its functions. \
+        Proteins are built from twenty kinds of amino acids, joined in long chains that fold into helices and sheets. \
+        The sequence of a protein is encoded in the genes of the organism, and small changes in that sequence can \
+        change the shape and the activity of the protein. Enzymes are proteins that speed up chemical reactions in \
+        the cell, and antibodies are proteins that recognize and bind to foreign molecules. Scientists study the \
+        structure of proteins with X-ray crystallography, nuclear magnetic resonance and electron microscopy, and \
+        today also predict it with computer programs trained on thousands of known structures.";
     let ppl = |q: Option<QuantKind>| {
         let m = load(
             &ModelLocation::Gguf(gguf.clone()),
