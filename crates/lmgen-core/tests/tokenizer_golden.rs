@@ -140,12 +140,18 @@ fn fixture_tokenizers_match_transformers() {
         total += n;
         fails.extend(f);
     }
+    report("tokenizer goldens", dirs, 20, total, &fails);
+}
+
+/// Fails when fewer than `min_dirs` directories or no strings were compared (fixtures moved),
+/// then on any mismatch.
+fn report(what: &str, dirs: usize, min_dirs: usize, total: usize, fails: &[String]) {
     assert!(
-        dirs >= 20 && total > 0,
-        "only {dirs} fixture directories and {total} strings compared: fixtures moved?"
+        dirs >= min_dirs && total > 0,
+        "{what}: only {dirs} fixture directories and {total} strings compared: fixtures moved?"
     );
     eprintln!(
-        "tokenizer goldens: {dirs} model dirs, {total} strings, {} failures",
+        "{what}: {dirs} model dirs, {total} strings, {} failures",
         fails.len()
     );
     assert!(
@@ -222,22 +228,7 @@ fn sentencepiece_model_tokenizers_match_transformers() {
             }
         }
     }
-    assert!(
-        names.len() >= 9 && total > 0,
-        "only {} SentencePiece fixtures and {total} strings compared: fixtures moved?",
-        names.len()
-    );
-    eprintln!(
-        "SentencePiece goldens: {} model dirs, {total} strings, {} failures",
-        names.len(),
-        fails.len()
-    );
-    assert!(
-        fails.is_empty(),
-        "{} mismatches:\n{}",
-        fails.len(),
-        fails.join("\n")
-    );
+    report("SentencePiece goldens", names.len(), 9, total, &fails);
 }
 
 /// The SmolLM2 GGUF, fetched into the lmgen cache as the real-model test does.
