@@ -162,6 +162,10 @@ pub struct BenchArgs {
     /// Compute dtype (default f32 on the CPU, bf16 on GPUs)
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<DTypeArg>,
+    /// Use a real model's f32 weights in place from the file's memory map (auto: copied, as
+    /// long jobs do; the figures are steady-state speeds)
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = MmapArg::Auto)]
+    pub mmap: MmapArg,
 }
 
 const GENERATE_AFTER_HELP: &str = "\
@@ -240,6 +244,14 @@ pub struct ModelArgs {
     /// instead of running them in their stored format (what llama.cpp does; the default)
     #[arg(long)]
     pub dequantize: bool,
+    /// Use f32 weights in place from the file's memory map (no copy at load, but each step
+    /// reads them from 4 KiB pages): auto = for jobs of at most 128 model steps, else copied
+    /// onto huge pages
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = MmapArg::Auto)]
+    pub mmap: MmapArg,
+    /// Same as --mmap never (llama.cpp's flag)
+    #[arg(long, conflicts_with = "mmap")]
+    pub no_mmap: bool,
     /// With --device auto: memory budgets in placement order, e.g. cuda:0=70GiB,cpu=100GiB
     /// (default: free GPU memory from nvidia-smi, then the CPU's available memory)
     #[arg(long, value_name = "LIST")]
@@ -423,6 +435,35 @@ pub struct EmbedArgs {
     /// Pooling over tokens
     #[arg(long, value_enum, default_value = "last")]
     pub pool: PoolArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmapArg {
+    Auto,
+    Always,
+    Never,
+}
+
+impl MmapArg {
+    pub fn map_weights(self) -> lmgen_core::loader::MapWeights {
+        use lmgen_core::loader::MapWeights;
+        match self {
+            MmapArg::Auto => MapWeights::Auto,
+            MmapArg::Always => MapWeights::Always,
+            MmapArg::Never => MapWeights::Never,
+        }
+    }
+}
+
+impl ModelArgs {
+    /// `--mmap`, with `--no-mmap` as `never`.
+    pub fn map_weights(&self) -> lmgen_core::loader::MapWeights {
+        if self.no_mmap {
+            lmgen_core::loader::MapWeights::Never
+        } else {
+            self.mmap.map_weights()
+        }
+    }
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

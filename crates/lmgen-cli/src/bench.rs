@@ -77,6 +77,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             &LoadOptions {
                 placement,
                 dtype,
+                map_weights: a.mmap == crate::args::MmapArg::Always,
                 ..Default::default()
             },
         )?;

@@ -27,11 +27,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// `steps`: about how many model steps the job will run (decides `--mmap auto`).
 pub(crate) fn load_model(
     location: &ModelLocation,
     m: &ModelArgs,
     placement: Placement,
     dtype: DType,
+    steps: usize,
 ) -> anyhow::Result<Model> {
     let model = load(
         location,
@@ -40,6 +42,7 @@ pub(crate) fn load_model(
             dtype,
             quantize: m.quantize,
             keep_quantized: !m.dequantize,
+            map_weights: m.map_weights().in_place(steps),
         },
     )?;
     if let Some(p) = &model.placement {
@@ -68,6 +71,13 @@ fn workload(m: &ModelArgs, batch: usize, max_step_tokens: usize) -> Workload {
         max_step_tokens,
         kv_bytes: m.kv_memory.map(|b| b as u64),
     }
+}
+
+/// About how many model steps generating `lengths` new tokens takes with `batch` sequences
+/// at a time: the longest request, or all tokens shared out over the batch, whichever is more.
+pub(crate) fn decode_steps(lengths: impl Iterator<Item = usize>, batch: usize) -> usize {
+    let (total, longest) = lengths.fold((0usize, 0usize), |(t, l), n| (t + n, l.max(n)));
+    longest.max(total.div_ceil(batch.max(1)))
 }
 
 /// Tokenizes prompts and checks them against the model.
@@ -290,7 +300,17 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
         return nothing_to_do(&mut job, &a.output);
     }
 
-    let model = load_model(&location, &a.model, placement, dtype)?;
+    let lengths = input.entries.iter().flat_map(|e| {
+        let max_new = match e {
+            Entry::Ok(r) => r.overrides.max_new_tokens.unwrap_or(a.max_new_tokens),
+            Entry::Bad(_) => 0,
+        };
+        (0..n_of(e))
+            .filter(move |&s| !done(e, s))
+            .map(move |_| max_new)
+    });
+    let steps = decode_steps(lengths, a.input.batch_size);
+    let model = load_model(&location, &a.model, placement, dtype, steps)?;
     let prep = Prep::new(&model, a.input.truncate)?;
     let skip = a.input.skip_bad_lines;
     // Every entry is tokenized and checked (the shards' split depends on all prompts' sizes).
@@ -760,7 +780,8 @@ pub fn score(a: ScoreArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     if job.was_complete() || (job.shard.is_whole() && input.entries.iter().all(done)) {
         return nothing_to_do(&mut job, &a.output);
     }
-    let model = load_model(&location, &a.model, placement, dtype)?;
+    let steps = input.entries.len().div_ceil(a.input.batch_size.max(1));
+    let model = load_model(&location, &a.model, placement, dtype, steps)?;
     let prep = Prep::new(&model, a.input.truncate)?;
     let (good, bad, owned) = prepare_owned(&job, &input, &prep, a.input.skip_bad_lines)?;
     job.set_total(owned.iter().filter(|&&o| o).count())?;
@@ -930,7 +951,8 @@ pub fn embed(a: EmbedArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     )?;
     let path = job.plan.path.clone().expect("embed writes a file");
     let input = std::mem::take(&mut job.input);
-    let model = load_model(&location, &a.model, placement, dtype)?;
+    let steps = input.entries.len().div_ceil(a.input.batch_size.max(1));
+    let model = load_model(&location, &a.model, placement, dtype, steps)?;
     let layers = resolve_layers(&a.layers, model.spec().num_layers)?;
     let pool = a.pool.pool();
     let prep = Prep::new(&model, a.input.truncate)?;

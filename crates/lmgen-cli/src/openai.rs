@@ -358,7 +358,9 @@ pub fn generate(
     if job.was_complete() || (job.shard.is_whole() && input.entries.iter().all(done)) {
         return nothing_to_do(&mut job, &a.output);
     }
-    let model = load_model(location, &a.model, placement, dtype)?;
+    let lengths = input.entries.iter().map(|_| a.max_new_tokens);
+    let steps = crate::commands::decode_steps(lengths, a.input.batch_size);
+    let model = load_model(location, &a.model, placement, dtype, steps)?;
     let template = ChatTemplate::for_model(location, &model.tokenizer)?;
     let ctx = Ctx {
         a,

@@ -184,6 +184,60 @@ fn greedy_jsonl_matches_golden_in_order() {
     }
 }
 
+/// `--mmap always|never|auto` and `--no-mmap` (weights in place from the file's map or copied)
+/// write byte-identical records; `--no-mmap` with `--mmap` is a usage error.
+#[test]
+fn mmap_modes_write_the_same_records() {
+    let g = golden("opt");
+    let dir = tempfile::tempdir().unwrap();
+    let inp = golden_input(dir.path(), &g);
+    let mut outs = Vec::new();
+    for mode in [
+        &["--mmap", "always"][..],
+        &["--mmap", "never"],
+        &["--no-mmap"],
+        &[],
+    ] {
+        let out = dir.path().join(format!("out{}.jsonl", outs.len()));
+        let mut args = vec![
+            "generate",
+            model("opt"),
+            "--input",
+            s(&inp),
+            "--output",
+            s(&out),
+            "--max-new-tokens",
+            "6",
+            "--seed",
+            "5",
+            "--logprobs",
+            "--batch-size",
+            "3",
+        ];
+        args.extend_from_slice(mode);
+        ok(&run(&args));
+        outs.push(std::fs::read_to_string(&out).unwrap());
+    }
+    assert_eq!(outs[0].lines().count(), 4);
+    assert!(
+        outs.iter().all(|o| *o == outs[0]),
+        "records differ between --mmap modes"
+    );
+    let out = dir.path().join("bad.jsonl");
+    let o = run(&[
+        "generate",
+        model("opt"),
+        "--input",
+        s(&inp),
+        "--output",
+        s(&out),
+        "--no-mmap",
+        "--mmap",
+        "always",
+    ]);
+    usage_error(&o, &["--no-mmap", "--mmap"]);
+}
+
 #[test]
 fn short_form_writes_plain_text() {
     let g = golden("gpt2");

@@ -446,6 +446,82 @@ fn gguf_q8_0_reordered_rows_match_dequantized() {
     }
 }
 
+/// f32 weights used in place from the file's memory map (fused parts kept as separate
+/// tensors) give the bits of copied weights: prompt logprobs and greedy continuations, batched,
+/// on both executors (scoring, generation). Matrices whose stored layout differs (GPT-2's
+/// transposed Conv1D, the per-head interleaved fused QKV of NeoX and BLOOM) are copied.
+#[test]
+fn weights_in_place_give_the_bits_of_copies() {
+    use lmgen_core::model::layers::{Linear, Weight};
+    let gguf = |f: &str| ModelLocation::Gguf(fixtures().join("gguf").join(f));
+    let dir = |n: &str| ModelLocation::Dir(model_dir(n));
+    // (golden, location, matrices per block expected in place: qkv, out, mlp_in, mlp_out)
+    let cases = [
+        (
+            "llama-rope-linear",
+            dir("llama-rope-linear"),
+            [true, true, true, true],
+        ),
+        ("opt", dir("opt"), [true, true, true, true]),
+        (
+            "phi3-longrope",
+            dir("phi3-longrope"),
+            [true, true, true, true],
+        ),
+        ("gpt2", dir("gpt2"), [false, false, false, false]),
+        ("neox", dir("neox"), [false, true, true, true]),
+        ("olmo2", gguf("olmo2.f32.gguf"), [true, true, true, true]),
+        ("gemma2", gguf("gemma2.f32.gguf"), [true, true, true, true]),
+        ("bloom", gguf("bloom.f32.gguf"), [false, true, true, true]),
+    ];
+    for (name, loc, expect) in cases {
+        let load_as = |map_weights| {
+            let opts = LoadOptions {
+                map_weights,
+                ..LoadOptions::default()
+            };
+            load(&loc, &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
+        };
+        let (mapped, copied) = (load_as(true), load_as(false));
+        let in_place = |l: &Linear| matches!(l.weight, Weight::Mapped(_));
+        for (bm, bc) in mapped
+            .decoder
+            .weights
+            .blocks
+            .iter()
+            .zip(&copied.decoder.weights.blocks)
+        {
+            let got = [&bm.qkv, &bm.out, &bm.mlp_in, &bm.mlp_out].map(in_place);
+            assert_eq!(got, expect, "{name}: matrices in place");
+            assert!(![&bc.qkv, &bc.out, &bc.mlp_in, &bc.mlp_out]
+                .iter()
+                .any(|l| in_place(l)));
+        }
+        let prompts: Vec<Vec<u32>> = golden(name)["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| ids(&p["input_ids"]))
+            .collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+        let bits = |m: &Model| -> Vec<Vec<u32>> {
+            score_batch(m, &refs)
+                .unwrap()
+                .iter()
+                .map(|s| s.logprobs.iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        assert_eq!(bits(&mapped), bits(&copied), "{name}: prompt logprobs");
+        let gen = |m: &Model| -> Vec<(Vec<u32>, Vec<u32>)> {
+            greedy(m, &prompts, 8, 4, 512)
+                .into_iter()
+                .map(|(t, lp, _)| (t, lp.iter().map(|x| x.to_bits()).collect()))
+                .collect()
+        };
+        assert_eq!(gen(&mapped), gen(&copied), "{name}: greedy");
+    }
+}
+
 /// `lmgen bench` builds every family from its config alone, with synthetic weights, and the
 /// result runs on the paged CPU executor.
 #[test]

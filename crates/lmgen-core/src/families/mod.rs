@@ -6,7 +6,7 @@ use crate::config::{ModelSpec, NormKind, RawConfig};
 use crate::error::{Error, Result};
 use crate::kernels::quant::QMatrix;
 use crate::model::decoder::{Block, Weights};
-use crate::model::layers::{Linear, Norm, Weight};
+use crate::model::layers::{Linear, MappedRows, Norm, Weight};
 use crate::weights::gguf::GgufArch;
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
@@ -228,6 +228,8 @@ pub struct Loader<'a> {
     /// One device per block when layers are spread over several devices.
     placement: Option<Vec<Device>>,
     keep_quantized: bool,
+    /// Use f32 matrices in place from the memory map (see [`Loader::map_weights`]).
+    map_weights: bool,
     /// Norms have learned weights (and biases) in the checkpoint.
     affine_norms: bool,
     /// Added to stored norm weights (Gemma's RMSNorm multiplies by `1 + weight`).
@@ -243,6 +245,7 @@ impl<'a> Loader<'a> {
             prefix: String::new(),
             placement: None,
             keep_quantized: false,
+            map_weights: false,
             affine_norms: true,
             norm_offset: 0.0,
         }
@@ -301,14 +304,30 @@ impl<'a> Loader<'a> {
         } else {
             None
         };
-        if let Some(q) = self.quantized(&self.name(&format!("{p}.weight")), &[out, inp])? {
-            return Ok(Linear {
-                weight: Weight::Quant(Arc::new(q)),
-                bias: b,
-            });
+        Ok(Linear {
+            weight: self.matrix(&self.name(&format!("{p}.weight")), out, inp)?,
+            bias: b,
+        })
+    }
+
+    /// The weight matrix `[out, inp]` stored at the absolute `name`: in its stored quantized
+    /// form when kept, in place in the file's memory map where the layout allows, else loaded.
+    fn matrix(&self, name: &str, out: usize, inp: usize) -> Result<Weight> {
+        let shape = [out, inp];
+        if let Some(q) = self.quantized(name, &shape)? {
+            return Ok(Weight::Quant(Arc::new(q)));
         }
-        let w = self.t(&format!("{p}.weight"), &[out, inp])?;
-        Ok(Linear::new(w, b))
+        if self.map_weights && self.device.is_cpu() && self.dtype == DType::F32 {
+            if let Some(m) = self.store.get_mapped(name, &shape) {
+                return Ok(Weight::Mapped(MappedRows::new(m, inp)));
+            }
+        }
+        Ok(Weight::Dense(self.store.get(
+            name,
+            Some(&shape),
+            self.dtype,
+            &self.device,
+        )?))
     }
 
     /// The stored quantized form of a matrix, when the checkpoint has one and we keep it.
@@ -317,6 +336,13 @@ impl<'a> Loader<'a> {
             return Ok(None);
         }
         self.store.get_quantized(name, shape)
+    }
+
+    /// Use f32 matrices in place from the checkpoint's memory map where their layout allows
+    /// (CPU, f32 compute); `false` copies them into memory of their own.
+    pub fn map_weights(mut self, map: bool) -> Self {
+        self.map_weights = map;
+        self
     }
 
     /// Norms without learned parameters (`false`): unit scale, zero shift.
@@ -435,13 +461,10 @@ impl<'a> Loader<'a> {
             }
             Ok(Linear::new(embed.to_device(&self.device)?, None))
         } else {
-            if let Some(q) = self.quantized(head_name, &shape)? {
-                return Ok(Linear {
-                    weight: Weight::Quant(Arc::new(q)),
-                    bias: None,
-                });
-            }
-            Ok(Linear::new(self.abs(head_name, &shape)?, None))
+            Ok(Linear {
+                weight: self.matrix(head_name, spec.vocab_size, spec.embed_dim)?,
+                bias: None,
+            })
         }
     }
 }
@@ -459,7 +482,7 @@ pub fn fuse(parts: &[Linear]) -> Result<Linear> {
         .iter()
         .filter_map(|p| match &p.weight {
             Weight::Quant(q) => Some(q.as_ref()),
-            Weight::Dense(_) => None,
+            Weight::Dense(_) | Weight::Mapped(_) => None,
         })
         .collect();
     if quant.len() == parts.len()
@@ -475,6 +498,23 @@ pub fn fuse(parts: &[Linear]) -> Result<Linear> {
             weight: Weight::Quant(Arc::new(q)),
             bias,
         });
+    }
+    // Parts used in place stay in place, as the parts of one weight (the product kernels take
+    // them so, with the bits of the concatenated matrix, where they have vector kernels).
+    let mapped: Vec<&MappedRows> = parts
+        .iter()
+        .filter_map(|p| match &p.weight {
+            Weight::Mapped(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    if mapped.len() == parts.len() && crate::kernels::matmul::parts_are_exact() {
+        if let Some(m) = MappedRows::concat(&mapped) {
+            return Ok(Linear {
+                weight: Weight::Mapped(m),
+                bias,
+            });
+        }
     }
     let ws = parts
         .iter()
@@ -493,6 +533,10 @@ pub fn select_rows(l: Linear, order: &[u32]) -> Result<Linear> {
     };
     match &l.weight {
         Weight::Dense(w) => Ok(Linear::new(w.index_select(&idx(w.device())?, 0)?, bias)),
+        Weight::Mapped(_) => {
+            let w = l.to_dense()?;
+            Ok(Linear::new(w.index_select(&idx(w.device())?, 0)?, bias))
+        }
         Weight::Quant(q) => {
             let rb = q.kind().row_bytes(q.cols());
             let bytes = q.to_ggml_bytes();

@@ -17,7 +17,7 @@
 //! odd 8-wide chunks); a task of the compute pool takes a block of weight rows and walks
 //! blocks of input rows that stay in L2 while each weight tile stays in L1.
 //! `examples/gemm_micro.rs` compares it with the `gemm` crate.
-use super::matmul::OutPtr;
+use super::matmul::{OutPtr, WRows};
 use super::pool;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -92,14 +92,7 @@ const ROW_BLOCK_BYTES: usize = 1 << 20;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (row-major, `out` overwritten; dims checked by the
 /// caller). Returns `false` without touching `out` where there is no vector kernel.
-pub(crate) fn dot_gemm(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    out: &mut [f32],
-) -> bool {
+pub(crate) fn dot_gemm(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut [f32]) -> bool {
     dot_gemm_isa(isa(), x, m, k, w, n, out)
 }
 
@@ -108,7 +101,7 @@ fn dot_gemm_isa(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &[f32],
+    w: WRows,
     n: usize,
     out: &mut [f32],
 ) -> bool {
@@ -136,11 +129,14 @@ fn dot_gemm_isa(
             let i1 = (i0 + mb).min(m);
             let mut j = c0;
             while j < c1 {
-                let nt = (c1 - j).min(nr);
+                // A tile never spans two parts of `w`.
+                let (run, left) = w.run(j);
+                let nt = (c1 - j).min(nr).min(left);
                 let mut i = i0;
                 while i < i1 {
                     let mt = (i1 - i).min(mr);
-                    // SAFETY: rows i..i + mt of x ([m, k]) and j..j + nt of w ([n, k]) exist;
+                    // SAFETY: rows i..i + mt of x ([m, k]) exist, and `run` holds nt rows
+                    // of k (rows j..j + nt of w, checked by the caller to be [n, k]);
                     // out rows i..i + mt, columns j..j + nt are in this task's column block
                     // (c0..c1), written by no other task; the CPU has the ISA (`isa`).
                     unsafe {
@@ -149,7 +145,7 @@ fn dot_gemm_isa(
                             mt,
                             nt,
                             x.as_ptr().add(i * k),
-                            w.as_ptr().add(j * k),
+                            run.as_ptr(),
                             k,
                             y.at(i * n + j),
                             n,
@@ -390,17 +386,32 @@ mod tests {
             for i in 0..m {
                 want.extend(matmul_wt_small(&x[i * k..(i + 1) * k], 1, k, &w, n, None));
             }
+            // Whole, and in three parts cut inside tiles (a fused weight used in place).
+            let (a, b) = (1.min(n) * k, (n / 2 + 1).min(n) * k);
+            let whole = [&w[..]];
+            let cut = [&w[..a], &w[a..b], &w[b..]];
             for &isa in &isas {
-                let mut out = vec![f32::NAN; m * n];
-                assert!(dot_gemm_isa(isa, &x, m, k, &w, n, &mut out));
-                for (i, (g, e)) in out.iter().zip(&want).enumerate() {
-                    assert_eq!(
-                        g.to_bits(),
-                        e.to_bits(),
-                        "{isa:?} m={m} k={k} n={n} at ({}, {}): {g} vs {e}",
-                        i / n,
-                        i % n
-                    );
+                for parts in [&whole[..], &cut[..]] {
+                    let mut out = vec![f32::NAN; m * n];
+                    assert!(dot_gemm_isa(
+                        isa,
+                        &x,
+                        m,
+                        k,
+                        WRows::one(parts, k),
+                        n,
+                        &mut out
+                    ));
+                    for (i, (g, e)) in out.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            e.to_bits(),
+                            "{isa:?} m={m} k={k} n={n} parts={} at ({}, {}): {g} vs {e}",
+                            parts.len(),
+                            i / n,
+                            i % n
+                        );
+                    }
                 }
             }
         }
@@ -412,8 +423,8 @@ mod tests {
             return;
         }
         let mut out = vec![1f32; 6];
-        assert!(dot_gemm(&[], 2, 0, &[], 3, &mut out));
+        assert!(dot_gemm(&[], 2, 0, WRows::one(&[&[]], 0), 3, &mut out));
         assert_eq!(out, vec![0.0; 6]);
-        assert!(dot_gemm(&[], 0, 4, &[0.0; 8], 2, &mut []));
+        assert!(dot_gemm(&[], 0, 4, WRows::one(&[&[0.0; 8]], 4), 2, &mut []));
     }
 }

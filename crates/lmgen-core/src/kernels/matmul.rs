@@ -31,7 +31,68 @@ pub fn matmul_wt_into(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    product(x, m, k, w, n, bias, out, false)
+    product(x, m, k, WRows::one(&[w], k), n, bias, out, false)
+}
+
+/// As [`matmul_wt_into`] with the weight's rows given as consecutive parts (`parts[0]`'s rows
+/// first): a fused QKV or gate/up projection whose parts stay where the checkpoint's memory
+/// map has them. Bit-identical to [`matmul_wt_into`] on the concatenated matrix.
+pub fn matmul_parts_into(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    parts: &[&[f32]],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let w = WRows::one(parts, k);
+    product(x, m, k, w, w.n, bias, out, false)
+}
+
+/// Whether [`matmul_parts_into`] gives the concatenated matrix's bits for any number of rows:
+/// true where the register-tiled kernel runs (x86 with AVX2); the `gemm` crate fallback
+/// blocks each part on its own.
+pub fn parts_are_exact() -> bool {
+    super::dotgemm::isa() != super::dotgemm::Isa::Scalar
+}
+
+/// The rows of a weight matrix `[n, k]`: one slice, or consecutive parts of whole rows.
+#[derive(Clone, Copy)]
+pub(crate) struct WRows<'a> {
+    parts: &'a [&'a [f32]],
+    k: usize,
+    /// Total rows.
+    pub(crate) n: usize,
+}
+
+impl<'a> WRows<'a> {
+    pub(crate) fn one(parts: &'a [&'a [f32]], k: usize) -> Self {
+        let n = if k == 0 {
+            0
+        } else {
+            parts.iter().map(|p| p.len() / k).sum()
+        };
+        Self { parts, k, n }
+    }
+
+    /// Total values (rows × k, when every part holds whole rows).
+    fn len(&self) -> usize {
+        self.parts.iter().map(|p| p.len()).sum()
+    }
+
+    /// Rows `j..` of the part that holds row `j`: its values, and how many rows are left in
+    /// that part.
+    #[inline]
+    pub(crate) fn run(&self, mut j: usize) -> (&'a [f32], usize) {
+        for p in self.parts {
+            let rows = p.len() / self.k;
+            if j < rows {
+                return (&p[j * self.k..], rows - j);
+            }
+            j -= rows;
+        }
+        (&[], 0)
+    }
 }
 
 /// As [`matmul_wt_into`] for `m > SMALL_M` through the `gemm` crate (candle's CPU matmul,
@@ -46,7 +107,7 @@ pub fn matmul_wt_gemm_crate(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    product(x, m, k, w, n, bias, out, true)
+    product(x, m, k, WRows::one(&[w], k), n, bias, out, true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -54,7 +115,7 @@ fn product(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &[f32],
+    w: WRows,
     n: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
@@ -84,6 +145,8 @@ pub fn matmul_wt_small(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
+    let one = [w];
+    let w = WRows::one(&one, k);
     check_dims(x, m, k, w, n, bias, &y);
     stream_into(x, m, k, w, n, bias, &mut y);
     y
@@ -111,13 +174,17 @@ fn check_dims(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &[f32],
+    w: WRows,
     n: usize,
     bias: Option<&[f32]>,
     out: &[f32],
 ) {
     assert_eq!(x.len(), m * k, "x has {} values, expected {m}x{k}", x.len());
     assert_eq!(w.len(), n * k, "w has {} values, expected {n}x{k}", w.len());
+    assert!(
+        k == 0 || w.parts.iter().all(|p| p.len() % k == 0),
+        "a part of w is not made of whole rows of {k}"
+    );
     assert_eq!(
         out.len(),
         m * n,
@@ -175,7 +242,7 @@ fn stream_into(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &[f32],
+    w: WRows,
     n: usize,
     bias: Option<&[f32]>,
     out: &mut [f32],
@@ -183,13 +250,27 @@ fn stream_into(
     if m == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        for row in out.chunks_exact_mut(n) {
+            match bias {
+                Some(b) => row.copy_from_slice(b),
+                None => row.fill(0.0),
+            }
+        }
+        return;
+    }
     let threads = pool::threads();
     let block = (n / (threads * 8)).clamp(16, 1024).min(n);
     let y = OutPtr::new(out);
     let work = |bi: usize| {
         let mut o = [0f32; 4];
+        let (mut run, mut left) = (&[][..], 0);
         for j in bi * block..((bi + 1) * block).min(n) {
-            let wr = &w[j * k..(j + 1) * k];
+            if left == 0 {
+                (run, left) = w.run(j);
+            }
+            let wr = &run[..k];
+            (run, left) = (&run[k..], left - 1);
             let b = bias.map_or(0.0, |b| b[j]);
             let mut i = 0;
             while i < m {
@@ -218,7 +299,7 @@ fn stream_into(
 /// blocks of output columns, each one single-threaded `gemm` call. `gemm`'s blocking over
 /// `k` depends on `k` and the caches only (for blocks of more than 64 columns), so every
 /// element is summed in the order of one whole-matrix call (candle's), bit for bit.
-fn gemm_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+fn gemm_into(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut [f32]) {
     if k == 0 {
         out.fill(0.0);
     }
@@ -229,35 +310,41 @@ fn gemm_into(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]
     let blocks = (2 * pool::threads()).min(n / 80).max(1);
     let y = OutPtr::new(out);
     pool::for_each(blocks, |t| {
-        let (j0, j1) = (n * t / blocks, n * (t + 1) / blocks);
-        let nb = j1 - j0;
-        // SAFETY: dims checked by the caller: `x` is [m, k] (row stride k), `w` is [n, k]
-        // and rows j0..j0 + nb of it are read as the [k, nb] matrix wᵀ (row stride 1,
-        // column stride k); columns j0..j0 + nb of `out` ([m, n], row stride n) are written
-        // by this task only and do not alias the inputs. alpha = 0 with read_dst = false:
-        // `out` is only written.
-        unsafe {
-            gemm::gemm(
-                m,
-                nb,
-                k,
-                y.at(j0),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr().add(j0 * k),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
+        let (mut j, j1) = (n * t / blocks, n * (t + 1) / blocks);
+        // One call per part of `w` inside this task's columns (a single call for a single
+        // matrix).
+        while j < j1 {
+            let (run, left) = w.run(j);
+            let nb = left.min(j1 - j);
+            // SAFETY: dims checked by the caller: `x` is [m, k] (row stride k), `run` holds
+            // at least nb rows of k (row j of w first), read as the [k, nb] matrix wᵀ (row
+            // stride 1, column stride k); columns j..j + nb of `out` ([m, n], row stride n)
+            // are written by this task only and do not alias the inputs. alpha = 0 with
+            // read_dst = false: `out` is only written.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nb,
+                    k,
+                    y.at(j),
+                    1,
+                    n as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    run.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+            j += nb;
         }
     });
 }
@@ -559,6 +646,55 @@ pub(crate) mod tests {
                 let mut out = vec![f32::NAN; m * n];
                 matmul_wt_into(&x, m, k, &w, n, bias, &mut out);
                 assert_eq!(bits(&out), bits(&want), "m={m} k={k} n={n}");
+            }
+        }
+    }
+
+    /// A weight given as parts (a fused projection used in place) gives the bits of the
+    /// concatenated matrix on the streaming and register-tiled paths; the `gemm` crate
+    /// fallback (no AVX2) blocks differently per part, so there it is only close.
+    #[test]
+    fn parts_equal_whole_bit_for_bit() {
+        let tiled = crate::kernels::dotgemm::isa() != crate::kernels::dotgemm::Isa::Scalar;
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (3, 33, 17),
+            (4, 576, 300),
+            (17, 40, 9),
+            (64, 576, 100),
+        ] {
+            let x = rand_vec(m * k, 1);
+            let w = rand_vec(n * k, 2);
+            let b = rand_vec(n, 3);
+            let (a, c) = (n / 3 * k, (n / 3 + n / 2 + 1).min(n) * k);
+            let parts = [&w[..a], &w[a..c], &w[c..]];
+            for bias in [None, Some(&b[..])] {
+                for gemm_crate in [false, true] {
+                    let mut want = vec![f32::NAN; m * n];
+                    product(
+                        &x,
+                        m,
+                        k,
+                        WRows::one(&[&w], k),
+                        n,
+                        bias,
+                        &mut want,
+                        gemm_crate,
+                    );
+                    let mut out = vec![f32::NAN; m * n];
+                    if gemm_crate {
+                        product(&x, m, k, WRows::one(&parts, k), n, bias, &mut out, true);
+                    } else {
+                        matmul_parts_into(&x, m, k, &parts, bias, &mut out);
+                    }
+                    if (m <= SMALL_M || tiled) && !gemm_crate {
+                        assert_eq!(bits(&out), bits(&want), "m={m} k={k} n={n}");
+                    } else {
+                        for (g, e) in out.iter().zip(&want) {
+                            assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "m={m} k={k} n={n}");
+                        }
+                    }
+                }
             }
         }
     }

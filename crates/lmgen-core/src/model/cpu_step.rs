@@ -130,6 +130,9 @@ fn linear(l: &Linear, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
             let w = f32_of(w)?;
             crate::kernels::matmul::matmul_wt_into(x, m, k, w.s(), n, bias, out);
         }
+        Weight::Mapped(w) => {
+            w.with_parts(|p| crate::kernels::matmul::matmul_parts_into(x, m, k, p, bias, out))
+        }
     }
     Ok(())
 }
@@ -340,7 +343,7 @@ impl Decoder {
         let l_ok = |l: &Linear| {
             (match &l.weight {
                 Weight::Dense(t) => t_ok(t),
-                Weight::Quant(_) => true,
+                Weight::Quant(_) | Weight::Mapped(_) => true,
             }) && l.bias.as_ref().is_none_or(t_ok)
         };
         let n_ok = |n: &Norm| t_ok(&n.weight) && n.bias.as_ref().is_none_or(t_ok);

@@ -2,6 +2,7 @@
 use crate::config::{Activation, NormKind};
 use crate::kernels::matmul as kernels;
 use crate::kernels::quant::{QMatrix, QuantKind};
+use crate::weights::MappedF32;
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, D};
 use std::sync::Arc;
 
@@ -11,6 +12,66 @@ pub enum Weight {
     Dense(Tensor),
     /// Weight-only quantized rows (CPU), ggml block layout.
     Quant(Arc<QMatrix>),
+    /// `[out, in]` f32 (CPU) read in place from the checkpoint's memory map.
+    Mapped(MappedRows),
+}
+
+/// A dense f32 weight `[rows, cols]` used in place from checkpoint memory maps: one tensor, or
+/// the consecutive parts of a fused projection (QKV, gate/up) that the file stores separately.
+#[derive(Debug, Clone)]
+pub struct MappedRows {
+    parts: Vec<MappedF32>,
+    cols: usize,
+}
+
+impl MappedRows {
+    pub fn new(part: MappedF32, cols: usize) -> Self {
+        Self {
+            parts: vec![part],
+            cols,
+        }
+    }
+
+    /// The rows of `all` one after the other (`None` if their widths differ).
+    pub fn concat(all: &[&MappedRows]) -> Option<Self> {
+        let cols = all.first()?.cols;
+        all.iter().all(|m| m.cols == cols).then(|| Self {
+            parts: all.iter().flat_map(|m| m.parts.iter().cloned()).collect(),
+            cols,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.parts.iter().map(|p| p.values().len()).sum::<usize>() / self.cols.max(1)
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The parts' values, in row order, as the product kernels take them (no allocation for
+    /// up to four parts).
+    pub fn with_parts<R>(&self, f: impl FnOnce(&[&[f32]]) -> R) -> R {
+        const INLINE: usize = 4;
+        if self.parts.len() <= INLINE {
+            let mut a: [&[f32]; INLINE] = [&[]; INLINE];
+            for (d, p) in a.iter_mut().zip(&self.parts) {
+                *d = p.values();
+            }
+            f(&a[..self.parts.len()])
+        } else {
+            f(&self.parts.iter().map(|p| p.values()).collect::<Vec<_>>())
+        }
+    }
+
+    /// A copy of all rows.
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.values())
+            .copied()
+            .collect()
+    }
 }
 
 /// `y = x Wᵀ + b`. The decoder does not know which kind of weight it has.
@@ -28,21 +89,14 @@ impl Linear {
         }
     }
 
-    /// The dense weight (always the case while loading; quantization comes after).
-    pub fn dense(&self) -> Result<&Tensor> {
-        match &self.weight {
-            Weight::Dense(w) => Ok(w),
-            Weight::Quant(_) => candle_core::bail!("expected a dense weight"),
-        }
-    }
-
-    /// The weight as a dense f32 tensor (dequantized if needed).
+    /// The weight as a dense f32 tensor (dequantized or copied out of the map if needed).
     pub fn to_dense(&self) -> Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Quant(q) => {
                 Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)
             }
+            Weight::Mapped(m) => Tensor::from_vec(m.to_vec(), (m.rows(), m.cols()), &Device::Cpu),
         }
     }
 
@@ -50,13 +104,14 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => w.dims()[0],
             Weight::Quant(q) => q.rows(),
+            Weight::Mapped(m) => m.rows(),
         }
     }
 
     pub fn device(&self) -> Device {
         match &self.weight {
             Weight::Dense(w) => w.device().clone(),
-            Weight::Quant(_) => Device::Cpu,
+            Weight::Quant(_) | Weight::Mapped(_) => Device::Cpu,
         }
     }
 
@@ -64,6 +119,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => w.elem_count(),
             Weight::Quant(q) => q.rows() * q.cols(),
+            Weight::Mapped(m) => m.rows() * m.cols(),
         }
     }
 
@@ -72,20 +128,25 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Quant(q) => q.storage_bytes(),
+            Weight::Mapped(m) => m.rows() * m.cols() * 4,
         }
     }
 
     /// Weight-only quantization of a dense f32 CPU weight. `None` when this matrix cannot take
     /// `kind` (e.g. columns not a multiple of the block size); the caller may try another.
     pub fn quantize(&self, kind: QuantKind) -> Result<Option<Linear>> {
-        let Weight::Dense(w) = &self.weight else {
-            return Ok(None);
+        let (rows, cols, data) = match &self.weight {
+            Weight::Quant(_) => return Ok(None),
+            Weight::Mapped(m) => (m.rows(), m.cols(), m.to_vec()),
+            Weight::Dense(w) => {
+                let (rows, cols) = w.dims2()?;
+                if !w.device().is_cpu() {
+                    return Ok(None);
+                }
+                let data: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                (rows, cols, data)
+            }
         };
-        let (rows, cols) = w.dims2()?;
-        if !w.device().is_cpu() {
-            return Ok(None);
-        }
-        let data: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         Ok(QMatrix::quantize(&data, rows, cols, kind)
             .ok()
             .map(|q| Linear {
@@ -113,6 +174,29 @@ impl Linear {
                 match &self.bias {
                     Some(b) => y.broadcast_add(b),
                     None => Ok(y),
+                }
+            }
+            Weight::Mapped(w) => {
+                let x = x.to_dtype(DType::F32)?.contiguous()?;
+                let bias = self.bias.as_ref().and_then(F32View::of);
+                let mut y = vec![0f32; m * n];
+                let xv = F32View::of(&x).ok_or_else(|| {
+                    candle_core::Error::Msg("a weight used in place needs CPU input".into())
+                })?;
+                w.with_parts(|p| {
+                    kernels::matmul_parts_into(
+                        xv.slice(),
+                        m,
+                        k,
+                        p,
+                        bias.as_ref().map(|b| b.slice()),
+                        &mut y,
+                    )
+                });
+                let y = Tensor::from_vec(y, (m, n), x.device())?;
+                match (&self.bias, &bias) {
+                    (Some(b), None) => y.broadcast_add(b),
+                    _ => Ok(y),
                 }
             }
             Weight::Dense(w) => {

@@ -115,7 +115,7 @@ struct Mapped {
 /// A memory-mapped GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    mmap: std::sync::Arc<memmap2::Mmap>,
     content: Content,
     arch: String,
     /// The family's description, once [`GgufFile::with_arch`] has given it.
@@ -318,7 +318,7 @@ impl GgufFile {
         }
         Ok(Self {
             path,
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
             content,
             arch,
             spec: None,
@@ -647,6 +647,18 @@ impl TensorSource for GgufFile {
                 )
             })
             .collect())
+    }
+
+    fn mapped_f32(&self, name: &str) -> Option<super::MappedF32> {
+        let m = self.tensors.get(name)?;
+        if m.ggml != GgmlDType::F32 || m.fix != Fix::Keep {
+            return None;
+        }
+        let info = self.content.tensor_infos.get(&m.gguf)?;
+        let numel: usize = m.shape.iter().product();
+        let start = (self.content.tensor_data_offset + info.offset) as usize
+            + m.expert.unwrap_or(0) * numel * 4;
+        super::MappedF32::new(&self.mmap, start, numel)
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {

@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub mod gguf;
 pub mod pth;
@@ -66,6 +67,44 @@ pub(crate) fn f32_tensor_from_le(bytes: &[u8], dtype: DType, shape: &[usize]) ->
     Tensor::from_vec(v, shape, &Device::Cpu).ok()
 }
 
+/// An f32 matrix used where the checkpoint's memory map has it: no copy at load time, its
+/// pages are read in from the page cache on first use (and shared by every process that maps
+/// the same file, e.g. the tasks of a SLURM array on one node).
+#[derive(Clone)]
+pub struct MappedF32 {
+    map: Arc<memmap2::Mmap>,
+    /// Byte offset of the first value (a multiple of 4).
+    offset: usize,
+    len: usize,
+}
+
+impl std::fmt::Debug for MappedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedF32({} values at byte {})", self.len, self.offset)
+    }
+}
+
+impl MappedF32 {
+    /// `len` little-endian f32 values at byte `offset` of `map`; `None` where they are not
+    /// 4-byte aligned, lie outside the map, or the machine is big-endian.
+    pub(crate) fn new(map: &Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<Self> {
+        let end = len.checked_mul(4)?.checked_add(offset)?;
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>());
+        (end <= map.len() && aligned && cfg!(target_endian = "little")).then(|| Self {
+            map: map.clone(),
+            offset,
+            len,
+        })
+    }
+
+    pub fn values(&self) -> &[f32] {
+        let bytes = &self.map[self.offset..self.offset + 4 * self.len];
+        // SAFETY: `new` checked that the range is inside the map and 4-byte aligned; every bit
+        // pattern is a valid f32, and the map is read-only and lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), self.len) }
+    }
+}
+
 /// Shape and storage dtype of a tensor in a checkpoint.
 #[derive(Debug, Clone)]
 pub struct TensorMeta {
@@ -84,6 +123,11 @@ pub trait TensorSource {
     /// The tensor in its stored quantized form, for formats that have one (GGUF).
     fn load_quantized(&self, _name: &str) -> Result<Option<QMatrix>> {
         Ok(None)
+    }
+    /// The tensor's values in place in the file's memory map, where it is stored as f32 in
+    /// the layout it is used in (no transform to undo); `None` otherwise.
+    fn mapped_f32(&self, _name: &str) -> Option<MappedF32> {
+        None
     }
 }
 
@@ -201,6 +245,25 @@ impl WeightStore {
             self.used.borrow_mut().insert(name.to_string());
         }
         Ok(q)
+    }
+
+    /// `name` used in place from the file's memory map (marked used), or `None` when it is
+    /// not stored as f32 in its final layout (then [`Self::get`] loads a copy and reports any
+    /// mismatch).
+    pub fn get_mapped(&self, name: &str, shape: &[usize]) -> Option<MappedF32> {
+        if self.synthetic.is_some() {
+            return None;
+        }
+        let (i, meta) = self.index.get(name)?;
+        if meta.shape != shape || meta.dtype != DType::F32 {
+            return None;
+        }
+        let m = self.sources[*i].mapped_f32(name)?;
+        if m.len != shape.iter().product::<usize>() {
+            return None;
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        Some(m)
     }
 
     /// Declare a tensor as deliberately unused (e.g. a tied `lm_head.weight` copy).

@@ -22,7 +22,7 @@ struct Entry {
 /// bytes are only touched on `load`.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    mmap: std::sync::Arc<memmap2::Mmap>,
     tensors: BTreeMap<String, Entry>,
     /// The free-form `__metadata__` map of the header (e.g. `{"format": "pt"}`).
     metadata: BTreeMap<String, String>,
@@ -59,7 +59,7 @@ impl SafetensorsFile {
         let (tensors, metadata) = parse_header(&path, &mmap)?;
         Ok(Self {
             path,
-            mmap,
+            mmap: std::sync::Arc::new(mmap),
             tensors,
             metadata,
         })
@@ -221,6 +221,14 @@ impl TensorSource for SafetensorsFile {
             .iter()
             .map(|(n, e)| (n.clone(), e.meta.clone()))
             .collect())
+    }
+
+    fn mapped_f32(&self, name: &str) -> Option<super::MappedF32> {
+        let e = self.tensors.get(name)?;
+        if e.st_dtype != StDtype::F32 {
+            return None;
+        }
+        super::MappedF32::new(&self.mmap, e.start, (e.end - e.start) / 4)
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
