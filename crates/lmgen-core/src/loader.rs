@@ -58,10 +58,11 @@ pub enum MapWeights {
 /// Up to this many model steps (decode steps, prefill chunks) a job is done sooner with its
 /// f32 weights used in place. In place, loading skips the copy (SmolLM2-135M F32 GGUF, 2
 /// threads: load 0.35–0.44 s instead of 0.97–0.99 s), but every step then streams the weights
-/// through 4 KiB page-cache pages instead of the copy's huge pages: decode 26–33 instead of
-/// 35–36 tokens/s at batch 1, 348–369 instead of 384–391 at batch 64. The copy pays for itself
-/// after ~60 (batch 64) to ~220 (batch 1) steps; the 4 × 75 job (75 steps) runs in 3.1–3.7 s
-/// in place against 3.7–5.0 s copied.
+/// through 4 KiB page-cache pages instead of the copy's huge pages: batch-1 decode 29–45
+/// (median 32) instead of 34–41 (median 39) tokens/s in 6 alternating rounds; at batch 64 no
+/// loss could be told from the machine's noise. The copy pays for itself after ~100
+/// memory-bound steps; the 4 × 75 job (75 steps at batch 4) takes 2.9–3.6 s in place against
+/// 3.5–4.1 s copied.
 pub const MAP_IN_PLACE_MAX_STEPS: usize = 128;
 
 impl MapWeights {
