@@ -8,9 +8,9 @@
 #             `llama-batched-bench -npp 128 -ntg 128 -npl N` (its total time T);
 #   pp512     prefill of a 512-token prompt: `lmgen bench --prompt-tokens 512` against
 #             `llama-bench -p 512 -n 0`;
-#   ctx2048   decode after 2,048 tokens of context: lmgen generates 64 tokens after a
-#             2,048-token prompt (wall time minus that of a 1-token run on the same prompt)
-#             against `llama-bench -n 64 -p 0 -d 2048`.
+#   ctx2048   decode after 2,048 tokens of context: `lmgen bench --context 2048
+#             --decode-tokens 64` (64 timed steps after a 2,048-token prompt) against
+#             `llama-bench -n 64 -p 0 -d 2048`.
 #
 # Usage: benches/throughput.sh [--threads N] [--sizes 1,4,64,256] [--weights F32|Q4_1]
 # Environment: LMGEN_BIN (default target/release/lmgen), LMGEN_CACHE (default ~/.cache/lmgen).
@@ -92,10 +92,9 @@ ours=$(python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))[
 theirs=$(python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))[0]["avg_ts"])' "$out/llama-pp512.json")
 echo "| prefill, 512-token prompt | $ours | $theirs | $(div "$ours" "$theirs") |"
 
-prompts 1 2048 "$out/long.jsonl"
-pre=$(lmgen_run "$out/long.jsonl" 1 1)
-wall=$(lmgen_run "$out/long.jsonl" 65 1)
-ours=$(div 64 "$(sub "$wall" "$pre")")
+"$lmgen" bench "$g" --threads "$threads" --json --prompt-tokens 16 --batch-sizes 1 \
+  --decode-tokens 64 --context 2048 > "$out/lmgen-d2048.json" 2>/dev/null
+ours=$(python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))["decode"][0]["tokens_per_s"])' "$out/lmgen-d2048.json")
 "$llama_bin/llama-bench" -m "$g" -p 0 -n 64 -d 2048 -t "$threads" -r 3 -o json > "$out/llama-d2048.json" 2>/dev/null
 theirs=$(python3 -c 'import json,sys; print("%.1f" % json.load(open(sys.argv[1]))[0]["avg_ts"])' "$out/llama-d2048.json")
 echo "| decode at 2,048 tokens of context, batch 1 | $ours | $theirs | $(div "$ours" "$theirs") |"

@@ -153,6 +153,9 @@ pub struct BenchArgs {
     /// Timed decode steps per batch size
     #[arg(long, default_value_t = 32, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
     pub decode_tokens: usize,
+    /// Tokens of context each sequence has before the timed decode steps (llama-bench -d)
+    #[arg(long, default_value_t = 16, value_name = "N", allow_negative_numbers = true, value_parser = parse_positive)]
+    pub context: usize,
     /// Print the report as JSON instead of a table
     #[arg(long)]
     pub json: bool,

@@ -35,7 +35,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         None,
         Workload {
             batch: max_batch,
-            context: Some(a.prompt_tokens.max(16 + a.decode_tokens)),
+            context: Some(a.prompt_tokens.max(a.context + a.decode_tokens)),
             max_step_tokens: a.prompt_tokens.max(max_batch),
             kv_bytes: None,
         },
@@ -45,6 +45,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let opts = BenchOptions {
         prompt_tokens: a.prompt_tokens,
         decode_tokens: a.decode_tokens,
+        context: a.context,
         batch_sizes: a.batch_sizes.clone(),
         threads: threads_in_force(&a),
         device: device.clone(),
@@ -83,10 +84,10 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         )?;
         let load_s = t.elapsed().as_secs_f64();
         if let Some(ctx) = model.hard_limit() {
-            let need = a.prompt_tokens.max(16 + a.decode_tokens);
+            let need = a.prompt_tokens.max(a.context + a.decode_tokens);
             if need > ctx {
                 return Err(user_err!(
-                    "bench: {name} has a context of {ctx} tokens; --prompt-tokens and 16 + --decode-tokens must fit it"
+                    "bench: {name} has a context of {ctx} tokens; --prompt-tokens and --context + --decode-tokens must fit it"
                 ));
             }
         }
@@ -140,7 +141,11 @@ pub fn table(r: &BenchReport, kind: &str) -> String {
         "prefill           {} tokens: {:.1} tok/s, {:.1} GFLOP/s{peak}",
         r.prompt_tokens, r.prefill_tokens_per_s, r.prefill_gflop_s
     );
-    let _ = writeln!(s, "decode            batch      tok/s   vs bandwidth bound");
+    let _ = writeln!(
+        s,
+        "decode            batch      tok/s   vs bandwidth bound   (after {} tokens of context)",
+        r.decode_context
+    );
     for d in &r.decode {
         let ratio = match d.bandwidth_ratio {
             Some(x) => format!(

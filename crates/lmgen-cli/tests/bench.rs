@@ -93,6 +93,7 @@ fn bench_table_and_json_on_a_tiny_config() {
     assert_eq!(r["params"], params, "{r}");
     assert_eq!(r["weight_bytes"], 4 * params);
     assert_eq!(r["prompt_tokens"], 8);
+    assert_eq!(r["decode_context"], 16);
     assert_eq!(r["threads"], 1);
     for k in [
         "load_s",
@@ -121,6 +122,17 @@ fn bench_table_and_json_on_a_tiny_config() {
         kernel == "candle matmul" || kernel.starts_with("lmgen dotgemm "),
         "{kernel}"
     );
+
+    // Decode steps after a longer context (as `llama-bench -d`).
+    args.pop();
+    args.extend_from_slice(&["--context", "40"]);
+    let o = run(&args);
+    assert!(o.status.success(), "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("(after 40 tokens of context)"));
+    args.push("--json");
+    let r: Value = serde_json::from_slice(&run(&args).stdout).unwrap();
+    assert_eq!(r["decode_context"], 40);
+    assert!(r["decode"][0]["tokens_per_s"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

@@ -357,6 +357,8 @@ pub struct BenchReport {
     pub prefill_gflop_s: f64,
     /// Achieved / measured GEMM peak (CPU runs).
     pub prefill_gemm_ratio: Option<f64>,
+    /// Tokens of context per sequence before the timed decode steps.
+    pub decode_context: usize,
     pub decode: Vec<DecodePoint>,
     pub peak_rss_bytes: Option<u64>,
     /// Threads the run was asked to use (`BenchOptions::threads`).
@@ -371,6 +373,9 @@ pub struct BenchReport {
 pub struct BenchOptions {
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
+    /// Tokens of context each sequence has when the timed decode steps start (as
+    /// `llama-bench -d`); the steps read its KV cache.
+    pub context: usize,
     pub batch_sizes: Vec<usize>,
     pub threads: usize,
     /// Where synthetic models are built (`run`); a loaded decoder keeps its own.
@@ -487,19 +492,19 @@ pub fn run_decoder(
 
     let mut decode = Vec::new();
     for &b in &opts.batch_sizes {
-        let per_seq = BlockTable::blocks_for(16 + opts.decode_tokens + 1);
+        let ctx = opts.context.max(1);
+        let per_seq = BlockTable::blocks_for(ctx + opts.decode_tokens + 1);
         let mut runner = Runner::new(dec, b * per_seq, false, true);
         let mut kvs: Vec<SeqKv> = (0..b).map(|_| SeqKv::default()).collect();
-        let mut last: Vec<Vec<u32>> = (0..b)
+        let mut last: Vec<Vec<u32>> = (0..b as u32)
             .map(|i| {
-                prompt[..16.min(prompt.len())]
-                    .iter()
-                    .map(|t| (t + i as u32) % vocab)
+                (0..ctx as u32)
+                    .map(|j| (j * 7919 + 13 + i) % vocab)
                     .collect()
             })
             .collect();
         let vocab = vocab as usize;
-        // Short prompts, then timed decode steps.
+        // Prompts of `ctx` tokens (untimed), then timed decode steps.
         let mut time = 0.0;
         let (mut first_allocs, mut last_allocs) = (None, None);
         for step in 0..=opts.decode_tokens {
@@ -561,6 +566,7 @@ pub fn run_decoder(
         prefill_tokens_per_s: prefill_tps,
         prefill_gflop_s: prefill_gflops,
         prefill_gemm_ratio: limits.as_ref().map(|l| prefill_gflops / l.gemm_gflop_s),
+        decode_context: opts.context.max(1),
         decode,
         peak_rss_bytes: peak_rss().max(rss_before),
         threads: opts.threads,
