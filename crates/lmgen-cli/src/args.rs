@@ -248,7 +248,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub dequantize: bool,
     /// Use f32 weights in place from the file's memory map (no copy at load, but each step
-    /// reads them from 4 KiB pages): auto = for jobs of at most 128 model steps, else copied
+    /// reads them from 4 KiB pages): auto = for jobs of at most 100 model steps, else copied
     /// onto huge pages
     #[arg(long, value_enum, value_name = "WHEN", default_value_t = MmapArg::Auto)]
     pub mmap: MmapArg,

@@ -1062,4 +1062,21 @@ mod tests {
         assert!(resolve_layers(&s(&["25"]), 24).is_err());
         assert!(resolve_layers(&s(&["-26"]), 24).is_err());
     }
+
+    #[test]
+    fn steps_decide_whether_weights_are_used_in_place() {
+        use lmgen_core::loader::{MapWeights, MAP_IN_PLACE_MAX_STEPS};
+        let steps = |l: &[usize], b| decode_steps(l.iter().copied(), b);
+        // The 4 × 75 job: 75 steps, in place; 1000 prompts of 75 at batch 32: copied.
+        assert_eq!(steps(&[75; 4], 4), 75);
+        assert_eq!(steps(&[75; 1000], 32), 2344);
+        // The longest request when the batch is not full.
+        assert_eq!(steps(&[10, 200], 8), 200);
+        assert_eq!(steps(&[], 8), 0);
+        assert!(MapWeights::Auto.in_place(75));
+        assert!(MapWeights::Auto.in_place(MAP_IN_PLACE_MAX_STEPS));
+        assert!(!MapWeights::Auto.in_place(MAP_IN_PLACE_MAX_STEPS + 1));
+        assert!(MapWeights::Always.in_place(1 << 20));
+        assert!(!MapWeights::Never.in_place(1));
+    }
 }

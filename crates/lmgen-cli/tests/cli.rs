@@ -191,21 +191,14 @@ fn mmap_modes_write_the_same_records() {
     let g = golden("opt");
     let dir = tempfile::tempdir().unwrap();
     let inp = golden_input(dir.path(), &g);
-    let mut outs = Vec::new();
-    for mode in [
-        &["--mmap", "always"][..],
-        &["--mmap", "never"],
-        &["--no-mmap"],
-        &[],
-    ] {
-        let out = dir.path().join(format!("out{}.jsonl", outs.len()));
+    let gen = |out: &Path, mode: &[&str]| {
         let mut args = vec![
             "generate",
             model("opt"),
             "--input",
             s(&inp),
             "--output",
-            s(&out),
+            s(out),
             "--max-new-tokens",
             "6",
             "--seed",
@@ -215,7 +208,17 @@ fn mmap_modes_write_the_same_records() {
             "3",
         ];
         args.extend_from_slice(mode);
-        ok(&run(&args));
+        run(&args)
+    };
+    let mut outs = Vec::new();
+    for mode in [
+        &["--mmap", "always"][..],
+        &["--mmap", "never"],
+        &["--no-mmap"],
+        &[],
+    ] {
+        let out = dir.path().join(format!("out{}.jsonl", outs.len()));
+        ok(&gen(&out, mode));
         outs.push(std::fs::read_to_string(&out).unwrap());
     }
     assert_eq!(outs[0].lines().count(), 4);
@@ -223,18 +226,10 @@ fn mmap_modes_write_the_same_records() {
         outs.iter().all(|o| *o == outs[0]),
         "records differ between --mmap modes"
     );
-    let out = dir.path().join("bad.jsonl");
-    let o = run(&[
-        "generate",
-        model("opt"),
-        "--input",
-        s(&inp),
-        "--output",
-        s(&out),
-        "--no-mmap",
-        "--mmap",
-        "always",
-    ]);
+    let o = gen(
+        &dir.path().join("bad.jsonl"),
+        &["--no-mmap", "--mmap", "always"],
+    );
     usage_error(&o, &["--no-mmap", "--mmap"]);
 }
 

@@ -63,7 +63,7 @@ pub enum MapWeights {
 /// loss could be told from the machine's noise. The copy pays for itself after ~100
 /// memory-bound steps; the 4 × 75 job (75 steps at batch 4) takes 2.9–3.6 s in place against
 /// 3.5–4.1 s copied.
-pub const MAP_IN_PLACE_MAX_STEPS: usize = 128;
+pub const MAP_IN_PLACE_MAX_STEPS: usize = 100;
 
 impl MapWeights {
     /// Whether a job of about `steps` model steps uses its weights in place.
