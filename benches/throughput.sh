@@ -3,8 +3,9 @@
 # the same F32 GGUF (SmolLM2-135M-Instruct, made by benches/compare.sh), same thread count.
 #
 #   batched   N sequences of 128 prompt tokens, 128 new tokens each, N = 1, 4, 64, 256:
-#             lmgen `generate --ignore-eos --temperature 0 --batch-size N` on token-id prompts
-#             (gen time = wall - the load time of a 1-token run) against
+#             lmgen `generate --ignore-eos --temperature 0 --batch-size N --mmap never` on
+#             token-id prompts (gen time = wall - the load time of a 1-token run; weights copied
+#             in both, so the loads match and the steps run at their steady speed) against
 #             `llama-batched-bench -npp 128 -ntg 128 -npl N` (its total time T);
 #   pp512     prefill of a 512-token prompt: `lmgen bench --prompt-tokens 512` against
 #             `llama-bench -p 512 -n 0`;
@@ -61,7 +62,7 @@ lmgen_run() {  # INPUT NEW BATCH -> wall seconds
   t0=$(now)
   "$lmgen" generate "$g" --input "$1" --output "$out/lmgen-out.jsonl" --overwrite \
     --max-new-tokens "$2" --temperature 0 --ignore-eos --batch-size "$3" --threads "$threads" \
-    2> "$out/lmgen.log"
+    --mmap never 2> "$out/lmgen.log"
   t1=$(now)
   sub "$t1" "$t0"
 }
