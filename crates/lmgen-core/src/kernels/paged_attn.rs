@@ -366,10 +366,43 @@ mod imp {
         use candle_core::cuda_backend::cudarc::driver::sys::CUstream;
         use std::ffi::c_void;
 
-        /// One launcher signature, its function type and the per-dtype launchers that have
-        /// it, declared once.
+        /// `$body!` on a launcher name list and the full parameter list of the paged-attention
+        /// launchers, `extra` parameters after `out` (v2's scratch buffers).
+        macro_rules! with_params {
+            ($body:ident! $names:tt [$($extra:tt)*]) => {
+                $body!($names (
+                    out: *mut c_void,
+                    $($extra)*
+                    query: *const c_void,
+                    key_cache: *const c_void,
+                    value_cache: *const c_void,
+                    alibi_slopes: *const c_void,
+                    num_kv_heads: i32,
+                    scale: f32,
+                    softcapping: f32,
+                    block_tables: *const u32,
+                    context_lens: *const u32,
+                    block_size: i32,
+                    max_context_len: i32,
+                    num_seqs: i32,
+                    num_heads: i32,
+                    head_size: i32,
+                    max_num_blocks_per_seq: i32,
+                    q_stride: i32,
+                    kv_block_stride: i32,
+                    kv_head_stride: i32,
+                    stream: CUstream,
+                    cache_dtype: u32,
+                    k_scale: *const f32,
+                    v_scale: *const f32,
+                    sinks: *const f32,
+                ));
+            };
+        }
+
+        /// A function type and the per-dtype launchers of that signature.
         macro_rules! launchers {
-            ($ty:ident $sig:tt: $($name:ident),+) => {
+            ([$ty:ident $($name:ident)+] $sig:tt) => {
                 pub type $ty = unsafe extern "C" fn $sig;
                 extern "C" {
                     $(pub fn $name $sig;)+
@@ -377,63 +410,14 @@ mod imp {
             };
         }
 
-        launchers!(PagedV1 (
-            out: *mut c_void,
-            query: *const c_void,
-            key_cache: *const c_void,
-            value_cache: *const c_void,
-            alibi_slopes: *const c_void,
-            num_kv_heads: i32,
-            scale: f32,
-            softcapping: f32,
-            block_tables: *const u32,
-            context_lens: *const u32,
-            block_size: i32,
-            max_context_len: i32,
-            num_seqs: i32,
-            num_heads: i32,
-            head_size: i32,
-            max_num_blocks_per_seq: i32,
-            q_stride: i32,
-            kv_block_stride: i32,
-            kv_head_stride: i32,
-            stream: CUstream,
-            cache_dtype: u32,
-            k_scale: *const f32,
-            v_scale: *const f32,
-            sinks: *const f32,
-        ):
-            paged_attention_v1_f32, paged_attention_v1_f16, paged_attention_v1_bf16);
-        launchers!(PagedV2 (
-            out: *mut c_void,
+        with_params!(launchers! [PagedV1
+            paged_attention_v1_f32 paged_attention_v1_f16 paged_attention_v1_bf16] []);
+        with_params!(launchers! [PagedV2
+            paged_attention_v2_f32 paged_attention_v2_f16 paged_attention_v2_bf16] [
             exp_sums: *mut f32,
             max_logits: *mut f32,
             tmp_out: *mut c_void,
-            query: *const c_void,
-            key_cache: *const c_void,
-            value_cache: *const c_void,
-            alibi_slopes: *const c_void,
-            num_kv_heads: i32,
-            scale: f32,
-            softcapping: f32,
-            block_tables: *const u32,
-            context_lens: *const u32,
-            block_size: i32,
-            max_context_len: i32,
-            num_seqs: i32,
-            num_heads: i32,
-            head_size: i32,
-            max_num_blocks_per_seq: i32,
-            q_stride: i32,
-            kv_block_stride: i32,
-            kv_head_stride: i32,
-            stream: CUstream,
-            cache_dtype: u32,
-            k_scale: *const f32,
-            v_scale: *const f32,
-            sinks: *const f32,
-        ):
-            paged_attention_v2_f32, paged_attention_v2_f16, paged_attention_v2_bf16);
+        ]);
 
         extern "C" {
             pub fn reshape_and_cache(
