@@ -349,6 +349,40 @@ mod tests {
         candle_core::safetensors::save(&map, path).expect("save");
     }
 
+    /// f32 tensors are offered in place (the values the copy has); other dtypes are not, and
+    /// the store offers a tensor in place only for the shape asked.
+    #[test]
+    fn f32_tensors_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("model.safetensors");
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 6.0, &dev)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let h = a.to_dtype(DType::F16).unwrap();
+        write_st(&p, &[("a", a.clone()), ("h", h)]);
+        let f = SafetensorsFile::open(&p).expect("open");
+        let m = f.mapped_f32("a").expect("f32 in place");
+        assert_eq!(m.values(), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert!(f.mapped_f32("h").is_none() && f.mapped_f32("nope").is_none());
+        let store = super::super::WeightStore::new(vec![Box::new(f)]).unwrap();
+        assert!(store.get_mapped("a", &[3, 2]).is_none());
+        assert!(store.get_mapped("h", &[2, 3]).is_none());
+        assert!(store.check_all_used().is_err(), "nothing marked used yet");
+        assert_eq!(store.get_mapped("a", &[2, 3]).unwrap().values().len(), 6);
+        store.ignore("h");
+        store.check_all_used().expect("a is used once mapped");
+        // Offsets that are not 4-byte aligned or run past the map are refused.
+        // SAFETY: a file of this test, not modified while mapped.
+        let map = std::sync::Arc::new(
+            unsafe { memmap2::Mmap::map(&std::fs::File::open(&p).unwrap()) }.unwrap(),
+        );
+        assert!(super::super::MappedF32::new(&map, 2, 1).is_none());
+        assert!(super::super::MappedF32::new(&map, 0, map.len() / 4 + 1).is_none());
+        assert!(super::super::MappedF32::new(&map, 4, 1).is_some());
+    }
+
     #[test]
     fn load_and_convert() {
         let dir = tempfile::tempdir().expect("tempdir");
