@@ -452,7 +452,7 @@ fn gguf_q8_0_reordered_rows_match_dequantized() {
 /// transposed Conv1D, the per-head interleaved fused QKV of NeoX and BLOOM) are copied.
 #[test]
 fn weights_in_place_give_the_bits_of_copies() {
-    use lmgen_core::model::layers::{Linear, Weight};
+    use lmgen_core::model::layers::{Embedding, Linear, Weight};
     let gguf = |f: &str| ModelLocation::Gguf(fixtures().join("gguf").join(f));
     let dir = |n: &str| ModelLocation::Dir(model_dir(n));
     // (golden, location, matrices per block expected in place: qkv, out, mlp_in, mlp_out)
@@ -484,6 +484,12 @@ fn weights_in_place_give_the_bits_of_copies() {
         };
         let (mapped, copied) = (load_as(true), load_as(false));
         let in_place = |l: &Linear| matches!(l.weight, Weight::Mapped(_));
+        // The embedding table is stored as it is used by every format here.
+        assert!(
+            matches!(mapped.decoder.weights.embed, Embedding::Mapped(_))
+                && matches!(copied.decoder.weights.embed, Embedding::Tensor(_)),
+            "{name}: embedding table in place"
+        );
         for (bm, bc) in mapped
             .decoder
             .weights

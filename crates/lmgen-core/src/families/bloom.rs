@@ -93,7 +93,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         fc_out: "mlp.dense_4h_to_h",
     };
     let e = s.hidden_size;
-    let embed = l.t("word_embeddings.weight", &[s.vocab_size, e])?;
+    let embed = l.embedding(&l.name("word_embeddings.weight"), s.vocab_size, e)?;
     Ok(Weights {
         pos_embed: None,
         embed_norm: Some(l.norm("word_embeddings_layernorm", s.norm, e, s.norm_eps)?),

@@ -179,7 +179,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let embed = l.abs("transformer.word_embeddings.weight", &[s.vocab_size, e])?;
+    let embed = l.embedding("transformer.word_embeddings.weight", s.vocab_size, e)?;
     let t = l.tail();
     Ok(Weights {
         pos_embed: None,

@@ -81,7 +81,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
     // Causal-mask buffers saved by old transformers versions.
     l.ignore_buffers(&[".attn.bias", ".attn.masked_bias"]);
     let (e, inter) = (s.hidden_size, s.intermediate_size);
-    let embed = l.t("wte.weight", &[s.vocab_size, e])?;
+    let embed = l.embedding(&l.name("wte.weight"), s.vocab_size, e)?;
     let Positions::Learned { table_size, .. } = s.positions else {
         unreachable!("gpt2 uses learned positions")
     };

@@ -120,7 +120,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let embed = l.abs("transformer.wte.weight", &[s.vocab_size, e])?;
+    let embed = l.embedding("transformer.wte.weight", s.vocab_size, e)?;
     let t = l.tail();
     Ok(Weights {
         pos_embed: Some(l.abs("transformer.wpe.weight", &[table_size, e])?),

@@ -88,7 +88,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         fc_in: "mlp.dense_h_to_4h",
         fc_out: "mlp.dense_4h_to_h",
     };
-    let embed = l.abs("gpt_neox.embed_in.weight", &[s.vocab_size, s.hidden_size])?;
+    let embed = l.embedding("gpt_neox.embed_in.weight", s.vocab_size, s.hidden_size)?;
     Ok(Weights {
         pos_embed: None,
         embed_norm: None,

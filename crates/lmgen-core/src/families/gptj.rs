@@ -65,7 +65,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
         mlp_out: "mlp.fc_out",
         ..Layout::LLAMA
     };
-    let embed = l.abs("transformer.wte.weight", &[s.vocab_size, s.hidden_size])?;
+    let embed = l.embedding("transformer.wte.weight", s.vocab_size, s.hidden_size)?;
     let t = l.tail();
     Ok(Weights {
         pos_embed: None,

@@ -6,7 +6,7 @@ use crate::config::{ModelSpec, NormKind, RawConfig};
 use crate::error::{Error, Result};
 use crate::kernels::quant::QMatrix;
 use crate::model::decoder::{Block, Weights};
-use crate::model::layers::{Linear, MappedRows, Norm, Weight};
+use crate::model::layers::{Embedding, Linear, MappedRows, Norm, Weight};
 use crate::weights::gguf::GgufArch;
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
@@ -330,6 +330,17 @@ impl<'a> Loader<'a> {
         )?))
     }
 
+    /// The token embedding table `[vocab, dim]` stored at the absolute `name`: in place in the
+    /// file's memory map where the layout allows (see [`Loader::map_weights`]), else loaded.
+    pub fn embedding(&self, name: &str, vocab: usize, dim: usize) -> Result<Embedding> {
+        if self.map_weights && self.device.is_cpu() && self.dtype == DType::F32 {
+            if let Some(m) = self.store.get_mapped(name, &[vocab, dim]) {
+                return Ok(Embedding::Mapped(MappedRows::new(m, dim)));
+            }
+        }
+        Ok(Embedding::Tensor(self.abs(name, &[vocab, dim])?))
+    }
+
     /// The stored quantized form of a matrix, when the checkpoint has one and we keep it.
     fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QMatrix>> {
         if !self.keep_quantized || !self.device.is_cpu() {
@@ -435,19 +446,19 @@ impl<'a> Loader<'a> {
     pub fn head(
         &self,
         spec: &ModelSpec,
-        embed: &Tensor,
+        embed: &Embedding,
         embed_name: &str,
         head_name: &str,
     ) -> Result<Linear> {
         let shape = [spec.vocab_size, spec.embed_dim];
         if spec.head_bias {
             let bias = Some(self.abs(&head_name.replace(".weight", ".bias"), &[spec.vocab_size])?);
-            let w = if spec.tie_embeddings {
-                embed.to_device(&self.device)?
+            let weight = if spec.tie_embeddings {
+                embed.head_weight(&self.device)?
             } else {
-                self.abs(head_name, &shape)?
+                self.matrix(head_name, spec.vocab_size, spec.embed_dim)?
             };
-            return Ok(Linear::new(w, bias));
+            return Ok(Linear { weight, bias });
         }
         if spec.tie_embeddings {
             if self.store.contains(head_name) {
@@ -459,7 +470,10 @@ impl<'a> Loader<'a> {
                     bias: None,
                 });
             }
-            Ok(Linear::new(embed.to_device(&self.device)?, None))
+            Ok(Linear {
+                weight: embed.head_weight(&self.device)?,
+                bias: None,
+            })
         } else {
             Ok(Linear {
                 weight: self.matrix(head_name, spec.vocab_size, spec.embed_dim)?,
@@ -774,7 +788,7 @@ pub fn load_llama_like(
     final_norm: &str,
 ) -> Result<Weights> {
     l.ignore_buffers(&[".rotary_emb.inv_freq"]);
-    let embed = l.abs("model.embed_tokens.weight", &[s.vocab_size, s.hidden_size])?;
+    let embed = l.embedding("model.embed_tokens.weight", s.vocab_size, s.hidden_size)?;
     let blocks = load_blocks(s, l, layout)?;
     let t = l.tail();
     Ok(Weights {

@@ -122,7 +122,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let embed = l.abs("transformer.wte.weight", &[s.vocab_size, e])?;
+    let embed = l.embedding("transformer.wte.weight", s.vocab_size, e)?;
     let t = l.tail();
     Ok(Weights {
         pos_embed: None,

@@ -63,7 +63,7 @@ pub fn load(s: &ModelSpec, l: &Loader) -> Result<Weights> {
     let Positions::Learned { table_size, .. } = s.positions else {
         unreachable!("opt uses learned positions")
     };
-    let embed = l.t("decoder.embed_tokens.weight", &[s.vocab_size, d])?;
+    let embed = l.embedding(&l.name("decoder.embed_tokens.weight"), s.vocab_size, d)?;
     let blocks = (0..s.num_layers)
         .map(|i| {
             let l = l.block(i);

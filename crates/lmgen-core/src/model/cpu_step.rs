@@ -7,7 +7,7 @@
 //! (bias + activation + gate in one pass) → residual. Logits only for the rows that sample.
 //! Same numbers as the tensor path (`decoder.rs`), which remains for GPUs and half precision.
 use super::decoder::{route, Decoder, Moe, Want};
-use super::layers::{Linear, Norm, Weight};
+use super::layers::{Embedding, Linear, Norm, Weight};
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual, RopeSpec};
 use crate::kernels::attention::{paged_attention, AttnParams, AttnSeq};
 use crate::kernels::ops;
@@ -348,8 +348,10 @@ impl Decoder {
         };
         let n_ok = |n: &Norm| t_ok(&n.weight) && n.bias.as_ref().is_none_or(t_ok);
         let on_ok = |n: &Option<Norm>| n.as_ref().is_none_or(n_ok);
-        t_ok(&w.embed)
-            && w.pos_embed.as_ref().is_none_or(t_ok)
+        (match &w.embed {
+            Embedding::Tensor(t) => t_ok(t),
+            Embedding::Mapped(_) => w.embed.f32_values().is_some(),
+        }) && w.pos_embed.as_ref().is_none_or(t_ok)
             && w.embed_norm.as_ref().is_none_or(n_ok)
             && w.project_in.as_ref().is_none_or(l_ok)
             && w.final_norm.as_ref().is_none_or(n_ok)
@@ -408,8 +410,15 @@ impl Decoder {
         }
 
         // Embeddings (+ project_in, learned positions, embedding norm) into x.
-        let emb = f32_of(&w.embed)?;
-        let e = emb.s().len() / w.embed.dim(0)?;
+        let emb_tensor = match &w.embed {
+            Embedding::Tensor(t) => Some(f32_of(t)?),
+            Embedding::Mapped(_) => None,
+        };
+        let table: &[f32] = match &emb_tensor {
+            Some(t) => t.s(),
+            None => w.embed.f32_values().unwrap_or_default(),
+        };
+        let e = table.len() / w.embed.rows().max(1);
         {
             let buf = fit(
                 if w.project_in.is_some() {
@@ -421,7 +430,7 @@ impl Decoder {
             );
             for (row, &t) in buf.chunks_mut(e).zip(seqs.iter().flat_map(|s| s.tokens)) {
                 let t = t as usize;
-                let src = emb.s().get(t * e..(t + 1) * e).ok_or_else(|| {
+                let src = table.get(t * e..(t + 1) * e).ok_or_else(|| {
                     candle_core::Error::Msg(format!("token id {t} outside the vocabulary"))
                 })?;
                 row.copy_from_slice(src);
@@ -430,7 +439,7 @@ impl Decoder {
                 }
             }
         }
-        drop(emb);
+        drop(emb_tensor);
         if let Some(p) = &w.project_in {
             let x = fit(&mut ws.x, n * hidden);
             linear(p, &ws.tmp[..n * e], n, x)?;

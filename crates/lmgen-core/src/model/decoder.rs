@@ -6,7 +6,7 @@
 //! that sequence's own KV cache. Sequences of different lengths (prefill chunks and single
 //! decode tokens alike) share a step without padding, so no prompt's numbers depend on its
 //! neighbours.
-use super::layers::{activate, Linear, Norm, Weight};
+use super::layers::{activate, Embedding, Linear, Norm, Weight};
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual, RopeSpec};
 use crate::kernels::paged_attn;
 use crate::kernels::quant::QuantKind;
@@ -121,7 +121,7 @@ thread_local! {
 #[derive(Debug, Clone)]
 pub struct Weights {
     /// `[vocab, embed_dim]`
-    pub embed: Tensor,
+    pub embed: Embedding,
     /// Learned positions `[table, hidden]`.
     pub pos_embed: Option<Tensor>,
     pub embed_norm: Option<Norm>,
@@ -421,7 +421,7 @@ impl Decoder {
         }
         let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
         let w = &self.weights;
-        let mut x = w.embed.index_select(&ids_t, 0)?;
+        let mut x = w.embed.rows_of(&ids_t)?;
         if let Some(s) = spec.embed_scale {
             // transformers multiplies by the scale cast to the weights' dtype.
             let s = Tensor::new(s, &self.device)?.to_dtype(x.dtype())?;

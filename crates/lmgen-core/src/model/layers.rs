@@ -64,6 +64,14 @@ impl MappedRows {
         }
     }
 
+    /// The values, where they are one part (a single tensor of the file).
+    pub fn single(&self) -> Option<&[f32]> {
+        match &self.parts[..] {
+            [p] => Some(p.values()),
+            _ => None,
+        }
+    }
+
     /// A copy of all rows.
     pub fn to_vec(&self) -> Vec<f32> {
         self.parts
@@ -71,6 +79,82 @@ impl MappedRows {
             .flat_map(|p| p.values())
             .copied()
             .collect()
+    }
+}
+
+/// The token embedding table `[vocab, dim]`: a tensor, or f32 rows used in place from the
+/// checkpoint's memory map (then also the weight of a tied output head, without a copy).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Tensor(Tensor),
+    Mapped(MappedRows),
+}
+
+impl Embedding {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Embedding::Tensor(t) => t.dtype(),
+            Embedding::Mapped(_) => DType::F32,
+        }
+    }
+
+    pub fn elem_count(&self) -> usize {
+        match self {
+            Embedding::Tensor(t) => t.elem_count(),
+            Embedding::Mapped(m) => m.rows() * m.cols(),
+        }
+    }
+
+    /// Rows (the vocabulary size).
+    pub fn rows(&self) -> usize {
+        match self {
+            Embedding::Tensor(t) => t.dims().first().copied().unwrap_or(0),
+            Embedding::Mapped(m) => m.rows(),
+        }
+    }
+
+    /// Rows `ids` (a 1-D u32 tensor) as a `[n, dim]` tensor, on the device of `ids`.
+    pub fn rows_of(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Tensor(t) => t.index_select(ids, 0),
+            Embedding::Mapped(m) => {
+                let d = m.cols();
+                let table = m.single().ok_or_else(|| {
+                    candle_core::Error::Msg("an embedding table is one tensor".into())
+                })?;
+                let ids_v = ids.to_vec1::<u32>()?;
+                let mut out = Vec::with_capacity(ids_v.len() * d);
+                for &t in &ids_v {
+                    let row = table
+                        .get(t as usize * d..(t as usize + 1) * d)
+                        .ok_or_else(|| {
+                            candle_core::Error::Msg(format!("token id {t} outside the vocabulary"))
+                        })?;
+                    out.extend_from_slice(row);
+                }
+                Tensor::from_vec(out, (ids_v.len(), d), ids.device())
+            }
+        }
+    }
+
+    /// The table's values, where they are f32 on the CPU in one piece (`None` otherwise).
+    pub fn f32_values(&self) -> Option<&[f32]> {
+        match self {
+            Embedding::Tensor(_) => None,
+            Embedding::Mapped(m) => m.single(),
+        }
+    }
+
+    /// The table as the weight of a tied output head on `device`.
+    pub fn head_weight(&self, device: &Device) -> Result<Weight> {
+        Ok(match self {
+            Embedding::Tensor(t) => Weight::Dense(t.to_device(device)?),
+            Embedding::Mapped(m) if device.is_cpu() => Weight::Mapped(m.clone()),
+            Embedding::Mapped(m) => Weight::Dense(
+                Tensor::from_vec(m.to_vec(), (m.rows(), m.cols()), &Device::Cpu)?
+                    .to_device(device)?,
+            ),
+        })
     }
 }
 
