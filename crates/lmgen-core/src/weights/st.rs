@@ -349,17 +349,23 @@ mod tests {
         candle_core::safetensors::save(&map, path).expect("save");
     }
 
+    /// A temporary directory, a `model.safetensors` path in it, and the f32 matrix
+    /// `[[0, 1, 2], [3, 4, 5]]`.
+    fn setup() -> (tempfile::TempDir, PathBuf, Tensor) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("model.safetensors");
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        (dir, p, a)
+    }
+
     /// f32 tensors are offered in place (the values the copy has); other dtypes are not, and
     /// the store offers a tensor in place only for the shape asked.
     #[test]
     fn f32_tensors_in_place() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("model.safetensors");
-        let dev = Device::Cpu;
-        let a = Tensor::arange(0f32, 6.0, &dev)
-            .unwrap()
-            .reshape((2, 3))
-            .unwrap();
+        let (_dir, p, a) = setup();
         let h = a.to_dtype(DType::F16).unwrap();
         write_st(&p, &[("a", a.clone()), ("h", h)]);
         let f = SafetensorsFile::open(&p).expect("open");
@@ -385,13 +391,8 @@ mod tests {
 
     #[test]
     fn load_and_convert() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("model.safetensors");
+        let (_dir, p, a) = setup();
         let dev = Device::Cpu;
-        let a = Tensor::arange(0f32, 6.0, &dev)
-            .unwrap()
-            .reshape((2, 3))
-            .unwrap();
         let h = Tensor::new(&[1.5f32, -2.0, 0.25], &dev)
             .unwrap()
             .to_dtype(DType::F16)
