@@ -317,10 +317,8 @@ impl<'a> Loader<'a> {
         if let Some(q) = self.quantized(name, &shape)? {
             return Ok(Weight::Quant(Arc::new(q)));
         }
-        if self.map_weights && self.device.is_cpu() && self.dtype == DType::F32 {
-            if let Some(m) = self.store.get_mapped(name, &shape) {
-                return Ok(Weight::Mapped(MappedRows::new(m, inp)));
-            }
+        if let Some(m) = self.mapped(name, out, inp) {
+            return Ok(Weight::Mapped(m));
         }
         Ok(Weight::Dense(self.store.get(
             name,
@@ -333,12 +331,19 @@ impl<'a> Loader<'a> {
     /// The token embedding table `[vocab, dim]` stored at the absolute `name`: in place in the
     /// file's memory map where the layout allows (see [`Loader::map_weights`]), else loaded.
     pub fn embedding(&self, name: &str, vocab: usize, dim: usize) -> Result<Embedding> {
-        if self.map_weights && self.device.is_cpu() && self.dtype == DType::F32 {
-            if let Some(m) = self.store.get_mapped(name, &[vocab, dim]) {
-                return Ok(Embedding::Mapped(MappedRows::new(m, dim)));
-            }
+        match self.mapped(name, vocab, dim) {
+            Some(m) => Ok(Embedding::Mapped(m)),
+            None => Ok(Embedding::Tensor(self.abs(name, &[vocab, dim])?)),
         }
-        Ok(Embedding::Tensor(self.abs(name, &[vocab, dim])?))
+    }
+
+    /// `[rows, cols]` at `name` in place in the file's memory map, where that is allowed here
+    /// (CPU, f32 compute, [`Loader::map_weights`]) and the stored layout is the one used.
+    fn mapped(&self, name: &str, rows: usize, cols: usize) -> Option<MappedRows> {
+        (self.map_weights && self.device.is_cpu() && self.dtype == DType::F32)
+            .then(|| self.store.get_mapped(name, &[rows, cols]))
+            .flatten()
+            .map(|m| MappedRows::new(m, cols))
     }
 
     /// The stored quantized form of a matrix, when the checkpoint has one and we keep it.

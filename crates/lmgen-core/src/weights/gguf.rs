@@ -251,6 +251,18 @@ fn insert(
 }
 
 impl GgufFile {
+    /// Where `m`'s data lies in the file (one expert's, of a stacked tensor).
+    fn byte_range(
+        &self,
+        m: &Mapped,
+        info: &candle_core::quantized::gguf_file::TensorInfo,
+    ) -> std::ops::Range<usize> {
+        let len = m.ggml.type_size() * m.shape.iter().product::<usize>() / m.ggml.block_size();
+        let start =
+            (self.content.tensor_data_offset + info.offset) as usize + m.expert.unwrap_or(0) * len;
+        start..start + len
+    }
+
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
@@ -654,11 +666,8 @@ impl TensorSource for GgufFile {
         if m.ggml != GgmlDType::F32 || m.fix != Fix::Keep {
             return None;
         }
-        let info = self.content.tensor_infos.get(&m.gguf)?;
-        let numel: usize = m.shape.iter().product();
-        let start = (self.content.tensor_data_offset + info.offset) as usize
-            + m.expert.unwrap_or(0) * numel * 4;
-        super::MappedF32::new(&self.mmap, start, numel)
+        let r = self.byte_range(m, self.content.tensor_infos.get(&m.gguf)?);
+        super::MappedF32::new(&self.mmap, r.start, r.len() / 4)
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -691,18 +700,12 @@ impl TensorSource for GgufFile {
                     GgmlDType::F16 => DType::F16,
                     _ => DType::BF16,
                 };
-                let numel: usize = m.shape.iter().product();
-                let start = (self.content.tensor_data_offset + info.offset) as usize
-                    + m.expert.unwrap_or(0) * numel * dt.size_in_bytes();
-                let bytes = self
-                    .mmap
-                    .get(start..start + numel * dt.size_in_bytes())
-                    .ok_or_else(|| {
-                        Error::bad_weights(
-                            &self.path,
-                            format!("tensor '{}' lies outside the file", m.gguf),
-                        )
-                    })?;
+                let bytes = self.mmap.get(self.byte_range(m, info)).ok_or_else(|| {
+                    Error::bad_weights(
+                        &self.path,
+                        format!("tensor '{}' lies outside the file", m.gguf),
+                    )
+                })?;
                 let mut stored = m.shape.clone();
                 if m.fix == Fix::Transposed {
                     stored.reverse();
@@ -752,10 +755,8 @@ impl TensorSource for GgufFile {
         };
         let t = t.to_device(device).map_err(wrap)?;
         // As for safetensors: the copy is made, drop the file pages read for it.
-        let len = m.ggml.type_size() * m.shape.iter().product::<usize>() / m.ggml.block_size();
-        let start =
-            (self.content.tensor_data_offset + info.offset) as usize + m.expert.unwrap_or(0) * len;
-        super::st::release_pages(&self.mmap, start, start + len);
+        let r = self.byte_range(m, info);
+        super::st::release_pages(&self.mmap, r.start, r.end);
         Ok(t)
     }
 
@@ -786,9 +787,8 @@ impl TensorSource for GgufFile {
             )
         })?;
         let rb = kind.row_bytes(cols);
-        let start = (self.content.tensor_data_offset + info.offset) as usize
-            + m.expert.unwrap_or(0) * rows * rb;
-        let bytes = self.mmap.get(start..start + rows * rb).ok_or_else(|| {
+        let range = self.byte_range(m, info);
+        let bytes = self.mmap.get(range.clone()).ok_or_else(|| {
             Error::bad_weights(
                 &self.path,
                 format!("tensor '{}' lies outside the file", m.gguf),
@@ -807,7 +807,7 @@ impl TensorSource for GgufFile {
         let q = QMatrix::from_ggml_bytes(kind, rows, cols, &data)
             .map_err(|e| Error::bad_weights(&self.path, format!("tensor '{}': {e}", m.gguf)))?;
         drop(data);
-        super::st::release_pages(&self.mmap, start, start + rows * rb);
+        super::st::release_pages(&self.mmap, range.start, range.end);
         Ok(Some(q))
     }
 }
