@@ -61,7 +61,7 @@ fn default_isa() -> Isa {
 fn best_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let avx2 = super::simd::has_avx2_fma();
         if avx2 && is_x86_feature_detected!("avx512f") {
             return Isa::Avx512;
         }

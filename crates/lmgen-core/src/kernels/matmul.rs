@@ -423,7 +423,7 @@ fn isa() -> Isa {
 fn default_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if super::simd::has_avx2_fma() {
             return Isa::Avx2;
         }
     }

@@ -7,3 +7,4 @@ pub mod ops;
 pub mod paged_attn;
 pub mod pool;
 pub mod quant;
+pub(crate) mod simd;

@@ -117,7 +117,7 @@ pub fn activate(a: Activation, x: &mut [f32]) {
 /// Gated MLP: rows of `gu` are `[gate (inter); up (inter)]`; `out[r] = act(gate) * up`.
 pub fn gate(a: Activation, gu: &[f32], out: &mut [f32], inter: usize) {
     #[cfg(target_arch = "x86_64")]
-    let simd_silu = a == Activation::Silu && avx2();
+    let simd_silu = a == Activation::Silu && super::simd::has_avx2_fma();
     let row = |(g, o): (&[f32], &mut [f32])| {
         let (gate, up) = g.split_at(inter);
         #[cfg(target_arch = "x86_64")]
@@ -149,14 +149,7 @@ pub fn gate(a: Activation, gu: &[f32], out: &mut [f32], inter: usize) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    use std::sync::OnceLock;
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-}
-
-/// `o = silu(g) · u` = `g / (1 + exp(-g)) · u`, 8 lanes at a time with the attention kernel's
+/// `o = silu(g) · u` = `g / (1 + exp(-g)) · u`, 8 lanes at a time with the shared vector
 /// exp (~2 ulp; libm's scalar `expf` was 6 % of a prefill step); the tail as [`act`].
 ///
 /// # Safety
@@ -171,7 +164,7 @@ unsafe fn silu_gate_avx2(g: &[f32], u: &[f32], o: &mut [f32]) {
     let mut i = 0;
     while i + 8 <= n {
         let gv = _mm256_loadu_ps(g.as_ptr().add(i));
-        let e = super::attention::avx2::exp(_mm256_sub_ps(zero, gv));
+        let e = super::simd::exp8(_mm256_sub_ps(zero, gv));
         let s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
         _mm256_storeu_ps(
             o.as_mut_ptr().add(i),
