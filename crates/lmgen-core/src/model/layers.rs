@@ -244,77 +244,24 @@ impl Linear {
         let (m, k) = x.dims2()?;
         let n = self.out_dim();
         match &self.weight {
-            Weight::Quant(q) => {
-                let x = x.to_dtype(DType::F32)?.contiguous()?;
-                // Always the integer kernel (activations quantized per 32-value block, as
-                // llama.cpp): one numeric path whatever the number of rows, so a sequence's
-                // results do not depend on what shares its step.
-                let y = F32View::of(&x)
-                    .map(|xv| q.matmul(xv.slice(), m))
-                    .ok_or_else(|| {
-                        candle_core::Error::Msg("quantized linear needs CPU input".into())
-                    })?;
-                let y = Tensor::from_vec(y, (m, n), x.device())?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
-            Weight::Mapped(w) => {
-                let x = x.to_dtype(DType::F32)?.contiguous()?;
-                let bias = self.bias.as_ref().and_then(F32View::of);
-                let mut y = vec![0f32; m * n];
-                let xv = F32View::of(&x).ok_or_else(|| {
-                    candle_core::Error::Msg("a weight used in place needs CPU input".into())
-                })?;
-                w.with_parts(|p| {
-                    kernels::matmul_parts_into(
-                        xv.slice(),
-                        m,
-                        k,
-                        p,
-                        bias.as_ref().map(|b| b.slice()),
-                        &mut y,
-                    )
-                });
-                let y = Tensor::from_vec(y, (m, n), x.device())?;
-                match (&self.bias, &bias) {
-                    (Some(b), None) => y.broadcast_add(b),
-                    _ => Ok(y),
-                }
-            }
+            // Always the integer kernel (activations quantized per 32-value block, as
+            // llama.cpp): one numeric path whatever the number of rows, so a sequence's
+            // results do not depend on what shares its step.
+            Weight::Quant(q) => self.on_cpu(x, n, "a quantized linear", |x, b, y| {
+                q.matmul_into(x, m, b, y)
+            }),
+            Weight::Mapped(w) => self.on_cpu(x, n, "a weight used in place", |x, b, y| {
+                w.with_parts(|p| kernels::matmul_parts_into(x, m, k, p, b, y))
+            }),
             Weight::Dense(w) => {
                 if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
                     // The streaming kernel (decode) or the register-tiled GEMM in its order
                     // (see kernels/matmul.rs): a row's result does not depend on the others.
-                    let x = x.contiguous()?;
-                    // Borrow the data in place: no copy of weights or bias per step.
-                    let y = {
-                        let bias = self.bias.as_ref().map(F32View::of);
-                        let bias = match &bias {
-                            None => Some(None),
-                            Some(Some(b)) => Some(Some(b)),
-                            Some(None) => None,
-                        };
-                        match (F32View::of(&x), F32View::of(w), bias) {
-                            (Some(xv), Some(wv), Some(bv)) => {
-                                let mut y = vec![0f32; m * n];
-                                kernels::matmul_wt_into(
-                                    xv.slice(),
-                                    m,
-                                    k,
-                                    wv.slice(),
-                                    n,
-                                    bv.map(|b| b.slice()),
-                                    &mut y,
-                                );
-                                Some(y)
-                            }
-                            _ => None,
-                        }
-                    };
-                    if let Some(y) = y {
-                        return Tensor::from_vec(y, (m, n), x.device());
+                    // The weight is borrowed in place: no copy per step.
+                    if let Some(wv) = F32View::of(w) {
+                        return self.on_cpu(x, n, "a linear", |x, b, y| {
+                            kernels::matmul_wt_into(x, m, k, wv.slice(), n, b, y)
+                        });
                     }
                 }
                 let y = x.matmul(&w.t()?)?;
@@ -323,6 +270,29 @@ impl Linear {
                     None => Ok(y),
                 }
             }
+        }
+    }
+
+    /// `[m, n]` from `product(x, bias, y)` on the f32 data of `x` (CPU), with the bias passed
+    /// in where it is f32 on the CPU, else added after.
+    fn on_cpu(
+        &self,
+        x: &Tensor,
+        n: usize,
+        what: &str,
+        product: impl FnOnce(&[f32], Option<&[f32]>, &mut [f32]),
+    ) -> Result<Tensor> {
+        let m = x.dims2()?.0;
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let xv = F32View::of(&x)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{what} needs CPU input")))?;
+        let bias = self.bias.as_ref().and_then(F32View::of);
+        let mut y = vec![0f32; m * n];
+        product(xv.slice(), bias.as_ref().map(|b| b.slice()), &mut y);
+        let y = Tensor::from_vec(y, (m, n), x.device())?;
+        match (&self.bias, &bias) {
+            (Some(b), None) => y.broadcast_add(b),
+            _ => Ok(y),
         }
     }
 }
