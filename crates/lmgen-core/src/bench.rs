@@ -422,7 +422,7 @@ fn weight_formats(d: &Decoder) -> String {
         let name = match &l.weight {
             Weight::Dense(t) => format!("{:?}", t.dtype()).to_lowercase(),
             Weight::Quant(q) => q.kind().name().to_string(),
-            Weight::Mapped(_) => "f32".to_string(),
+            Weight::Mapped(m) => m.dtype_name(),
         };
         if !names.contains(&name) {
             names.push(name);

@@ -446,10 +446,11 @@ fn gguf_q8_0_reordered_rows_match_dequantized() {
     }
 }
 
-/// f32 weights used in place from the file's memory map (fused parts kept as separate
-/// tensors) give the bits of copied weights: prompt logprobs and greedy continuations, batched,
-/// on both executors (scoring, generation). Matrices whose stored layout differs (GPT-2's
-/// transposed Conv1D, the per-head interleaved fused QKV of NeoX and BLOOM) are copied.
+/// Weights used in place from the file's memory map in their stored dtype (f32, bf16, f16;
+/// fused parts kept as separate tensors) give the bits of copies widened to f32 at load: prompt
+/// logprobs and greedy continuations, batched, on both executors (scoring, generation).
+/// Matrices whose stored layout differs (GPT-2's transposed Conv1D, the per-head interleaved
+/// fused QKV of NeoX and BLOOM) are copied.
 #[test]
 fn weights_in_place_give_the_bits_of_copies() {
     use lmgen_core::model::layers::{Embedding, Linear, Weight};
@@ -473,6 +474,14 @@ fn weights_in_place_give_the_bits_of_copies() {
         ("olmo2", gguf("olmo2.f32.gguf"), [true, true, true, true]),
         ("gemma2", gguf("gemma2.f32.gguf"), [true, true, true, true]),
         ("bloom", gguf("bloom.f32.gguf"), [false, true, true, true]),
+        // bf16 / f16 checkpoints: safetensors and GGUF, dense and mixture-of-experts.
+        ("qwen2", dir("qwen2"), [true, true, true, true]),
+        ("qwen3", dir("qwen3"), [true, true, true, true]),
+        ("mixtral", dir("mixtral"), [true, true, false, false]),
+        ("gemma", dir("gemma"), [true, true, true, true]),
+        ("phi3", gguf("phi3.bf16.gguf"), [true, true, true, true]),
+        ("qwen3", gguf("qwen3.f16.gguf"), [true, true, true, true]),
+        ("stablelm", gguf("stablelm.bf16.gguf"), [true, true, true, true]),
     ];
     for (name, loc, expect) in cases {
         let load_as = |map_weights| {
@@ -483,13 +492,27 @@ fn weights_in_place_give_the_bits_of_copies() {
             load(&loc, &opts).unwrap_or_else(|e| panic!("{name}: {e}"))
         };
         let (mapped, copied) = (load_as(true), load_as(false));
-        let in_place = |l: &Linear| matches!(l.weight, Weight::Mapped(_));
+        let in_place = |l: &Linear| matches!(&l.weight, Weight::Mapped(m) if m.in_file());
+        // Copies keep a bf16 / f16 matrix in its dtype (a map of their own); f32 ones are
+        // tensors.
+        let copy_kept_as_stored = |m: &Linear, c: &Linear| match (&m.weight, &c.weight) {
+            (Weight::Mapped(m), Weight::Mapped(c)) => {
+                m.dtype_name() != "f32" && !c.in_file() && c.dtype_name() == m.dtype_name()
+            }
+            (Weight::Mapped(m), Weight::Dense(_)) => m.dtype_name() == "f32",
+            (_, c) => !matches!(c, Weight::Mapped(_)),
+        };
         // The embedding table is stored as it is used by every format here.
-        assert!(
-            matches!(mapped.decoder.weights.embed, Embedding::Mapped(_))
-                && matches!(copied.decoder.weights.embed, Embedding::Tensor(_)),
-            "{name}: embedding table in place"
-        );
+        match (&mapped.decoder.weights.embed, &copied.decoder.weights.embed) {
+            (Embedding::Mapped(m), Embedding::Tensor(_)) => {
+                assert!(m.in_file() && m.dtype_name() == "f32", "{name}")
+            }
+            (Embedding::Mapped(m), Embedding::Mapped(c)) => assert!(
+                m.in_file() && !c.in_file() && m.dtype_name() != "f32",
+                "{name}: half-precision table copied as stored"
+            ),
+            _ => panic!("{name}: embedding table in place"),
+        }
         for (bm, bc) in mapped
             .decoder
             .weights
@@ -498,10 +521,20 @@ fn weights_in_place_give_the_bits_of_copies() {
             .zip(&copied.decoder.weights.blocks)
         {
             let got = [&bm.qkv, &bm.out, &bm.mlp_in, &bm.mlp_out].map(in_place);
-            assert_eq!(got, expect, "{name}: matrices in place");
-            assert!(![&bc.qkv, &bc.out, &bc.mlp_in, &bc.mlp_out]
-                .iter()
-                .any(|l| in_place(l)));
+            assert_eq!(got, expect, "{name} ({loc:?}): matrices in place");
+            // Mixture-of-experts: every expert's matrices are in place too.
+            if let Some(moe) = &bm.moe {
+                assert!(moe
+                    .experts
+                    .iter()
+                    .all(|(a, b)| in_place(a) && in_place(b)));
+            }
+            for (m, c) in [&bm.qkv, &bm.out, &bm.mlp_in, &bm.mlp_out]
+                .into_iter()
+                .zip([&bc.qkv, &bc.out, &bc.mlp_in, &bc.mlp_out])
+            {
+                assert!(!in_place(c) && copy_kept_as_stored(m, c), "{name}: copies");
+            }
         }
         let prompts: Vec<Vec<u32>> = golden(name)["prompts"]
             .as_array()

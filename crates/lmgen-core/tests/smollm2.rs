@@ -196,7 +196,7 @@ fn smollm2_gguf_runs_quantized_close_to_dequantized() {
         .map(|l| match &l.weight {
             Weight::Quant(q) => q.kind().name().to_string(),
             Weight::Dense(_) => "f32".to_string(),
-            Weight::Mapped(_) => "f32 in place".to_string(),
+            Weight::Mapped(m) => format!("{} in place", m.dtype_name()),
         })
         .collect();
         let ids = m.tokenizer.encode(text).unwrap();

@@ -337,13 +337,29 @@ impl<'a> Loader<'a> {
         }
     }
 
-    /// `[rows, cols]` at `name` in place in the file's memory map, where that is allowed here
-    /// (CPU, f32 compute, [`Loader::map_weights`]) and the stored layout is the one used.
+    /// `[rows, cols]` at `name` kept in its stored layout and dtype, where that is allowed here
+    /// (CPU, f32 compute) and the stored layout is the one used: in place in the file's memory
+    /// map with [`Loader::map_weights`]; otherwise bf16 / f16 matrices are copied as they are
+    /// (half the memory of widening them, and the same results: the kernels widen as they
+    /// read) and f32 ones are left to [`Self::abs`]'s copy.
     fn mapped(&self, name: &str, rows: usize, cols: usize) -> Option<MappedRows> {
-        (self.map_weights && self.device.is_cpu() && self.dtype == DType::F32)
-            .then(|| self.store.get_mapped(name, &[rows, cols]))
-            .flatten()
-            .map(|m| MappedRows::new(m, cols))
+        if !self.device.is_cpu() || self.dtype != DType::F32 {
+            return None;
+        }
+        let half = matches!(
+            self.store.stored_dtype(name),
+            Some(DType::BF16 | DType::F16)
+        );
+        if !self.map_weights && !half {
+            return None;
+        }
+        let m = self.store.get_mapped(name, &[rows, cols])?;
+        let m = if self.map_weights {
+            m
+        } else {
+            m.copied().ok()?
+        };
+        Some(MappedRows::new(m, cols))
     }
 
     /// The stored quantized form of a matrix, when the checkpoint has one and we keep it.
@@ -354,8 +370,9 @@ impl<'a> Loader<'a> {
         self.store.get_quantized(name, shape)
     }
 
-    /// Use f32 matrices in place from the checkpoint's memory map where their layout allows
-    /// (CPU, f32 compute); `false` copies them into memory of their own.
+    /// Use matrices (f32, bf16, f16) in place from the checkpoint's memory map where their
+    /// layout allows (CPU, f32 compute); `false` copies them into memory of their own (bf16 /
+    /// f16 ones kept in their dtype).
     pub fn map_weights(mut self, map: bool) -> Self {
         self.map_weights = map;
         self

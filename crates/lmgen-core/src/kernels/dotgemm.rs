@@ -19,6 +19,7 @@
 //! `examples/gemm_micro.rs` compares it with the `gemm` crate.
 use super::matmul::{OutPtr, WRows};
 use super::pool;
+use super::wide::with_scratch;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Instruction set of the kernel.
@@ -121,7 +122,7 @@ fn dot_gemm_isa(
     let col_tiles = n.div_ceil(nr);
     let tasks = (4 * pool::threads()).min(col_tiles).max(1);
     let y = OutPtr::new(out);
-    pool::for_each(tasks, |t| {
+    pool::for_each(tasks, |t| with_scratch(w.scratch_for(nr), |buf| {
         let c0 = (col_tiles * t / tasks) * nr;
         let c1 = ((col_tiles * (t + 1) / tasks) * nr).min(n);
         let mut i0 = 0;
@@ -129,9 +130,11 @@ fn dot_gemm_isa(
             let i1 = (i0 + mb).min(m);
             let mut j = c0;
             while j < c1 {
-                // A tile never spans two parts of `w`.
+                // A tile never spans two parts of `w`; bf16 / f16 rows are widened once per
+                // block of input rows into this thread's buffer, which stays in L1.
                 let (run, left) = w.run(j);
                 let nt = (c1 - j).min(nr).min(left);
+                let run = run.range(0, nt * k).f32_in(buf);
                 let mut i = i0;
                 while i < i1 {
                     let mt = (i1 - i).min(mr);
@@ -157,7 +160,7 @@ fn dot_gemm_isa(
             }
             i0 = i1;
         }
-    });
+    }));
     true
 }
 
@@ -353,6 +356,7 @@ mod tests {
     use super::*;
     use crate::kernels::matmul::matmul_wt_small;
     use crate::kernels::matmul::tests::rand_vec;
+    use crate::kernels::wide::WSlice;
 
     /// Every ISA the CPU has gives, for each row, the bits of the streaming kernel on that
     /// row alone: k with and without 16-, 8- and 1-wide remainders, tiles cut at every edge.
@@ -388,8 +392,12 @@ mod tests {
             }
             // Whole, and in three parts cut inside tiles (a fused weight used in place).
             let (a, b) = (1.min(n) * k, (n / 2 + 1).min(n) * k);
-            let whole = [&w[..]];
-            let cut = [&w[..a], &w[a..b], &w[b..]];
+            let whole = [WSlice::F32(&w)];
+            let cut = [
+                WSlice::F32(&w[..a]),
+                WSlice::F32(&w[a..b]),
+                WSlice::F32(&w[b..]),
+            ];
             for &isa in &isas {
                 for parts in [&whole[..], &cut[..]] {
                     let mut out = vec![f32::NAN; m * n];
@@ -423,8 +431,9 @@ mod tests {
             return;
         }
         let mut out = vec![1f32; 6];
-        assert!(dot_gemm(&[], 2, 0, WRows::one(&[&[]], 0), 3, &mut out));
+        assert!(dot_gemm(&[], 2, 0, WRows::one(&[WSlice::F32(&[])], 0), 3, &mut out));
         assert_eq!(out, vec![0.0; 6]);
-        assert!(dot_gemm(&[], 0, 4, WRows::one(&[&[0.0; 8]], 4), 2, &mut []));
+        let w = [0f32; 8];
+        assert!(dot_gemm(&[], 0, 4, WRows::one(&[WSlice::F32(&w)], 4), 2, &mut []));
     }
 }

@@ -10,6 +10,7 @@
 //! the streaming kernel's order, so the result of a row never depends on `m`; where it has no
 //! vector kernel, to the `gemm` crate (the GEMM behind candle's CPU matmul).
 use super::pool;
+use super::wide::{with_scratch, WSlice};
 
 /// Largest `m` routed to the streaming kernel; beyond it a blocked GEMM wins.
 pub const SMALL_M: usize = 16;
@@ -31,17 +32,18 @@ pub fn matmul_wt_into(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    product(x, m, k, WRows::one(&[w], k), n, bias, out, false)
+    product(x, m, k, WRows::one(&[WSlice::F32(w)], k), n, bias, out, false)
 }
 
 /// As [`matmul_wt_into`] with the weight's rows given as consecutive parts (`parts[0]`'s rows
-/// first): a fused QKV or gate/up projection whose parts stay where the checkpoint's memory
-/// map has them. Bit-identical to [`matmul_wt_into`] on the concatenated matrix.
+/// first), each f32, bf16 or f16: a fused QKV or gate/up projection whose parts stay where the
+/// checkpoint's memory map has them, in the checkpoint's dtype. Bit-identical to
+/// [`matmul_wt_into`] on the concatenated matrix widened to f32.
 pub fn matmul_parts_into(
     x: &[f32],
     m: usize,
     k: usize,
-    parts: &[&[f32]],
+    parts: &[WSlice],
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
@@ -59,14 +61,14 @@ pub fn parts_are_exact() -> bool {
 /// The rows of a weight matrix `[n, k]`: one slice, or consecutive parts of whole rows.
 #[derive(Clone, Copy)]
 pub(crate) struct WRows<'a> {
-    parts: &'a [&'a [f32]],
+    parts: &'a [WSlice<'a>],
     k: usize,
     /// Total rows.
     pub(crate) n: usize,
 }
 
 impl<'a> WRows<'a> {
-    pub(crate) fn one(parts: &'a [&'a [f32]], k: usize) -> Self {
+    pub(crate) fn one(parts: &'a [WSlice<'a>], k: usize) -> Self {
         let n = if k == 0 {
             0
         } else {
@@ -83,15 +85,25 @@ impl<'a> WRows<'a> {
     /// Rows `j..` of the part that holds row `j`: its values, and how many rows are left in
     /// that part.
     #[inline]
-    pub(crate) fn run(&self, mut j: usize) -> (&'a [f32], usize) {
+    pub(crate) fn run(&self, mut j: usize) -> (WSlice<'a>, usize) {
         for p in self.parts {
             let rows = p.len() / self.k;
             if j < rows {
-                return (&p[j * self.k..], rows - j);
+                return (p.from(j * self.k), rows - j);
             }
             j -= rows;
         }
-        (&[], 0)
+        (WSlice::F32(&[]), 0)
+    }
+
+    /// Values of widening buffer a task needs for `rows` rows at a time (none where every
+    /// part is f32 and is read in place).
+    pub(crate) fn scratch_for(&self, rows: usize) -> usize {
+        if self.parts.iter().all(|p| p.as_f32().is_some()) {
+            0
+        } else {
+            rows * self.k
+        }
     }
 }
 
@@ -107,7 +119,7 @@ pub fn matmul_wt_gemm_crate(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    product(x, m, k, WRows::one(&[w], k), n, bias, out, true)
+    product(x, m, k, WRows::one(&[WSlice::F32(w)], k), n, bias, out, true)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -145,7 +157,7 @@ pub fn matmul_wt_small(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
-    let one = [w];
+    let one = [WSlice::F32(w)];
     let w = WRows::one(&one, k);
     check_dims(x, m, k, w, n, bias, &y);
     stream_into(x, m, k, w, n, bias, &mut y);
@@ -262,15 +274,27 @@ fn stream_into(
     let threads = pool::threads();
     let block = (n / (threads * 8)).clamp(16, 1024).min(n);
     let y = OutPtr::new(out);
-    let work = |bi: usize| {
+    // bf16 / f16 rows are widened in registers by the AVX2 tile; elsewhere into this
+    // thread's buffer first (exact either way), then read as f32.
+    let fused = |w: &WSlice| match w {
+        WSlice::F32(_) => true,
+        WSlice::Bf16(_) => isa() == Isa::Avx2,
+        WSlice::F16(_) => isa() == Isa::Avx2 && super::wide::has_f16c(),
+    };
+    let work = |bi: usize| with_scratch(w.scratch_for(1), |buf| {
         let mut o = [0f32; 4];
-        let (mut run, mut left) = (&[][..], 0);
+        let (mut run, mut left) = (WSlice::F32(&[]), 0);
         for j in bi * block..((bi + 1) * block).min(n) {
             if left == 0 {
                 (run, left) = w.run(j);
             }
-            let wr = &run[..k];
-            (run, left) = (&run[k..], left - 1);
+            let wr = run.range(0, k);
+            let wr = if fused(&wr) {
+                wr
+            } else {
+                WSlice::F32(wr.f32_in(buf))
+            };
+            (run, left) = (run.from(k), left - 1);
             let b = bias.map_or(0.0, |b| b[j]);
             let mut i = 0;
             while i < m {
@@ -284,7 +308,7 @@ fn stream_into(
                 i += mt;
             }
         }
-    };
+    });
     let blocks = n.div_ceil(block);
     // Handing small matrices to the pool costs more than it saves (measured for the
     // quantized kernels: 8 µs pooled vs 3 µs inline for a 192x576 matrix).
@@ -312,10 +336,12 @@ fn gemm_into(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut [f32])
     pool::for_each(blocks, |t| {
         let (mut j, j1) = (n * t / blocks, n * (t + 1) / blocks);
         // One call per part of `w` inside this task's columns (a single call for a single
-        // matrix).
+        // matrix); bf16 / f16 rows widened first.
         while j < j1 {
             let (run, left) = w.run(j);
             let nb = left.min(j1 - j);
+            with_scratch(w.scratch_for(nb), |buf| {
+            let run = run.range(0, nb * k).f32_in(buf);
             // SAFETY: dims checked by the caller: `x` is [m, k] (row stride k), `run` holds
             // at least nb rows of k (row j of w first), read as the [k, nb] matrix wᵀ (row
             // stride 1, column stride k); columns j..j + nb of `out` ([m, n], row stride n)
@@ -344,6 +370,7 @@ fn gemm_into(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut [f32])
                     gemm::Parallelism::None,
                 )
             }
+            });
             j += nb;
         }
     });
@@ -351,29 +378,36 @@ fn gemm_into(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut [f32])
 
 /// `out[t] = x[t, :] · w` for `mt <= 4` rows of `x`. A row's sum is taken in the same order
 /// whatever `mt` is, so a sequence's numbers do not depend on the rows batched with it.
+/// `w` is f32, or bf16 / f16 where the AVX2 kernel widens it in registers (else the caller
+/// widens it first).
 #[inline]
-fn dot_tile(x: &[f32], mt: usize, k: usize, w: &[f32], out: &mut [f32]) {
+fn dot_tile(x: &[f32], mt: usize, k: usize, w: WSlice, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! by_rows {
-            ($m:ident) => {
+            ($m:ident :: $f:ident, $w:expr) => {
                 match mt {
-                    1 => $m::tile::<1>(x, k, w, out),
-                    2 => $m::tile::<2>(x, k, w, out),
-                    3 => $m::tile::<3>(x, k, w, out),
-                    _ => $m::tile::<4>(x, k, w, out),
+                    1 => $m::$f::<1>(x, k, $w, out),
+                    2 => $m::$f::<2>(x, k, $w, out),
+                    3 => $m::$f::<3>(x, k, $w, out),
+                    _ => $m::$f::<4>(x, k, $w, out),
                 }
             };
         }
-        match isa() {
+        match (isa(), w) {
             // SAFETY: the CPU supports AVX-512F (checked by `isa`); slices have the lengths
             // asserted by the caller.
-            Isa::Avx512 => return unsafe { by_rows!(avx512) },
+            (Isa::Avx512, WSlice::F32(w)) => return unsafe { by_rows!(avx512::tile, w) },
             // SAFETY: the CPU supports AVX2 and FMA (checked by `isa`); as above.
-            Isa::Avx2 => return unsafe { by_rows!(avx) },
-            Isa::Scalar => {}
+            (Isa::Avx2, WSlice::F32(w)) => return unsafe { by_rows!(avx::tile, w) },
+            // SAFETY: as above (bf16 widening needs AVX2 only).
+            (Isa::Avx2, WSlice::Bf16(w)) => return unsafe { by_rows!(avx::tile_bf16, w) },
+            // SAFETY: as above, and the caller checked F16C.
+            (Isa::Avx2, WSlice::F16(w)) => return unsafe { by_rows!(avx::tile_f16, w) },
+            _ => {}
         }
     }
+    let w = w.as_f32().expect("half-precision rows widened by the caller");
     for t in 0..mt {
         let xr = &x[t * k..(t + 1) * k];
         let mut acc = [0f32; 8];
@@ -516,56 +550,103 @@ mod avx512 {
 mod avx {
     use std::arch::x86_64::*;
 
-    /// Software prefetch distance along the weight stream, in floats (4 KiB).
-    const PREFETCH_FLOATS: usize = 1024;
+    /// Software prefetch distance along the weight stream, in bytes.
+    const PREFETCH_BYTES: usize = 4096;
 
-    /// `M` rows of `x` against one weight row; 4 accumulators per row when `M == 1` so the
-    /// FMA latency chain does not limit the streaming rate.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile<const M: usize>(x: &[f32], k: usize, w: &[f32], out: &mut [f32]) {
-        const U: usize = 2;
-        let mut acc = [[_mm256_setzero_ps(); U]; M];
-        let wp = w.as_ptr();
-        let xp = x.as_ptr();
-        let mut i = 0;
-        while i + 8 * U <= k {
-            // One line 4 KiB ahead: the stream crosses page boundaries, where the hardware
-            // prefetcher stops (measured +10-15% decode tokens/s on SmolLM2-135M f32).
-            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + PREFETCH_FLOATS) as *const i8);
-            for u in 0..U {
-                let wv = _mm256_loadu_ps(wp.add(i + 8 * u));
+    /// The streaming tile for one weight element type: `$load` reads 8 weights at a pointer
+    /// as an f32 vector (widening in registers, exact), `$one` one weight as f32. The sums are
+    /// formed in the same order whatever the type, so a bf16 / f16 weight gives the bits of
+    /// the same weight widened to f32.
+    macro_rules! stream_tile {
+        ($(#[$doc:meta])* $name:ident, $elem:ty, $features:literal,
+         |$p:ident| $load:expr, |$h:ident| $one:expr) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const M: usize>(
+                x: &[f32],
+                k: usize,
+                w: &[$elem],
+                out: &mut [f32],
+            ) {
+                const U: usize = 2;
+                // Expanded in place (no call): the conversion runs with this function's
+                // target features.
+                macro_rules! load {
+                    ($at:expr) => {{
+                        let $p: *const $elem = $at;
+                        $load
+                    }};
+                }
+                let ahead = PREFETCH_BYTES / std::mem::size_of::<$elem>();
+                let mut acc = [[_mm256_setzero_ps(); U]; M];
+                let wp = w.as_ptr();
+                let xp = x.as_ptr();
+                let mut i = 0;
+                while i + 8 * U <= k {
+                    // One line 4 KiB ahead: the stream crosses page boundaries, where the
+                    // hardware prefetcher stops (measured +10-15% decode tokens/s on
+                    // SmolLM2-135M f32, +40 % bf16).
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(i + ahead) as *const i8);
+                    for u in 0..U {
+                        let wv = load!(wp.add(i + 8 * u));
+                        for t in 0..M {
+                            let xv = _mm256_loadu_ps(xp.add(t * k + i + 8 * u));
+                            acc[t][u] = _mm256_fmadd_ps(xv, wv, acc[t][u]);
+                        }
+                    }
+                    i += 8 * U;
+                }
+                while i + 8 <= k {
+                    let wv = load!(wp.add(i));
+                    for t in 0..M {
+                        let xv = _mm256_loadu_ps(xp.add(t * k + i));
+                        acc[t][0] = _mm256_fmadd_ps(xv, wv, acc[t][0]);
+                    }
+                    i += 8;
+                }
                 for t in 0..M {
-                    let xv = _mm256_loadu_ps(xp.add(t * k + i + 8 * u));
-                    acc[t][u] = _mm256_fmadd_ps(xv, wv, acc[t][u]);
+                    let mut v = acc[t][0];
+                    for u in 1..U {
+                        v = _mm256_add_ps(v, acc[t][u]);
+                    }
+                    // horizontal sum
+                    let hi = _mm256_extractf128_ps(v, 1);
+                    let lo = _mm256_castps256_ps128(v);
+                    let s4 = _mm_add_ps(hi, lo);
+                    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+                    let mut s = _mm_cvtss_f32(s1);
+                    for j in i..k {
+                        let $h: $elem = *wp.add(j);
+                        s += *xp.add(t * k + j) * $one;
+                    }
+                    out[t] = s;
                 }
             }
-            i += 8 * U;
-        }
-        while i + 8 <= k {
-            let wv = _mm256_loadu_ps(wp.add(i));
-            for t in 0..M {
-                acc[t][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(t * k + i)), wv, acc[t][0]);
-            }
-            i += 8;
-        }
-        for t in 0..M {
-            let mut v = acc[t][0];
-            for u in 1..U {
-                v = _mm256_add_ps(v, acc[t][u]);
-            }
-            // horizontal sum
-            let hi = _mm256_extractf128_ps(v, 1);
-            let lo = _mm256_castps256_ps128(v);
-            let s4 = _mm_add_ps(hi, lo);
-            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-            let mut s = _mm_cvtss_f32(s1);
-            for j in i..k {
-                s += *xp.add(t * k + j) * *wp.add(j);
-            }
-            out[t] = s;
-        }
+        };
     }
+
+    stream_tile!(
+        /// `M` rows of `x` against one f32 weight row; two accumulators per row so the FMA
+        /// latency chain does not limit the streaming rate.
+        tile, f32, "avx2,fma",
+        |p| _mm256_loadu_ps(p),
+        |v| v
+    );
+    stream_tile!(
+        /// As [`tile`] on a bf16 weight row (bf16 → f32 is a 16-bit shift).
+        tile_bf16, u16, "avx2,fma",
+        |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p as *const __m128i)
+        ))),
+        |h| f32::from_bits((h as u32) << 16)
+    );
+    stream_tile!(
+        /// As [`tile`] on an f16 weight row (F16C conversion).
+        tile_f16, u16, "avx2,fma,f16c",
+        |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        |h| half::f16::from_bits(h).to_f32()
+    );
 }
 
 #[cfg(test)]
@@ -667,7 +748,11 @@ pub(crate) mod tests {
             let w = rand_vec(n * k, 2);
             let b = rand_vec(n, 3);
             let (a, c) = (n / 3 * k, (n / 3 + n / 2 + 1).min(n) * k);
-            let parts = [&w[..a], &w[a..c], &w[c..]];
+            let parts = [
+                WSlice::F32(&w[..a]),
+                WSlice::F32(&w[a..c]),
+                WSlice::F32(&w[c..]),
+            ];
             for bias in [None, Some(&b[..])] {
                 for gemm_crate in [false, true] {
                     let mut want = vec![f32::NAN; m * n];
@@ -675,7 +760,7 @@ pub(crate) mod tests {
                         &x,
                         m,
                         k,
-                        WRows::one(&[&w], k),
+                        WRows::one(&[WSlice::F32(&w)], k),
                         n,
                         bias,
                         &mut want,
@@ -692,6 +777,61 @@ pub(crate) mod tests {
                     } else {
                         for (g, e) in out.iter().zip(&want) {
                             assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "m={m} k={k} n={n}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// bf16 and f16 weights (parts of either, or mixed with f32) give the bits of the same
+    /// weights widened to f32, on every path: streaming (m <= 16), register-tiled, `gemm` crate.
+    #[test]
+    fn half_weights_equal_widened_bit_for_bit() {
+        for &(m, k, n) in &[
+            (1, 7, 5),
+            (3, 33, 17),
+            (4, 576, 300),
+            (17, 40, 9),
+            (64, 576, 100),
+            (20, 1549, 31),
+        ] {
+            let x = rand_vec(m * k, 11);
+            let w = rand_vec(n * k, 12);
+            let b = rand_vec(n, 13);
+            let bf: Vec<u16> = w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+            let hf: Vec<u16> = w.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+            let a = n / 2 * k;
+            let cases: [(&str, Vec<WSlice>); 4] = [
+                ("bf16", vec![WSlice::Bf16(&bf)]),
+                ("f16", vec![WSlice::F16(&hf)]),
+                ("bf16 parts", vec![WSlice::Bf16(&bf[..a]), WSlice::Bf16(&bf[a..])]),
+                ("f16 + f32", vec![WSlice::F16(&hf[..a]), WSlice::F32(&w[a..])]),
+            ];
+            for (what, parts) in cases {
+                let mut wide = vec![0f32; n * k];
+                let mut at = 0;
+                for p in &parts {
+                    p.widen_into(&mut wide[at..at + p.len()]);
+                    at += p.len();
+                }
+                for bias in [None, Some(&b[..])] {
+                    for gemm_crate in [false, true] {
+                        let whole = [WSlice::F32(&wide)];
+                        let (mut want, mut out) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                        let one = WRows::one(&whole, k);
+                        product(&x, m, k, one, n, bias, &mut want, gemm_crate);
+                        let rows = WRows::one(&parts, k);
+                        product(&x, m, k, rows, n, bias, &mut out, gemm_crate);
+                        // Parts through the `gemm` crate are blocked one by one: close only.
+                        let exact = parts.len() == 1
+                            || (!gemm_crate && (m <= SMALL_M || parts_are_exact()));
+                        if exact {
+                            assert_eq!(bits(&out), bits(&want), "{what} m={m} k={k} n={n}");
+                        } else {
+                            for (g, e) in out.iter().zip(&want) {
+                                assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{what}");
+                            }
                         }
                     }
                 }

@@ -8,3 +8,4 @@ pub mod paged_attn;
 pub mod pool;
 pub mod quant;
 pub(crate) mod simd;
+pub mod wide;

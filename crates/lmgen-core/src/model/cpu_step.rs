@@ -7,10 +7,11 @@
 //! (bias + activation + gate in one pass) → residual. Logits only for the rows that sample.
 //! Same numbers as the tensor path (`decoder.rs`), which remains for GPUs and half precision.
 use super::decoder::{route, Decoder, Moe, Want};
-use super::layers::{Embedding, Linear, Norm, Weight};
+use super::layers::{embedding_row, Embedding, Linear, Norm, Weight};
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual, RopeSpec};
 use crate::kernels::attention::{paged_attention, AttnParams, AttnSeq};
 use crate::kernels::ops;
+use crate::kernels::wide::WSlice;
 use crate::kv::{KvPool, BLOCK_SIZE};
 use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
 
@@ -350,7 +351,7 @@ impl Decoder {
         let on_ok = |n: &Option<Norm>| n.as_ref().is_none_or(n_ok);
         (match &w.embed {
             Embedding::Tensor(t) => t_ok(t),
-            Embedding::Mapped(_) => w.embed.f32_values().is_some(),
+            Embedding::Mapped(_) => w.embed.mapped_values().is_some(),
         }) && w.pos_embed.as_ref().is_none_or(t_ok)
             && w.embed_norm.as_ref().is_none_or(n_ok)
             && w.project_in.as_ref().is_none_or(l_ok)
@@ -414,9 +415,9 @@ impl Decoder {
             Embedding::Tensor(t) => Some(f32_of(t)?),
             Embedding::Mapped(_) => None,
         };
-        let table: &[f32] = match &emb_tensor {
-            Some(t) => t.s(),
-            None => w.embed.f32_values().unwrap_or_default(),
+        let table = match &emb_tensor {
+            Some(t) => WSlice::F32(t.s()),
+            None => w.embed.mapped_values().unwrap_or(WSlice::F32(&[])),
         };
         let e = table.len() / w.embed.rows().max(1);
         {
@@ -429,11 +430,7 @@ impl Decoder {
                 n * e,
             );
             for (row, &t) in buf.chunks_mut(e).zip(seqs.iter().flat_map(|s| s.tokens)) {
-                let t = t as usize;
-                let src = table.get(t * e..(t + 1) * e).ok_or_else(|| {
-                    candle_core::Error::Msg(format!("token id {t} outside the vocabulary"))
-                })?;
-                row.copy_from_slice(src);
+                embedding_row(table, t, e, row)?;
                 if let Some(sc) = spec.embed_scale {
                     row.iter_mut().for_each(|v| *v *= sc);
                 }

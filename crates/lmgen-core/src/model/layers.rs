@@ -2,7 +2,8 @@
 use crate::config::{Activation, NormKind};
 use crate::kernels::matmul as kernels;
 use crate::kernels::quant::{QMatrix, QuantKind};
-use crate::weights::MappedF32;
+use crate::kernels::wide::WSlice;
+use crate::weights::MappedTensor;
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, D};
 use std::sync::Arc;
 
@@ -12,20 +13,22 @@ pub enum Weight {
     Dense(Tensor),
     /// Weight-only quantized rows (CPU), ggml block layout.
     Quant(Arc<QMatrix>),
-    /// `[out, in]` f32 (CPU) read in place from the checkpoint's memory map.
+    /// `[out, in]` f32, bf16 or f16 (CPU, computed in f32) read in place from the
+    /// checkpoint's memory map.
     Mapped(MappedRows),
 }
 
-/// A dense f32 weight `[rows, cols]` used in place from checkpoint memory maps: one tensor, or
-/// the consecutive parts of a fused projection (QKV, gate/up) that the file stores separately.
+/// A dense weight `[rows, cols]` used in place from checkpoint memory maps in its stored dtype
+/// (f32, bf16, f16): one tensor, or the consecutive parts of a fused projection (QKV, gate/up)
+/// that the file stores separately.
 #[derive(Debug, Clone)]
 pub struct MappedRows {
-    parts: Vec<MappedF32>,
+    parts: Vec<MappedTensor>,
     cols: usize,
 }
 
 impl MappedRows {
-    pub fn new(part: MappedF32, cols: usize) -> Self {
+    pub fn new(part: MappedTensor, cols: usize) -> Self {
         Self {
             parts: vec![part],
             cols,
@@ -42,19 +45,43 @@ impl MappedRows {
     }
 
     pub fn rows(&self) -> usize {
-        self.parts.iter().map(|p| p.values().len()).sum::<usize>() / self.cols.max(1)
+        self.parts.iter().map(|p| p.len()).sum::<usize>() / self.cols.max(1)
     }
 
     pub fn cols(&self) -> usize {
         self.cols
     }
 
+    /// Whether every part lies in the checkpoint file's map (not a copy of its own).
+    pub fn in_file(&self) -> bool {
+        self.parts.iter().all(|p| p.in_file())
+    }
+
+    /// Bytes the rows take where they lie (what a product reads).
+    pub fn bytes(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.len() * p.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// The stored dtype ("f32", "bf16", "f16"; parts of different dtypes joined by "+").
+    pub fn dtype_name(&self) -> String {
+        let mut names: Vec<&str> = self
+            .parts
+            .iter()
+            .map(|p| p.dtype().as_str())
+            .collect();
+        names.dedup();
+        names.join("+")
+    }
+
     /// The parts' values, in row order, as the product kernels take them (no allocation for
     /// up to four parts).
-    pub fn with_parts<R>(&self, f: impl FnOnce(&[&[f32]]) -> R) -> R {
+    pub fn with_parts<R>(&self, f: impl FnOnce(&[WSlice]) -> R) -> R {
         const INLINE: usize = 4;
         if self.parts.len() <= INLINE {
-            let mut a: [&[f32]; INLINE] = [&[]; INLINE];
+            let mut a: [WSlice; INLINE] = [WSlice::F32(&[]); INLINE];
             for (d, p) in a.iter_mut().zip(&self.parts) {
                 *d = p.values();
             }
@@ -65,25 +92,28 @@ impl MappedRows {
     }
 
     /// The values, where they are one part (a single tensor of the file).
-    pub fn single(&self) -> Option<&[f32]> {
+    pub fn single(&self) -> Option<WSlice<'_>> {
         match &self.parts[..] {
             [p] => Some(p.values()),
             _ => None,
         }
     }
 
-    /// A copy of all rows.
+    /// A copy of all rows as f32.
     pub fn to_vec(&self) -> Vec<f32> {
-        self.parts
-            .iter()
-            .flat_map(|p| p.values())
-            .copied()
-            .collect()
+        let mut v = vec![0f32; self.rows() * self.cols];
+        let mut at = 0;
+        for p in &self.parts {
+            p.values().widen_into(&mut v[at..at + p.len()]);
+            at += p.len();
+        }
+        v
     }
 }
 
-/// The token embedding table `[vocab, dim]`: a tensor, or f32 rows used in place from the
-/// checkpoint's memory map (then also the weight of a tied output head, without a copy).
+/// The token embedding table `[vocab, dim]`: a tensor, or rows used in place from the
+/// checkpoint's memory map (f32, bf16 or f16, widened as they are read; then also the weight
+/// of a tied output head, without a copy).
 #[derive(Debug, Clone)]
 pub enum Embedding {
     Tensor(Tensor),
@@ -123,22 +153,17 @@ impl Embedding {
                     candle_core::Error::Msg("an embedding table is one tensor".into())
                 })?;
                 let ids_v = ids.to_vec1::<u32>()?;
-                let mut out = Vec::with_capacity(ids_v.len() * d);
-                for &t in &ids_v {
-                    let row = table
-                        .get(t as usize * d..(t as usize + 1) * d)
-                        .ok_or_else(|| {
-                            candle_core::Error::Msg(format!("token id {t} outside the vocabulary"))
-                        })?;
-                    out.extend_from_slice(row);
+                let mut out = vec![0f32; ids_v.len() * d];
+                for (&t, dst) in ids_v.iter().zip(out.chunks_exact_mut(d.max(1))) {
+                    embedding_row(table, t, d, dst)?;
                 }
                 Tensor::from_vec(out, (ids_v.len(), d), ids.device())
             }
         }
     }
 
-    /// The table's values, where they are f32 on the CPU in one piece (`None` otherwise).
-    pub fn f32_values(&self) -> Option<&[f32]> {
+    /// The table's values, where they are used in place in one piece (`None` otherwise).
+    pub fn mapped_values(&self) -> Option<WSlice<'_>> {
         match self {
             Embedding::Tensor(_) => None,
             Embedding::Mapped(m) => m.single(),
@@ -156,6 +181,17 @@ impl Embedding {
             ),
         })
     }
+}
+
+/// Row `t` of the `[_, d]` table (any stored dtype) into `dst` as f32; a clear error for an id
+/// outside the table.
+pub fn embedding_row(table: WSlice, t: u32, d: usize, dst: &mut [f32]) -> Result<()> {
+    let t = t as usize;
+    table
+        .get(t * d, (t + 1) * d)
+        .ok_or_else(|| candle_core::Error::Msg(format!("token id {t} outside the vocabulary")))?
+        .widen_into(dst);
+    Ok(())
 }
 
 /// `y = x Wᵀ + b`. The decoder does not know which kind of weight it has.
@@ -212,7 +248,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Weight::Quant(q) => q.storage_bytes(),
-            Weight::Mapped(m) => m.rows() * m.cols() * 4,
+            Weight::Mapped(m) => m.bytes(),
         }
     }
 

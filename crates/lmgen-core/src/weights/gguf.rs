@@ -661,13 +661,19 @@ impl TensorSource for GgufFile {
             .collect())
     }
 
-    fn mapped_f32(&self, name: &str) -> Option<super::MappedF32> {
+    fn mapped(&self, name: &str) -> Option<super::MappedTensor> {
         let m = self.tensors.get(name)?;
-        if m.ggml != GgmlDType::F32 || m.fix != Fix::Keep {
+        let (dtype, size) = match m.ggml {
+            GgmlDType::F32 => (DType::F32, 4),
+            GgmlDType::BF16 => (DType::BF16, 2),
+            GgmlDType::F16 => (DType::F16, 2),
+            _ => return None,
+        };
+        if m.fix != Fix::Keep {
             return None;
         }
         let r = self.byte_range(m, self.content.tensor_infos.get(&m.gguf)?);
-        super::MappedF32::new(&self.mmap, r.start, r.len() / 4)
+        super::MappedTensor::new(&self.mmap, r.start, r.len() / size, dtype)
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {

@@ -67,41 +67,129 @@ pub(crate) fn f32_tensor_from_le(bytes: &[u8], dtype: DType, shape: &[usize]) ->
     Tensor::from_vec(v, shape, &Device::Cpu).ok()
 }
 
-/// An f32 matrix used where the checkpoint's memory map has it: no copy at load time, its
-/// pages are read in from the page cache on first use (and shared by every process that maps
-/// the same file, e.g. the tasks of a SLURM array on one node).
+/// A matrix used where the checkpoint's memory map has it, in its stored dtype (f32, bf16 or
+/// f16; widened to f32 by the product kernels as they read it): no copy at load time, its pages
+/// are read in from the page cache on first use (and shared by every process that maps the same
+/// file, e.g. the tasks of a SLURM array on one node).
 #[derive(Clone)]
-pub struct MappedF32 {
+pub struct MappedTensor {
     map: Arc<memmap2::Mmap>,
-    /// Byte offset of the first value (a multiple of 4).
+    /// Byte offset of the first value (a multiple of the value's size).
     offset: usize,
     len: usize,
+    dtype: DType,
+    /// In a memory map of its own (a copy), not the checkpoint file's.
+    own: bool,
 }
 
-impl std::fmt::Debug for MappedF32 {
+impl std::fmt::Debug for MappedTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MappedF32({} values at byte {})", self.len, self.offset)
+        write!(
+            f,
+            "MappedTensor({} {:?} values at byte {})",
+            self.len, self.dtype, self.offset
+        )
     }
 }
 
-impl MappedF32 {
-    /// `len` little-endian f32 values at byte `offset` of `map`; `None` where they are not
-    /// 4-byte aligned, lie outside the map, or the machine is big-endian.
-    pub(crate) fn new(map: &Arc<memmap2::Mmap>, offset: usize, len: usize) -> Option<Self> {
-        let end = len.checked_mul(4)?.checked_add(offset)?;
-        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(std::mem::align_of::<f32>());
+impl MappedTensor {
+    /// `len` little-endian values of `dtype` (F32, BF16 or F16) at byte `offset` of `map`;
+    /// `None` where they are not aligned to their size, lie outside the map, the dtype is
+    /// another, or the machine is big-endian.
+    pub(crate) fn new(
+        map: &Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+    ) -> Option<Self> {
+        let size = match dtype {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+            _ => return None,
+        };
+        let end = len.checked_mul(size)?.checked_add(offset)?;
+        let aligned = (map.as_ptr() as usize + offset).is_multiple_of(size);
         (end <= map.len() && aligned && cfg!(target_endian = "little")).then(|| Self {
             map: map.clone(),
             offset,
             len,
+            dtype,
+            own: false,
         })
     }
 
-    pub fn values(&self) -> &[f32] {
-        let bytes = &self.map[self.offset..self.offset + 4 * self.len];
-        // SAFETY: `new` checked that the range is inside the map and 4-byte aligned; every bit
-        // pattern is a valid f32, and the map is read-only and lives as long as `self`.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), self.len) }
+    /// A copy in memory of its own, in the same dtype: anonymous pages advised onto transparent
+    /// huge pages (fewer TLB misses than the page cache's 4 KiB pages when a step streams every
+    /// weight), filled by the compute pool in 1 MiB pieces.
+    pub(crate) fn copied(&self) -> std::io::Result<Self> {
+        let size = self.dtype.size_in_bytes();
+        let bytes = self.len * size;
+        let mut dst = memmap2::MmapMut::map_anon(bytes.max(1))?;
+        #[cfg(target_os = "linux")]
+        let _ = dst.advise(memmap2::Advice::HugePage); // advice only: fine if refused
+        let src = &self.map[self.offset..self.offset + bytes];
+        const CHUNK: usize = 1 << 20;
+        let pieces = bytes.div_ceil(CHUNK);
+        let out = dst.as_mut_ptr() as usize;
+        let piece = |c: usize| {
+            let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(bytes));
+            // SAFETY: bytes a..b of the fresh map (length >= bytes) are written by this piece
+            // only; the source range is inside the checkpoint's map.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr().add(a), (out as *mut u8).add(a), b - a)
+            }
+        };
+        if pieces > 1 {
+            crate::kernels::pool::for_each(pieces, piece);
+        } else {
+            (0..pieces).for_each(piece);
+        }
+        Ok(Self {
+            map: Arc::new(dst.make_read_only()?),
+            offset: 0,
+            len: self.len,
+            dtype: self.dtype,
+            own: true,
+        })
+    }
+
+    /// Whether the values lie in the checkpoint file's map (not a copy of their own).
+    pub fn in_file(&self) -> bool {
+        !self.own
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The stored dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn values(&self) -> crate::kernels::wide::WSlice<'_> {
+        use crate::kernels::wide::WSlice;
+        let size = self.dtype.size_in_bytes();
+        let bytes = &self.map[self.offset..self.offset + size * self.len];
+        // SAFETY: `new` checked that the range is inside the map and aligned to the value's
+        // size; every bit pattern is a valid f32 / u16, and the map is read-only and lives as
+        // long as `self`.
+        unsafe {
+            match self.dtype {
+                DType::F32 => {
+                    WSlice::F32(std::slice::from_raw_parts(bytes.as_ptr().cast(), self.len))
+                }
+                DType::BF16 => {
+                    WSlice::Bf16(std::slice::from_raw_parts(bytes.as_ptr().cast(), self.len))
+                }
+                _ => WSlice::F16(std::slice::from_raw_parts(bytes.as_ptr().cast(), self.len)),
+            }
+        }
     }
 }
 
@@ -124,9 +212,9 @@ pub trait TensorSource {
     fn load_quantized(&self, _name: &str) -> Result<Option<QMatrix>> {
         Ok(None)
     }
-    /// The tensor's values in place in the file's memory map, where it is stored as f32 in
-    /// the layout it is used in (no transform to undo); `None` otherwise.
-    fn mapped_f32(&self, _name: &str) -> Option<MappedF32> {
+    /// The tensor's values in place in the file's memory map, where it is stored as f32, bf16
+    /// or f16 in the layout it is used in (no transform to undo); `None` otherwise.
+    fn mapped(&self, _name: &str) -> Option<MappedTensor> {
         None
     }
 }
@@ -248,22 +336,27 @@ impl WeightStore {
     }
 
     /// `name` used in place from the file's memory map (marked used), or `None` when it is
-    /// not stored as f32 in its final layout (then [`Self::get`] loads a copy and reports any
-    /// mismatch).
-    pub fn get_mapped(&self, name: &str, shape: &[usize]) -> Option<MappedF32> {
+    /// not stored as f32, bf16 or f16 in its final layout (then [`Self::get`] loads a copy and
+    /// reports any mismatch).
+    pub fn get_mapped(&self, name: &str, shape: &[usize]) -> Option<MappedTensor> {
         if self.synthetic.is_some() {
             return None;
         }
         let (i, meta) = self.index.get(name)?;
-        if meta.shape != shape || meta.dtype != DType::F32 {
+        if meta.shape != shape || !matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16) {
             return None;
         }
-        let m = self.sources[*i].mapped_f32(name)?;
+        let m = self.sources[*i].mapped(name)?;
         if m.len != shape.iter().product::<usize>() {
             return None;
         }
         self.used.borrow_mut().insert(name.to_string());
         Some(m)
+    }
+
+    /// The dtype `name` is stored in (`None` for an unknown name).
+    pub fn stored_dtype(&self, name: &str) -> Option<DType> {
+        self.index.get(name).map(|(_, m)| m.dtype)
     }
 
     /// Declare a tensor as deliberately unused (e.g. a tied `lm_head.weight` copy).

@@ -223,12 +223,15 @@ impl TensorSource for SafetensorsFile {
             .collect())
     }
 
-    fn mapped_f32(&self, name: &str) -> Option<super::MappedF32> {
+    fn mapped(&self, name: &str) -> Option<super::MappedTensor> {
         let e = self.tensors.get(name)?;
-        if e.st_dtype != StDtype::F32 {
-            return None;
-        }
-        super::MappedF32::new(&self.mmap, e.start, (e.end - e.start) / 4)
+        let (dtype, size) = match e.st_dtype {
+            StDtype::F32 => (DType::F32, 4),
+            StDtype::BF16 => (DType::BF16, 2),
+            StDtype::F16 => (DType::F16, 2),
+            _ => return None,
+        };
+        super::MappedTensor::new(&self.mmap, e.start, (e.end - e.start) / size, dtype)
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
@@ -361,32 +364,45 @@ mod tests {
         (dir, p, a)
     }
 
-    /// f32 tensors are offered in place (the values the copy has); other dtypes are not, and
-    /// the store offers a tensor in place only for the shape asked.
+    /// f32, bf16 and f16 tensors are offered in place (the values the copy has); other dtypes
+    /// are not, and the store offers a tensor in place only for the shape asked.
     #[test]
-    fn f32_tensors_in_place() {
+    fn float_tensors_in_place() {
         let (_dir, p, a) = setup();
         let h = a.to_dtype(DType::F16).unwrap();
-        write_st(&p, &[("a", a.clone()), ("h", h)]);
+        let b = a.to_dtype(DType::BF16).unwrap();
+        let i = a.to_dtype(DType::I64).unwrap();
+        write_st(&p, &[("a", a.clone()), ("h", h), ("b", b), ("i", i)]);
         let f = SafetensorsFile::open(&p).expect("open");
-        let m = f.mapped_f32("a").expect("f32 in place");
-        assert_eq!(m.values(), &[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
-        assert!(f.mapped_f32("h").is_none() && f.mapped_f32("nope").is_none());
+        let want = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+        for (name, dtype) in [("a", DType::F32), ("h", DType::F16), ("b", DType::BF16)] {
+            let m = f.mapped(name).expect("in place");
+            assert_eq!(m.dtype(), dtype);
+            assert_eq!(m.values().to_f32_vec(), want, "{name}");
+        }
+        assert!(f.mapped("i").is_none() && f.mapped("nope").is_none());
         let store = super::super::WeightStore::new(vec![Box::new(f)]).unwrap();
         assert!(store.get_mapped("a", &[3, 2]).is_none());
-        assert!(store.get_mapped("h", &[2, 3]).is_none());
+        assert!(store.get_mapped("i", &[2, 3]).is_none());
         assert!(store.check_all_used().is_err(), "nothing marked used yet");
-        assert_eq!(store.get_mapped("a", &[2, 3]).unwrap().values().len(), 6);
-        store.ignore("h");
-        store.check_all_used().expect("a is used once mapped");
-        // Offsets that are not 4-byte aligned or run past the map are refused.
+        for name in ["a", "h", "b"] {
+            assert_eq!(store.get_mapped(name, &[2, 3]).unwrap().len(), 6);
+        }
+        store.ignore("i");
+        store.check_all_used().expect("a, h, b are used once mapped");
+        // Offsets not aligned to the value's size, or running past the map, are refused.
         // SAFETY: a file of this test, not modified while mapped.
         let map = std::sync::Arc::new(
             unsafe { memmap2::Mmap::map(&std::fs::File::open(&p).unwrap()) }.unwrap(),
         );
-        assert!(super::super::MappedF32::new(&map, 2, 1).is_none());
-        assert!(super::super::MappedF32::new(&map, 0, map.len() / 4 + 1).is_none());
-        assert!(super::super::MappedF32::new(&map, 4, 1).is_some());
+        use super::super::MappedTensor as M;
+        assert!(M::new(&map, 2, 1, DType::F32).is_none());
+        assert!(M::new(&map, 0, map.len() / 4 + 1, DType::F32).is_none());
+        assert!(M::new(&map, 4, 1, DType::F32).is_some());
+        assert!(M::new(&map, 1, 1, DType::BF16).is_none());
+        assert!(M::new(&map, 2, 1, DType::F16).is_some());
+        assert!(M::new(&map, 0, map.len() / 2 + 1, DType::BF16).is_none());
+        assert!(M::new(&map, 0, 1, DType::I64).is_none());
     }
 
     #[test]
