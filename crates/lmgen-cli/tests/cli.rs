@@ -185,16 +185,23 @@ fn greedy_jsonl_matches_golden_in_order() {
 }
 
 /// `--mmap always|never|auto` and `--no-mmap` (weights in place from the file's map or copied)
-/// write byte-identical records; `--no-mmap` with `--mmap` is a usage error.
+/// write byte-identical records, for an f32 and a bf16 checkpoint; `--no-mmap` with `--mmap` is
+/// a usage error.
 #[test]
 fn mmap_modes_write_the_same_records() {
-    let g = golden("opt");
+    for name in ["opt", "qwen2"] {
+        mmap_modes_agree(name);
+    }
+}
+
+fn mmap_modes_agree(name: &str) {
+    let g = golden(name);
     let dir = tempfile::tempdir().unwrap();
     let inp = golden_input(dir.path(), &g);
     let gen = |out: &Path, mode: &[&str]| {
         let mut args = vec![
             "generate",
-            model("opt"),
+            model(name),
             "--input",
             s(&inp),
             "--output",
@@ -224,7 +231,7 @@ fn mmap_modes_write_the_same_records() {
     assert_eq!(outs[0].lines().count(), 4);
     assert!(
         outs.iter().all(|o| *o == outs[0]),
-        "records differ between --mmap modes"
+        "{name}: records differ between --mmap modes"
     );
     let o = gen(
         &dir.path().join("bad.jsonl"),

@@ -120,13 +120,16 @@ impl MappedTensor {
 
     /// A copy in memory of its own, in the same dtype: anonymous pages advised onto transparent
     /// huge pages (fewer TLB misses than the page cache's 4 KiB pages when a step streams every
-    /// weight), filled by the compute pool in 1 MiB pieces.
+    /// weight; not with `LMGEN_NO_HUGEPAGES` set, as the binary's allocator), filled by the
+    /// compute pool in 1 MiB pieces.
     pub(crate) fn copied(&self) -> std::io::Result<Self> {
         let size = self.dtype.size_in_bytes();
         let bytes = self.len * size;
         let mut dst = memmap2::MmapMut::map_anon(bytes.max(1))?;
         #[cfg(target_os = "linux")]
-        let _ = dst.advise(memmap2::Advice::HugePage); // advice only: fine if refused
+        if std::env::var_os("LMGEN_NO_HUGEPAGES").is_none() {
+            let _ = dst.advise(memmap2::Advice::HugePage); // advice only: fine if refused
+        }
         let src = &self.map[self.offset..self.offset + bytes];
         const CHUNK: usize = 1 << 20;
         let pieces = bytes.div_ceil(CHUNK);
