@@ -1487,6 +1487,8 @@ GGUF_FIXTURES = {
     "gpt2": [("gpt2.f32.gguf", "gpt-2", "f32"), ("gpt2.q8_0.gguf", "gpt-2", "q8_0")],
     "neox": [("neox.f32.gguf", "gpt-2", "f32")],
     "mpt": [("mpt.bf16.gguf", "gpt-2", "bf16")],
+    # The `llama` converter permutes Q/K rows for its rope: f16 rows put back without widening.
+    "llama-mqa-tied": [("llama-mqa-tied.f16.gguf", "default", "f16")],
 }
 # config.json keys the converter reads under their older names (transformers 5 no longer writes them),
 # MPT's class as MosaicML's own checkpoints (same tensor names and config) spell it, and what the

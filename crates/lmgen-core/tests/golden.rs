@@ -342,6 +342,7 @@ fn gguf_from_llama_cpp_converter() {
         ("gpt2", "gpt2.f32.gguf", ""),
         ("neox", "neox.f32.gguf", ""),
         ("mpt", "mpt.bf16.gguf", ""),
+        ("llama-mqa-tied", "llama-mqa-tied.f16.gguf", ""),
     ] {
         let path = fixtures().join("gguf").join(file);
         let model = load(&ModelLocation::Gguf(path.clone()), &LoadOptions::default())
@@ -482,6 +483,15 @@ fn weights_in_place_give_the_bits_of_copies() {
         ("phi3", gguf("phi3.bf16.gguf"), [true, true, true, true]),
         ("qwen3", gguf("qwen3.f16.gguf"), [true, true, true, true]),
         ("stablelm", gguf("stablelm.bf16.gguf"), [true, true, true, true]),
+        // Row orders put back in copies of their own, still half precision: Q/K permuted by
+        // the `llama` converter (QKV then in three parts: two copies and V in place), Falcon's
+        // grouped fused QKV.
+        (
+            "llama-mqa-tied",
+            gguf("llama-mqa-tied.f16.gguf"),
+            [false, true, true, true],
+        ),
+        ("falcon", gguf("falcon.bf16.gguf"), [false, true, true, true]),
     ];
     for (name, loc, expect) in cases {
         let load_as = |map_weights| {

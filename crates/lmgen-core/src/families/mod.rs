@@ -354,7 +354,7 @@ impl<'a> Loader<'a> {
             return None;
         }
         let m = self.store.get_mapped(name, &[rows, cols])?;
-        let m = if self.map_weights {
+        let m = if self.map_weights || !m.in_file() {
             m
         } else {
             m.copied().ok()?
@@ -569,7 +569,15 @@ pub fn select_rows(l: Linear, order: &[u32]) -> Result<Linear> {
     };
     match &l.weight {
         Weight::Dense(w) => Ok(Linear::new(w.index_select(&idx(w.device())?, 0)?, bias)),
-        Weight::Mapped(_) => {
+        Weight::Mapped(m) => {
+            // One stored tensor: a copy of its own with the rows in order, in its dtype.
+            let order: Vec<usize> = order.iter().map(|&r| r as usize).collect();
+            if let Some(rows) = m.select_rows(&order) {
+                return Ok(Linear {
+                    weight: Weight::Mapped(rows),
+                    bias,
+                });
+            }
             let w = l.to_dense()?;
             Ok(Linear::new(w.index_select(&idx(w.device())?, 0)?, bias))
         }

@@ -99,6 +99,15 @@ impl MappedRows {
         }
     }
 
+    /// A copy of its own with the rows taken in `order` (row `r` is row `order[r]`), in the
+    /// stored dtype; `None` for several parts or an index out of range.
+    pub fn select_rows(&self, order: &[usize]) -> Option<MappedRows> {
+        match &self.parts[..] {
+            [p] => Some(MappedRows::new(p.copied_rows(order, self.cols)?, self.cols)),
+            _ => None,
+        }
+    }
+
     /// A copy of all rows as f32.
     pub fn to_vec(&self) -> Vec<f32> {
         let mut v = vec![0f32; self.rows() * self.cols];

@@ -661,6 +661,9 @@ impl TensorSource for GgufFile {
             .collect())
     }
 
+    /// In place where the layout is the checkpoint's; where only the row order differs
+    /// (permuted Q/K, grouped or interleaved fused QKV), a copy of its own with the rows put
+    /// back, still in the stored dtype.
     fn mapped(&self, name: &str) -> Option<super::MappedTensor> {
         let m = self.tensors.get(name)?;
         let (dtype, size) = match m.ggml {
@@ -669,11 +672,17 @@ impl TensorSource for GgufFile {
             GgmlDType::F16 => (DType::F16, 2),
             _ => return None,
         };
-        if m.fix != Fix::Keep {
+        let order = m.row_order();
+        if m.fix != Fix::Keep && order.is_none() {
             return None;
         }
         let r = self.byte_range(m, self.content.tensor_infos.get(&m.gguf)?);
-        super::MappedTensor::new(&self.mmap, r.start, r.len() / size, dtype)
+        let t = super::MappedTensor::new(&self.mmap, r.start, r.len() / size, dtype)?;
+        match (order, &m.shape[..]) {
+            (None, _) => Some(t),
+            (Some(o), [_, cols]) => t.copied_rows(&o, *cols),
+            _ => None,
+        }
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {

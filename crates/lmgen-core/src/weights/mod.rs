@@ -121,25 +121,54 @@ impl MappedTensor {
     /// A copy in memory of its own, in the same dtype: anonymous pages advised onto transparent
     /// huge pages (fewer TLB misses than the page cache's 4 KiB pages when a step streams every
     /// weight; not with `LMGEN_NO_HUGEPAGES` set, as the binary's allocator), filled by the
-    /// compute pool in 1 MiB pieces.
+    /// compute pool in 1 MiB pieces. The file pages read for it are released.
     pub(crate) fn copied(&self) -> std::io::Result<Self> {
+        self.copy_rows(None, 1)
+    }
+
+    /// As [`Self::copied`] for a `[_, cols]` matrix with its rows taken in `order` (row `r` of
+    /// the copy is row `order[r]`): a stored row order undone (GGUF's permuted Q/K, grouped or
+    /// interleaved fused QKV) without widening. `None` where an index is out of range.
+    pub(crate) fn copied_rows(&self, order: &[usize], cols: usize) -> Option<Self> {
+        let rows = self.len / cols.max(1);
+        if cols == 0 || rows * cols != self.len || order.iter().any(|&r| r >= rows) {
+            return None;
+        }
+        self.copy_rows(Some(order), cols).ok()
+    }
+
+    fn copy_rows(&self, order: Option<&[usize]>, cols: usize) -> std::io::Result<Self> {
         let size = self.dtype.size_in_bytes();
-        let bytes = self.len * size;
+        let row = cols * size;
+        let len = order.map_or(self.len, |o| o.len() * cols);
+        let bytes = len * size;
         let mut dst = memmap2::MmapMut::map_anon(bytes.max(1))?;
         #[cfg(target_os = "linux")]
         if std::env::var_os("LMGEN_NO_HUGEPAGES").is_none() {
             let _ = dst.advise(memmap2::Advice::HugePage); // advice only: fine if refused
         }
-        let src = &self.map[self.offset..self.offset + bytes];
-        const CHUNK: usize = 1 << 20;
-        let pieces = bytes.div_ceil(CHUNK);
+        let src = &self.map[self.offset..self.offset + self.len * size];
+        // Pieces of whole rows, about 1 MiB each.
+        let rows_per = ((1usize << 20) / row.max(1)).max(1);
+        let total_rows = bytes / row.max(1);
+        let pieces = total_rows.div_ceil(rows_per);
         let out = dst.as_mut_ptr() as usize;
         let piece = |c: usize| {
-            let (a, b) = (c * CHUNK, ((c + 1) * CHUNK).min(bytes));
-            // SAFETY: bytes a..b of the fresh map (length >= bytes) are written by this piece
-            // only; the source range is inside the checkpoint's map.
+            let (a, b) = (c * rows_per, ((c + 1) * rows_per).min(total_rows));
+            // SAFETY: rows a..b of the fresh map (length >= bytes) are written by this piece
+            // only; every source row lies inside the checkpoint's map (orders checked by the
+            // caller).
             unsafe {
-                std::ptr::copy_nonoverlapping(src.as_ptr().add(a), (out as *mut u8).add(a), b - a)
+                let d = (out as *mut u8).add(a * row);
+                match order {
+                    None => std::ptr::copy_nonoverlapping(src.as_ptr().add(a * row), d, (b - a) * row),
+                    Some(o) => {
+                        for (i, &r) in o[a..b].iter().enumerate() {
+                            let s = src.as_ptr().add(r * row);
+                            std::ptr::copy_nonoverlapping(s, d.add(i * row), row);
+                        }
+                    }
+                }
             }
         };
         if pieces > 1 {
@@ -147,10 +176,13 @@ impl MappedTensor {
         } else {
             (0..pieces).for_each(piece);
         }
+        if !self.own {
+            st::release_pages(&self.map, self.offset, self.offset + self.len * size);
+        }
         Ok(Self {
             map: Arc::new(dst.make_read_only()?),
             offset: 0,
-            len: self.len,
+            len,
             dtype: self.dtype,
             own: true,
         })
