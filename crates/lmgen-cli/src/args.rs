@@ -88,8 +88,8 @@ pub struct PlanArgs {
     /// Budgets in placement order, e.g. cuda:0=70GiB,cuda:1=70GiB,cpu=100GiB (overrides detection)
     #[arg(long, value_name = "LIST")]
     pub max_memory: Option<String>,
-    /// Compute dtype, also the weight storage without --quantize (default: bf16 with GPUs,
-    /// else f32; the CPU computes in f32)
+    /// Compute dtype, on GPUs also the weight storage without --quantize (default: bf16 with
+    /// GPUs, else f32; the CPU computes in f32 and keeps weights as the checkpoint stores them)
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<DTypeArg>,
     /// Weight-only quantization: q8_0, q4_k, q4_0, q4_1, q6_k

@@ -6,10 +6,11 @@ use lmgen_core::families;
 use lmgen_core::plan::{self, human, DeviceBudget, GpuSelection, PlanRequest, Workload};
 
 pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
-    let (name, spec) = match (&a.model, &a.preset) {
+    let (name, spec, location) = match (&a.model, &a.preset) {
         (Some(m), None) => {
             let location = lmgen_core::hub::resolve(m, a.models_file.as_deref())?;
-            (m.clone(), lmgen_core::loader::read_spec(&location)?)
+            let spec = lmgen_core::loader::read_spec(&location)?;
+            (m.clone(), spec, Some(location))
         }
         (None, Some(p)) => {
             let cfg = lmgen_core::bench::preset(p).ok_or_else(|| {
@@ -20,7 +21,7 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
             })?;
             let raw = RawConfig::from_value(std::path::Path::new(p), cfg);
             let (f, arch) = families::detect(&raw)?;
-            (p.clone(), families::spec(f, &arch, &raw)?)
+            (p.clone(), families::spec(f, &arch, &raw)?, None)
         }
         _ => return Err(user_err!("give exactly one of MODEL or --preset NAME")),
     };
@@ -35,7 +36,14 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         ));
     }
     let compute = plan::compute_dtype(a.dtype.map(DTypeArg::dtype), any_gpu);
-    let format = plan::weight_format(a.quantize, compute);
+    // The CPU keeps a checkpoint's f32 / bf16 / f16 matrices (and GGUF block formats) as
+    // stored, computing in f32; GPUs hold them in the compute dtype.
+    // Best effort: a directory with only its config.json is planned at the compute dtype.
+    let stored = match (&location, any_gpu, a.quantize) {
+        (Some(l), false, None) => lmgen_core::loader::stored_weight_format(l).unwrap_or(None),
+        _ => None,
+    };
+    let format = stored.unwrap_or_else(|| plan::weight_format(a.quantize, compute));
     let workload = Workload {
         batch: a.batch_size,
         context: Some(a.context),

@@ -76,9 +76,33 @@ fn layers_spill_from_gpus_to_cpu_and_a_model_dir_needs_only_its_config() {
     let (code, out, err) = plan(&[dir.path().to_str().unwrap(), "--device", "cpu"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("LlamaForCausalLM") && out.contains("fits: yes"),
+        out.contains("LlamaForCausalLM") && out.contains("fits: yes") && out.contains("weights f32"),
         "{out}"
     );
+}
+
+/// On the CPU, matrices are planned as the checkpoint stores them (a bf16 checkpoint is kept
+/// in bf16, a GGUF in its block format); with a GPU, in the compute dtype.
+#[test]
+fn cpu_plans_weights_as_stored() {
+    let fx = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures");
+    let bytes = |model: &str, device: &[&str]| -> (String, u64) {
+        let mut a = vec![model, "--json"];
+        a.extend_from_slice(device);
+        let (code, out, err) = plan(&a);
+        assert_eq!(code, 0, "{model}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let w = v["devices"][0]["weight_bytes"].as_u64().unwrap();
+        (v["weight_format"].as_str().unwrap_or_default().to_string(), w)
+    };
+    let qwen2 = format!("{fx}/qwen2");
+    let gguf = format!("{fx}/gguf/falcon.q8_0.gguf");
+    let (f, cpu) = bytes(&qwen2, &["--device", "cpu"]);
+    assert_eq!(f, "bf16");
+    let (f, gpu) = bytes(&qwen2, &["--max-memory", "cuda:0=10GiB", "--dtype", "f32"]);
+    assert_eq!(f, "f32");
+    assert_eq!(2 * cpu, gpu, "bf16 on the CPU is half of f32");
+    assert_eq!(bytes(&gguf, &["--device", "cpu"]).0, "q8_0");
 }
 
 #[test]

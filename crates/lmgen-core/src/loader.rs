@@ -151,6 +151,23 @@ pub fn read_spec(location: &ModelLocation) -> Result<ModelSpec> {
     families::spec(family, &arch, &cfg)
 }
 
+/// How the checkpoint stores most of its matrix values, as a CPU load keeps them: "f32",
+/// "bf16", "f16" (computed in f32, but not widened in memory), or a GGUF block format; `None`
+/// where it is another (then plan with the compute dtype). Reads the files' headers only.
+pub fn stored_weight_format(location: &ModelLocation) -> Result<Option<&'static str>> {
+    Ok(match location {
+        ModelLocation::Dir(dir) => {
+            match WeightStore::new(open_checkpoint(dir)?)?.matrix_dtype() {
+                Some(DType::BF16) => Some("bf16"),
+                Some(DType::F16) => Some("f16"),
+                Some(DType::F32) => Some("f32"),
+                _ => None,
+            }
+        }
+        ModelLocation::Gguf(file) => GgufFile::open(file)?.weight_format(),
+    })
+}
+
 pub fn load(location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {
     match location {
         ModelLocation::Dir(dir) => load_dir(dir, location, opts),

@@ -183,6 +183,8 @@ impl DevicePlan {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Plan {
+    /// Storage format the matrices were planned in ("f32", "bf16", "q4_k", ...).
+    pub weight_format: String,
     pub devices: Vec<DevicePlan>,
     pub fits: bool,
     pub total_weight_bytes: u64,
@@ -236,8 +238,13 @@ pub fn plan(s: &ModelSpec, r: &PlanRequest) -> Plan {
     let wb = bytes_per_param(&r.weight_format).unwrap_or(4.0);
     let (block_p, embed_p, head_p) = param_counts(s);
     let block_bytes = (block_p as f64 * wb) as u64;
-    // Embeddings are gathered, not multiplied: they stay dense at the compute precision.
-    let embed_bytes = embed_p * r.act_bytes as u64;
+    // Embeddings are gathered, not multiplied: a float format keeps them as it stores them
+    // (the CPU keeps bf16 / f16 tables as stored); block formats hold them dense at the
+    // compute precision.
+    let embed_bytes = match r.weight_format.as_str() {
+        "f32" | "bf16" | "f16" => (embed_p as f64 * wb) as u64,
+        _ => embed_p * r.act_bytes as u64,
+    };
     let head_bytes = (head_p as f64 * wb) as u64;
     let kv_per_block = match r.kv_bytes {
         Some(total) => total.div_ceil(s.num_layers.max(1) as u64),
@@ -322,6 +329,7 @@ pub fn plan(s: &ModelSpec, r: &PlanRequest) -> Plan {
         }
     }
     Plan {
+        weight_format: r.weight_format.clone(),
         devices,
         fits,
         total_weight_bytes,

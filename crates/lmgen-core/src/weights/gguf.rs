@@ -458,6 +458,31 @@ impl GgufFile {
         &self.arch
     }
 
+    /// The storage format ("f32", "bf16", "f16", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k") that
+    /// holds most of the file's matrix values, as the CPU keeps them; `None` for another.
+    pub fn weight_format(&self) -> Option<&'static str> {
+        let mut by_type: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for info in self.content.tensor_infos.values() {
+            let dims = info.shape.dims();
+            if dims.len() >= 2 {
+                *by_type.entry(ggml_dtype_name(info.ggml_dtype)).or_default() +=
+                    dims.iter().product::<usize>();
+            }
+        }
+        let (name, _) = by_type.into_iter().max_by_key(|&(_, n)| n)?;
+        Some(match name {
+            "F32" => "f32",
+            "BF16" => "bf16",
+            "F16" => "f16",
+            "Q8_0" => "q8_0",
+            "Q4_0" => "q4_0",
+            "Q4_1" => "q4_1",
+            "Q4_K" => "q4_k",
+            "Q6_K" => "q6_k",
+            _ => return None,
+        })
+    }
+
     /// GGUF name and storage type of the tensor exposed as `hf_name`.
     pub fn tensor_origin(&self, hf_name: &str) -> Option<(&str, GgmlDType)> {
         self.tensors.get(hf_name).map(|m| (m.gguf.as_str(), m.ggml))

@@ -389,6 +389,20 @@ impl WeightStore {
         Some(m)
     }
 
+    /// The float dtype (f32, bf16, f16) that holds most of the checkpoint's matrix values, or
+    /// `None` where another dtype does.
+    pub fn matrix_dtype(&self) -> Option<DType> {
+        let mut by: BTreeMap<&'static str, (DType, usize)> = BTreeMap::new();
+        for (_, meta) in self.index.values() {
+            if meta.shape.len() >= 2 {
+                let e = by.entry(meta.dtype.as_str()).or_insert((meta.dtype, 0));
+                e.1 += meta.shape.iter().product::<usize>();
+            }
+        }
+        let (dtype, _) = by.into_values().max_by_key(|&(_, n)| n)?;
+        matches!(dtype, DType::F32 | DType::BF16 | DType::F16).then_some(dtype)
+    }
+
     /// The dtype `name` is stored in (`None` for an unknown name).
     pub fn stored_dtype(&self, name: &str) -> Option<DType> {
         self.index.get(name).map(|(_, m)| m.dtype)
