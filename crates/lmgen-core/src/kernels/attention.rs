@@ -103,14 +103,27 @@ enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 with the score and value products at 16 lanes: the same bits as `Avx2` (every
+    /// lane runs the same chain of operations; see `avx512`).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
+/// The best the CPU has, chosen once; `LMGEN_ATTN_ISA=avx2` keeps the 8-lane products (the
+/// same bits, for side-by-side measurements).
 fn detect_isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd::has_avx2_fma() {
-        return Isa::Avx2;
-    }
-    Isa::Scalar
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::simd::has_avx2_fma() {
+            let cap = std::env::var("LMGEN_ATTN_ISA");
+            if is_x86_feature_detected!("avx512f") && cap.as_deref() != Ok("avx2") {
+                return Isa::Avx512;
+            }
+            return Isa::Avx2;
+        }
+        Isa::Scalar
+    })
 }
 
 /// Execution choices; `None` fields are decided from the call's size.
@@ -543,9 +556,11 @@ fn exec_unit(c: &Ctx, u: &Unit, dest: Dest) {
         // the AVX2 variant runs only when the CPU supports avx2 and fma.
         unsafe {
             match c.isa {
-                Isa::Scalar => unit_impl::<false>(c, u, dest, &mut sc),
+                Isa::Scalar => unit_impl::<SCALAR>(c, u, dest, &mut sc),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => unit_avx2(c, u, dest, &mut sc),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unit_avx512(c, u, dest, &mut sc),
             }
         }
     });
@@ -554,13 +569,24 @@ fn exec_unit(c: &Ctx, u: &Unit, dest: Dest) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn unit_avx2(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scratch) {
-    unit_impl::<true>(c, u, dest, sc)
+    unit_impl::<AVX2>(c, u, dest, sc)
 }
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn unit_avx512(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scratch) {
+    unit_impl::<AVX512>(c, u, dest, sc)
+}
+
+/// Kernel variants of [`unit_impl`].
+const SCALAR: u8 = 0;
+const AVX2: u8 = 1;
+const AVX512: u8 = 2;
 
 /// One work unit: online softmax over the unit's visible keys, for all its query rows.
 /// Row r = token (r / nh) of the tile, head h0 + (r % nh).
 #[inline(always)]
-unsafe fn unit_impl<const AVX: bool>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scratch) {
+unsafe fn unit_impl<const ISA: u8>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scratch) {
     let p = c.p;
     let (hd, bs, nkv) = (p.head_dim, p.block_size, p.num_kv_heads);
     let s = &c.seqs[u.seq];
@@ -623,7 +649,7 @@ unsafe fn unit_impl<const AVX: bool>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scr
         let mut x = c0;
         while x < c1 {
             let e = seg_end(x, c1);
-            qk::<AVX>(
+            qk::<ISA>(
                 qs.as_ptr(),
                 rows,
                 hd,
@@ -666,9 +692,9 @@ unsafe fn unit_impl<const AVX: bool>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scr
                     *x = cap * (*x / cap).tanh();
                 }
             }
-            let mx = m[r].max(row_max::<AVX>(&row[jlo..jhi]));
+            let mx = m[r].max(row_max::<ISA>(&row[jlo..jhi]));
             let a = if mx == m[r] { 1.0 } else { (m[r] - mx).exp() };
-            let sum = exp_sum::<AVX>(&mut row[jlo..jhi], mx);
+            let sum = exp_sum::<ISA>(&mut row[jlo..jhi], mx);
             row[..jlo].fill(0.0);
             row[jhi..].fill(0.0);
             l[r] = l[r] * a + sum;
@@ -679,7 +705,7 @@ unsafe fn unit_impl<const AVX: bool>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scr
         while x < c1 {
             let e = seg_end(x, c1);
             let pj = sb.as_ptr().add(x - c0);
-            pv::<AVX>(
+            pv::<ISA>(
                 acc.as_mut_ptr(),
                 rows,
                 hd,
@@ -733,7 +759,7 @@ fn prefetch(ptr: *const f32, len: usize) {
 
 /// `s[r*ld + j] = dot(q_r, k_j)` for rows `q` (stride hd) and keys `k` (stride hd).
 #[inline(always)]
-unsafe fn qk<const AVX: bool>(
+unsafe fn qk<const ISA: u8>(
     q: *const f32,
     rows: usize,
     hd: usize,
@@ -743,8 +769,10 @@ unsafe fn qk<const AVX: bool>(
     ld: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if AVX {
-        return avx2::qk(q, rows, hd, k, n, s, ld);
+    match ISA {
+        AVX2 => return avx2::qk(q, rows, hd, k, n, s, ld),
+        AVX512 => return avx512::qk(q, rows, hd, k, n, s, ld),
+        _ => {}
     }
     scalar::qk(q, rows, hd, k, n, s, ld)
 }
@@ -752,7 +780,7 @@ unsafe fn qk<const AVX: bool>(
 /// `acc_r = acc_r * alpha_r + Σ_j p[r*ld + j] * v_j` (without the `alpha_r` factor unless `rescale`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pv<const AVX: bool>(
+unsafe fn pv<const ISA: u8>(
     acc: *mut f32,
     rows: usize,
     hd: usize,
@@ -764,16 +792,18 @@ unsafe fn pv<const AVX: bool>(
     n: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if AVX {
-        return avx2::pv(acc, rows, hd, alpha, rescale, p, ld, v, n);
+    match ISA {
+        AVX2 => return avx2::pv(acc, rows, hd, alpha, rescale, p, ld, v, n),
+        AVX512 => return avx512::pv(acc, rows, hd, alpha, rescale, p, ld, v, n),
+        _ => {}
     }
     scalar::pv(acc, rows, hd, alpha, rescale, p, ld, v, n)
 }
 
 #[inline(always)]
-unsafe fn row_max<const AVX: bool>(x: &[f32]) -> f32 {
+unsafe fn row_max<const ISA: u8>(x: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if AVX {
+    if ISA != SCALAR {
         return avx2::row_max(x);
     }
     x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
@@ -781,9 +811,9 @@ unsafe fn row_max<const AVX: bool>(x: &[f32]) -> f32 {
 
 /// In place `x = exp(x - mx)`; returns the sum.
 #[inline(always)]
-unsafe fn exp_sum<const AVX: bool>(x: &mut [f32], mx: f32) -> f32 {
+unsafe fn exp_sum<const ISA: u8>(x: &mut [f32], mx: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if AVX {
+    if ISA != SCALAR {
         return avx2::exp_sum(x, mx);
     }
     let mut sum = 0.0;
@@ -864,6 +894,215 @@ mod scalar {
     }
 }
 
+/// The score and value products at 16 lanes, bit for bit the AVX2 kernels' results: in the
+/// score product two keys share a 512-bit register (lanes 0-7 key t, 8-15 key t + 1), each lane
+/// running the same chain of FMAs over the head dimension as AVX2's 8-lane accumulator, folded
+/// by the same `hsum4`, with the same grouping of keys by four; in the value product every
+/// column is its own chain (scale by alpha, then one FMA per key in order), 32 or 16 columns
+/// per pass; what is left of either goes to the AVX2 code.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // register tiles indexed by row
+mod avx512 {
+    use super::avx2;
+    use std::arch::x86_64::*;
+
+    /// Two 8-lane vectors as one 16-lane register (AVX-512F only).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn pair(lo: __m256, hi: __m256) -> __m512 {
+        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+            _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+            _mm256_castps_pd(hi),
+        ))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn halves(a: __m512) -> (__m256, __m256) {
+        (
+            _mm512_castps512_ps256(a),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a))),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn qk(
+        q: *const f32,
+        rows: usize,
+        hd: usize,
+        k: *const f32,
+        n: usize,
+        s: *mut f32,
+        ld: usize,
+    ) {
+        let mut r = 0;
+        while r + 6 <= rows {
+            qk_rows::<6>(q.add(r * hd), hd, k, n, s.add(r * ld), ld);
+            r += 6;
+        }
+        let (q, s) = (q.add(r * hd), s.add(r * ld));
+        match rows - r {
+            5 => qk_rows::<5>(q, hd, k, n, s, ld),
+            4 => qk_rows::<4>(q, hd, k, n, s, ld),
+            3 => qk_rows::<3>(q, hd, k, n, s, ld),
+            2 => qk_rows::<2>(q, hd, k, n, s, ld),
+            1 => qk_rows::<1>(q, hd, k, n, s, ld),
+            _ => {}
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn qk_rows<const R: usize>(
+        q: *const f32,
+        hd: usize,
+        k: *const f32,
+        n: usize,
+        s: *mut f32,
+        ld: usize,
+    ) {
+        let d8 = hd & !7;
+        let mut j = 0;
+        while j + 4 <= n {
+            let kj = k.add(j * hd);
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            let mut d = 0;
+            while d < d8 {
+                let k01 = pair(_mm256_loadu_ps(kj.add(d)), _mm256_loadu_ps(kj.add(hd + d)));
+                let k23 = pair(
+                    _mm256_loadu_ps(kj.add(2 * hd + d)),
+                    _mm256_loadu_ps(kj.add(3 * hd + d)),
+                );
+                for rr in 0..R {
+                    let q8 = _mm256_loadu_ps(q.add(rr * hd + d));
+                    let qv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(q8)));
+                    acc[rr][0] = _mm512_fmadd_ps(qv, k01, acc[rr][0]);
+                    acc[rr][1] = _mm512_fmadd_ps(qv, k23, acc[rr][1]);
+                }
+                d += 8;
+            }
+            for rr in 0..R {
+                let (a0, a1) = halves(acc[rr][0]);
+                let (a2, a3) = halves(acc[rr][1]);
+                let mut o = [0f32; 4];
+                _mm_storeu_ps(o.as_mut_ptr(), avx2::hsum4(&[a0, a1, a2, a3]));
+                for (t, ot) in o.iter_mut().enumerate() {
+                    for dd in d8..hd {
+                        *ot += *q.add(rr * hd + dd) * *kj.add(t * hd + dd);
+                    }
+                }
+                std::ptr::copy_nonoverlapping(o.as_ptr(), s.add(rr * ld + j), 4);
+            }
+            j += 4;
+        }
+        if j < n {
+            avx2::qk_rows::<R>(q, hd, k.add(j * hd), n - j, s.add(j), ld);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pv(
+        acc: *mut f32,
+        rows: usize,
+        hd: usize,
+        alpha: *const f32,
+        rescale: bool,
+        p: *const f32,
+        ld: usize,
+        v: *const f32,
+        n: usize,
+    ) {
+        let mut r = 0;
+        while r + 4 <= rows {
+            let (a, pr) = (acc.add(r * hd), p.add(r * ld));
+            pv_rows::<4>(a, hd, alpha.add(r), rescale, pr, ld, v, n);
+            r += 4;
+        }
+        let (a, pr) = (acc.add(r * hd), p.add(r * ld));
+        match rows - r {
+            3 => pv_rows::<3>(a, hd, alpha.add(r), rescale, pr, ld, v, n),
+            2 => pv_rows::<2>(a, hd, alpha.add(r), rescale, pr, ld, v, n),
+            1 => pv_rows::<1>(a, hd, alpha.add(r), rescale, pr, ld, v, n),
+            _ => {}
+        }
+    }
+
+    /// `W` 16-column registers per row and pass.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_pass<const R: usize, const W: usize>(
+        acc: *mut f32,
+        hd: usize,
+        al: &[__m512; R],
+        p: *const f32,
+        ld: usize,
+        v: *const f32,
+        n: usize,
+        d: usize,
+    ) {
+        let mut a = [[_mm512_setzero_ps(); W]; R];
+        for rr in 0..R {
+            for w in 0..W {
+                let x = _mm512_loadu_ps(acc.add(rr * hd + d + 16 * w));
+                a[rr][w] = _mm512_mul_ps(x, al[rr]);
+            }
+        }
+        for j in 0..n {
+            let mut vv = [_mm512_setzero_ps(); W];
+            for w in 0..W {
+                vv[w] = _mm512_loadu_ps(v.add(j * hd + d + 16 * w));
+            }
+            for rr in 0..R {
+                let pb = _mm512_set1_ps(*p.add(rr * ld + j));
+                for w in 0..W {
+                    a[rr][w] = _mm512_fmadd_ps(pb, vv[w], a[rr][w]);
+                }
+            }
+        }
+        for rr in 0..R {
+            for w in 0..W {
+                _mm512_storeu_ps(acc.add(rr * hd + d + 16 * w), a[rr][w]);
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_rows<const R: usize>(
+        acc: *mut f32,
+        hd: usize,
+        alpha: *const f32,
+        rescale: bool,
+        p: *const f32,
+        ld: usize,
+        v: *const f32,
+        n: usize,
+    ) {
+        let mut al = [_mm512_set1_ps(1.0); R];
+        if rescale {
+            for rr in 0..R {
+                al[rr] = _mm512_set1_ps(*alpha.add(rr));
+            }
+        }
+        let mut d = 0;
+        while d + 32 <= hd {
+            pv_pass::<R, 2>(acc, hd, &al, p, ld, v, n, d);
+            d += 32;
+        }
+        if d + 16 <= hd {
+            pv_pass::<R, 1>(acc, hd, &al, p, ld, v, n, d);
+            d += 16;
+        }
+        if d < hd {
+            avx2::pv_rows::<R>(acc, hd, alpha, rescale, p, ld, v, n, d);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -871,7 +1110,7 @@ mod avx2 {
     /// Sums of four accumulators: [Σa0, Σa1, Σa2, Σa3].
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum4(a: &[__m256; 4]) -> __m128 {
+    pub(super) unsafe fn hsum4(a: &[__m256; 4]) -> __m128 {
         let t0 = _mm256_hadd_ps(a[0], a[1]);
         let t1 = _mm256_hadd_ps(a[2], a[3]);
         let t2 = _mm256_hadd_ps(t0, t1);
@@ -913,7 +1152,7 @@ mod avx2 {
     /// R query rows against all n keys, four keys at a time.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn qk_rows<const R: usize>(
+    pub(super) unsafe fn qk_rows<const R: usize>(
         q: *const f32,
         hd: usize,
         k: *const f32,
@@ -999,23 +1238,25 @@ mod avx2 {
                 ld,
                 v,
                 n,
+                0,
             );
             r += 4;
         }
         let (a, pr) = (acc.add(r * hd), p.add(r * ld));
         match rows - r {
-            3 => pv_rows::<3>(a, hd, alpha.add(r), rescale, pr, ld, v, n),
-            2 => pv_rows::<2>(a, hd, alpha.add(r), rescale, pr, ld, v, n),
-            1 => pv_rows::<1>(a, hd, alpha.add(r), rescale, pr, ld, v, n),
+            3 => pv_rows::<3>(a, hd, alpha.add(r), rescale, pr, ld, v, n, 0),
+            2 => pv_rows::<2>(a, hd, alpha.add(r), rescale, pr, ld, v, n, 0),
+            1 => pv_rows::<1>(a, hd, alpha.add(r), rescale, pr, ld, v, n, 0),
             _ => {}
         }
     }
 
-    /// R rows: acc_r = acc_r * alpha_r + Σ_j p_rj v_j, 16 then 8 columns at a time.
+    /// R rows: acc_r = acc_r * alpha_r + Σ_j p_rj v_j, 16 then 8 columns at a time, from
+    /// column `d0` on.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn pv_rows<const R: usize>(
+    pub(super) unsafe fn pv_rows<const R: usize>(
         acc: *mut f32,
         hd: usize,
         alpha: *const f32,
@@ -1024,6 +1265,7 @@ mod avx2 {
         ld: usize,
         v: *const f32,
         n: usize,
+        d0: usize,
     ) {
         let mut al = [_mm256_set1_ps(1.0); R];
         if rescale {
@@ -1031,7 +1273,7 @@ mod avx2 {
                 al[rr] = _mm256_set1_ps(*alpha.add(rr));
             }
         }
-        let mut d = 0;
+        let mut d = d0;
         while d + 16 <= hd {
             let mut a = [[_mm256_setzero_ps(); 2]; R];
             for rr in 0..R {
@@ -1326,13 +1568,15 @@ mod tests {
     fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
-        if detect_isa() == Isa::Avx2 {
-            v.push(Isa::Avx2);
+        match detect_isa() {
+            Isa::Avx2 => v.push(Isa::Avx2),
+            Isa::Avx512 => v.extend([Isa::Avx2, Isa::Avx512]),
+            Isa::Scalar => {}
         }
         v
     }
 
-    fn check_with(c: &Case, seed: u64, ex: Exec) {
+    fn check_with(c: &Case, seed: u64, ex: Exec) -> Vec<f32> {
         let d = make(c, seed);
         let want = reference(c, &d);
         let p = params(c, &d);
@@ -1362,10 +1606,28 @@ mod tests {
                 i % d.out_stride
             );
         }
+        out
     }
 
     /// Every ISA, automatic and forced inline / parallel execution, and key splits where they apply.
     fn check(c: &Case) {
+        // The 16-lane products give the AVX2 kernel's bits, inline, parallel and split.
+        #[cfg(target_arch = "x86_64")]
+        if isas().contains(&Isa::Avx512) {
+            for (parallel, split) in [(None, None), (Some(false), None), (Some(true), Some(3))] {
+                let ex = |isa| Exec {
+                    isa,
+                    parallel,
+                    split,
+                };
+                let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(check_with(c, 99, ex(Isa::Avx2))),
+                    bits(check_with(c, 99, ex(Isa::Avx512))),
+                    "AVX-512 and AVX2 attention differ ({parallel:?}, {split:?})"
+                );
+            }
+        }
         for (n, isa) in isas().into_iter().enumerate() {
             let seed = 7 + n as u64;
             check_with(c, seed, Exec::auto(isa));
