@@ -636,16 +636,14 @@ mod avx {
     stream_tile!(
         /// As [`tile`] on a bf16 weight row (bf16 → f32 is a 16-bit shift).
         tile_bf16, u16, "avx2,fma",
-        |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-            _mm_loadu_si128(p as *const __m128i)
-        ))),
-        |h| f32::from_bits((h as u32) << 16)
+        |p| crate::kernels::simd::bf16x8(p),
+        |h| crate::kernels::simd::bf16_to_f32(h)
     );
     stream_tile!(
         /// As [`tile`] on an f16 weight row (F16C conversion).
         tile_f16, u16, "avx2,fma,f16c",
-        |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-        |h| half::f16::from_bits(h).to_f32()
+        |p| crate::kernels::simd::f16x8(p),
+        |h| crate::kernels::simd::f16_to_f32(h)
     );
 }
 

@@ -39,3 +39,32 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     ));
     _mm256_mul_ps(y, _mm256_castsi256_ps(e))
 }
+
+/// A bf16 value as f32 (exact: the high half of the f32's bits).
+#[inline(always)]
+pub(crate) fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// An f16 value as f32 (exact).
+#[inline(always)]
+pub(crate) fn f16_to_f32(h: u16) -> f32 {
+    half::f16::from_bits(h).to_f32()
+}
+
+/// 8 bf16 values at `p` as f32 (exact).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn bf16x8(p: *const u16) -> __m256 {
+    let h = _mm_loadu_si128(p as *const __m128i);
+    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+}
+
+/// 8 f16 values at `p` as f32 (exact; F16C).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx,f16c")]
+pub(crate) unsafe fn f16x8(p: *const u16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}

@@ -115,6 +115,8 @@ pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R 
     })
 }
 
+use super::simd::{bf16_to_f32, f16_to_f32};
+
 fn widen_bf16(s: &[u16], d: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::simd::has_avx2_fma() {
@@ -122,7 +124,7 @@ fn widen_bf16(s: &[u16], d: &mut [f32]) {
         return unsafe { avx2_bf16(s, d) };
     }
     for (o, &h) in d.iter_mut().zip(s) {
-        *o = f32::from_bits((h as u32) << 16);
+        *o = bf16_to_f32(h);
     }
 }
 
@@ -133,7 +135,7 @@ fn widen_f16(s: &[u16], d: &mut [f32]) {
         return unsafe { f16c(s, d) };
     }
     for (o, &h) in d.iter_mut().zip(s) {
-        *o = half::f16::from_bits(h).to_f32();
+        *o = f16_to_f32(h);
     }
 }
 
@@ -141,6 +143,11 @@ fn widen_f16(s: &[u16], d: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_f16c() -> bool {
     is_x86_feature_detected!("f16c") && is_x86_feature_detected!("avx")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn has_f16c() -> bool {
+    false
 }
 
 /// One cache line 4 KiB ahead of value `i` along a weight stream: the stream crosses page
@@ -153,49 +160,31 @@ fn prefetch_ahead(s: &[u16], i: usize) {
     unsafe { _mm_prefetch::<_MM_HINT_T0>(s.as_ptr().wrapping_add(i + 2048) as *const i8) };
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-pub(crate) fn has_f16c() -> bool {
-    false
+/// A widening loop: 8 values at a time with `$vec`, the rest with `$one`.
+macro_rules! widen_loop {
+    ($name:ident, $features:literal, $vec:path, $one:path) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(s: &[u16], d: &mut [f32]) {
+            let n = s.len().min(d.len());
+            let mut i = 0;
+            while i + 8 <= n {
+                if i % 32 == 0 {
+                    prefetch_ahead(s, i);
+                }
+                let v = $vec(s.as_ptr().add(i));
+                std::arch::x86_64::_mm256_storeu_ps(d.as_mut_ptr().add(i), v);
+                i += 8;
+            }
+            for j in i..n {
+                d[j] = $one(s[j]);
+            }
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn avx2_bf16(s: &[u16], d: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = s.len().min(d.len());
-    let mut i = 0;
-    while i + 8 <= n {
-        if i % 32 == 0 {
-            prefetch_ahead(s, i);
-        }
-        let h = _mm_loadu_si128(s.as_ptr().add(i) as *const __m128i);
-        let w = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h));
-        _mm256_storeu_ps(d.as_mut_ptr().add(i), _mm256_castsi256_ps(w));
-        i += 8;
-    }
-    for j in i..n {
-        d[j] = f32::from_bits((s[j] as u32) << 16);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx,f16c")]
-unsafe fn f16c(s: &[u16], d: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let n = s.len().min(d.len());
-    let mut i = 0;
-    while i + 8 <= n {
-        if i % 32 == 0 {
-            prefetch_ahead(s, i);
-        }
-        let h = _mm_loadu_si128(s.as_ptr().add(i) as *const __m128i);
-        _mm256_storeu_ps(d.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
-        i += 8;
-    }
-    for j in i..n {
-        d[j] = half::f16::from_bits(s[j]).to_f32();
-    }
-}
+widen_loop!(avx2_bf16, "avx2", super::simd::bf16x8, bf16_to_f32);
+widen_loop!(f16c, "avx,f16c", super::simd::f16x8, f16_to_f32);
 
 #[cfg(test)]
 mod tests {
