@@ -17,13 +17,13 @@ pub fn cpu_kernels() -> Vec<&'static str> {
             v.push("avx512-vnni (quantized matmul)");
         }
         if avx2 && is_x86_feature_detected!("avx512f") {
-            v.push("avx512f (f32 prefill GEMM)");
+            v.push("avx512f (f32 prefill GEMM, attention products)");
         }
         if avx2 {
             v.push(if is_x86_feature_detected!("f16c") {
-                "avx2+fma (f32 decode and GEMM, attention, quantized matmul)"
+                "avx2+fma (f32/bf16/f16 decode and GEMM, attention, quantized matmul)"
             } else {
-                "avx2+fma (f32 decode and GEMM, attention)"
+                "avx2+fma (f32/bf16 decode and GEMM, attention)"
             });
         }
     }
