@@ -558,9 +558,7 @@ pub fn run_decoder(
         model: name.to_string(),
         params,
         weight_bytes: matmul_bytes(dec)
-            + dec.weights.embed.elem_count()
-                * dec.weights.embed.dtype().size_in_bytes()
-                * usize::from(!dec.spec.tie_embeddings),
+            + dec.weights.embed.bytes() * usize::from(!dec.spec.tie_embeddings),
         load_s,
         prompt_tokens: prompt.len(),
         prefill_tokens_per_s: prefill_tps,

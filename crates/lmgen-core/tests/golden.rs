@@ -360,6 +360,50 @@ fn gguf_from_llama_cpp_converter() {
     }
 }
 
+/// A quantized GGUF's embedding table stays in its block format (as llama.cpp keeps it; a tied
+/// output head is the same matrix, not a second copy), and the rows gathered from it are the
+/// values of the table dequantized at load (`--dequantize`), bit for bit.
+#[test]
+fn gguf_quantized_embedding_table_stays_quantized() {
+    use lmgen_core::model::layers::{Embedding, Weight};
+    for file in [
+        "gpt2.q8_0.gguf",
+        "falcon.q8_0.gguf",
+        "bloom.q8_0.gguf",
+        "qwen2-moe.q8_0.gguf",
+    ] {
+        let loc = ModelLocation::Gguf(fixtures().join("gguf").join(file));
+        let kept = load(&loc, &LoadOptions::default()).unwrap();
+        let opts = LoadOptions {
+            keep_quantized: false,
+            ..LoadOptions::default()
+        };
+        let deq = load(&loc, &opts).unwrap();
+        let w = &kept.decoder.weights;
+        let Embedding::Quant(q) = &w.embed else {
+            panic!("{file}: embedding table not kept quantized");
+        };
+        assert!(matches!(deq.decoder.weights.embed, Embedding::Tensor(_)));
+        if kept.spec().tie_embeddings {
+            match &w.lm_head.weight {
+                Weight::Quant(h) => assert!(std::sync::Arc::ptr_eq(q, h), "{file}: tied head"),
+                _ => panic!("{file}: tied head not the quantized table"),
+            }
+        }
+        let ids = candle_core::Tensor::arange(0u32, q.rows() as u32, &candle_core::Device::Cpu)
+            .unwrap();
+        let rows = |m: &Model| -> Vec<u32> {
+            let t = m.decoder.weights.embed.rows_of(&ids).unwrap();
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(rows(&kept), rows(&deq), "{file}: rows");
+        let bad = candle_core::Tensor::new(&[q.rows() as u32], &candle_core::Device::Cpu).unwrap();
+        let err = w.embed.rows_of(&bad).unwrap_err().to_string();
+        assert!(err.contains("outside the vocabulary"), "{err}");
+    }
+}
+
 /// A Q8_0 GGUF of a mixture of experts keeps its stacked expert matrices quantized (one
 /// expert's rows sliced out of llama.cpp's `[experts, rows, cols]` tensor) and tracks the f32
 /// goldens as closely as quantized dense models do.

@@ -331,6 +331,10 @@ impl<'a> Loader<'a> {
     /// The token embedding table `[vocab, dim]` stored at the absolute `name`: in place in the
     /// file's memory map where the layout allows (see [`Loader::map_weights`]), else loaded.
     pub fn embedding(&self, name: &str, vocab: usize, dim: usize) -> Result<Embedding> {
+        // A GGUF's quantized table stays in its block format (as llama.cpp keeps it).
+        if let Some(q) = self.quantized(name, &[vocab, dim])? {
+            return Ok(Embedding::Quant(Arc::new(q)));
+        }
         match self.mapped(name, vocab, dim) {
             Some(m) => Ok(Embedding::Mapped(m)),
             None => Ok(Embedding::Tensor(self.abs(name, &[vocab, dim])?)),
@@ -486,11 +490,13 @@ impl<'a> Loader<'a> {
             if self.store.contains(head_name) {
                 self.store.ignore(head_name);
             }
-            if let Some(q) = self.quantized(embed_name, &shape)? {
-                return Ok(Linear {
-                    weight: Weight::Quant(Arc::new(q)),
-                    bias: None,
-                });
+            if !matches!(embed, Embedding::Quant(_)) {
+                if let Some(q) = self.quantized(embed_name, &shape)? {
+                    return Ok(Linear {
+                        weight: Weight::Quant(Arc::new(q)),
+                        bias: None,
+                    });
+                }
             }
             Ok(Linear {
                 weight: embed.head_weight(&self.device)?,

@@ -7,7 +7,7 @@
 //! (bias + activation + gate in one pass) → residual. Logits only for the rows that sample.
 //! Same numbers as the tensor path (`decoder.rs`), which remains for GPUs and half precision.
 use super::decoder::{route, Decoder, Moe, Want};
-use super::layers::{embedding_row, Embedding, Linear, Norm, Weight};
+use super::layers::{embedding_row, quant_embedding_row, Embedding, Linear, Norm, Weight};
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual, RopeSpec};
 use crate::kernels::attention::{paged_attention, AttnParams, AttnSeq};
 use crate::kernels::ops;
@@ -352,6 +352,7 @@ impl Decoder {
         (match &w.embed {
             Embedding::Tensor(t) => t_ok(t),
             Embedding::Mapped(_) => w.embed.mapped_values().is_some(),
+            Embedding::Quant(_) => true,
         }) && w.pos_embed.as_ref().is_none_or(t_ok)
             && w.embed_norm.as_ref().is_none_or(n_ok)
             && w.project_in.as_ref().is_none_or(l_ok)
@@ -413,13 +414,16 @@ impl Decoder {
         // Embeddings (+ project_in, learned positions, embedding norm) into x.
         let emb_tensor = match &w.embed {
             Embedding::Tensor(t) => Some(f32_of(t)?),
-            Embedding::Mapped(_) => None,
+            Embedding::Mapped(_) | Embedding::Quant(_) => None,
         };
         let table = match &emb_tensor {
             Some(t) => WSlice::F32(t.s()),
             None => w.embed.mapped_values().unwrap_or(WSlice::F32(&[])),
         };
-        let e = table.len() / w.embed.rows().max(1);
+        let e = match &w.embed {
+            Embedding::Quant(q) => q.cols(),
+            _ => table.len() / w.embed.rows().max(1),
+        };
         {
             let buf = fit(
                 if w.project_in.is_some() {
@@ -430,7 +434,10 @@ impl Decoder {
                 n * e,
             );
             for (row, &t) in buf.chunks_mut(e).zip(seqs.iter().flat_map(|s| s.tokens)) {
-                embedding_row(table, t, e, row)?;
+                match &w.embed {
+                    Embedding::Quant(q) => quant_embedding_row(q, t, row)?,
+                    _ => embedding_row(table, t, e, row)?,
+                }
                 if let Some(sc) = spec.embed_scale {
                     row.iter_mut().for_each(|v| *v *= sc);
                 }

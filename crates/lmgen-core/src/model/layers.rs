@@ -120,20 +120,31 @@ impl MappedRows {
     }
 }
 
-/// The token embedding table `[vocab, dim]`: a tensor, or rows used in place from the
-/// checkpoint's memory map (f32, bf16 or f16, widened as they are read; then also the weight
-/// of a tied output head, without a copy).
+/// The token embedding table `[vocab, dim]`: a tensor, rows used in place from the
+/// checkpoint's memory map (f32, bf16 or f16, widened as they are read), or a GGUF's quantized
+/// table kept in its block format (rows dequantized as they are gathered). The last two are also
+/// the weight of a tied output head, without a copy.
 #[derive(Debug, Clone)]
 pub enum Embedding {
     Tensor(Tensor),
     Mapped(MappedRows),
+    Quant(Arc<QMatrix>),
 }
 
 impl Embedding {
     pub fn dtype(&self) -> DType {
         match self {
             Embedding::Tensor(t) => t.dtype(),
-            Embedding::Mapped(_) => DType::F32,
+            Embedding::Mapped(_) | Embedding::Quant(_) => DType::F32,
+        }
+    }
+
+    /// Bytes the table takes where it lies.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Embedding::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            Embedding::Mapped(m) => m.bytes(),
+            Embedding::Quant(q) => q.storage_bytes(),
         }
     }
 
@@ -141,6 +152,7 @@ impl Embedding {
         match self {
             Embedding::Tensor(t) => t.elem_count(),
             Embedding::Mapped(m) => m.rows() * m.cols(),
+            Embedding::Quant(q) => q.rows() * q.cols(),
         }
     }
 
@@ -149,6 +161,7 @@ impl Embedding {
         match self {
             Embedding::Tensor(t) => t.dims().first().copied().unwrap_or(0),
             Embedding::Mapped(m) => m.rows(),
+            Embedding::Quant(q) => q.rows(),
         }
     }
 
@@ -168,13 +181,22 @@ impl Embedding {
                 }
                 Tensor::from_vec(out, (ids_v.len(), d), ids.device())
             }
+            Embedding::Quant(q) => {
+                let d = q.cols();
+                let ids_v = ids.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids_v.len() * d];
+                for (&t, dst) in ids_v.iter().zip(out.chunks_exact_mut(d.max(1))) {
+                    quant_embedding_row(q, t, dst)?;
+                }
+                Tensor::from_vec(out, (ids_v.len(), d), ids.device())
+            }
         }
     }
 
     /// The table's values, where they are used in place in one piece (`None` otherwise).
     pub fn mapped_values(&self) -> Option<WSlice<'_>> {
         match self {
-            Embedding::Tensor(_) => None,
+            Embedding::Tensor(_) | Embedding::Quant(_) => None,
             Embedding::Mapped(m) => m.single(),
         }
     }
@@ -184,6 +206,11 @@ impl Embedding {
         Ok(match self {
             Embedding::Tensor(t) => Weight::Dense(t.to_device(device)?),
             Embedding::Mapped(m) if device.is_cpu() => Weight::Mapped(m.clone()),
+            Embedding::Quant(q) if device.is_cpu() => Weight::Quant(q.clone()),
+            Embedding::Quant(q) => Weight::Dense(
+                Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu)?
+                    .to_device(device)?,
+            ),
             Embedding::Mapped(m) => Weight::Dense(
                 Tensor::from_vec(m.to_vec(), (m.rows(), m.cols()), &Device::Cpu)?
                     .to_device(device)?,
@@ -200,6 +227,15 @@ pub fn embedding_row(table: WSlice, t: u32, d: usize, dst: &mut [f32]) -> Result
         .get(t * d, (t + 1) * d)
         .ok_or_else(|| candle_core::Error::Msg(format!("token id {t} outside the vocabulary")))?
         .widen_into(dst);
+    Ok(())
+}
+
+/// Row `t` of a quantized table into `dst` as f32; a clear error for an id outside the table.
+pub fn quant_embedding_row(q: &QMatrix, t: u32, dst: &mut [f32]) -> Result<()> {
+    if t as usize >= q.rows() {
+        candle_core::bail!("token id {t} outside the vocabulary");
+    }
+    q.dequantize_row(t as usize, dst);
     Ok(())
 }
 

@@ -19,18 +19,35 @@ fn quantize_into<B: GgmlType>(src: &[f32], dst: &mut [u8]) {
 }
 
 fn dequantize_with<B: GgmlType>(src: &[u8], dst: &mut [f32]) {
+    thread_local! {
+        /// Aligned copies of the blocks (2-byte alignment, as the blocks' f16 fields need),
+        /// grown and reused: gathering an embedding row allocates nothing.
+        static BLOCKS: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let n = src.len() / std::mem::size_of::<B>();
-    let mut blocks = vec![B::zeros(); n];
-    // SAFETY: every bit pattern is a valid block (plain f16 / integer fields); the copy fills
-    // exactly `n` blocks, and `blocks` is properly aligned.
-    unsafe {
-        std::ptr::copy_nonoverlapping(
-            src.as_ptr(),
-            blocks.as_mut_ptr() as *mut u8,
-            n * std::mem::size_of::<B>(),
-        )
-    };
-    B::to_float(&blocks, dst);
+    let bytes = n * std::mem::size_of::<B>();
+    if std::mem::align_of::<B>() > std::mem::align_of::<u16>() {
+        let mut blocks = vec![B::zeros(); n];
+        // SAFETY: every bit pattern is a valid block (plain f16 / integer fields); the copy
+        // fills exactly `n` blocks, and `blocks` is properly aligned.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes)
+        };
+        return B::to_float(&blocks, dst);
+    }
+    BLOCKS.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() * 2 < bytes {
+            b.resize(bytes.div_ceil(2), 0);
+        }
+        // SAFETY: the buffer holds at least `bytes` bytes, 2-byte aligned (checked above to
+        // suffice for `B`); every bit pattern is a valid block, and `n` whole blocks are copied
+        // before they are read.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), b.as_mut_ptr() as *mut u8, bytes);
+            B::to_float(std::slice::from_raw_parts(b.as_ptr() as *const B, n), dst);
+        }
+    })
 }
 
 /// Quantizes whole rows into ggml-layout blocks.

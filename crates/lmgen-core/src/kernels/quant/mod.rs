@@ -293,6 +293,23 @@ impl QMatrix {
         out
     }
 
+    /// Row `r` as f32 into `out` (`cols` values), the values of that row of
+    /// [`Self::dequantize`]: a quantized embedding table gathered a token at a time.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows && out.len() == self.cols, "row {r} of {self:?}");
+        let rb = self.kind.row_bytes(self.cols);
+        let mut stack = [0u8; 16384];
+        let mut heap = Vec::new();
+        let buf = if rb <= stack.len() {
+            &mut stack[..rb]
+        } else {
+            heap.resize(rb, 0);
+            &mut heap[..]
+        };
+        unpack_row(self.kind, &self.data, self.cols, r, buf);
+        dequantize_bytes(self.kind, buf, out);
+    }
+
     /// The row-major `[rows, cols]` f32 matrix.
     pub fn dequantize(&self) -> Vec<f32> {
         let (kind, cols) = (self.kind, self.cols);
