@@ -50,7 +50,10 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         max_step_tokens: a.max_step_tokens,
         kv_bytes: a.kv_memory.map(|b| b as u64),
     };
-    let req = PlanRequest::new(&spec, format, compute, &workload, devices);
+    let mut req = PlanRequest::new(&spec, format, compute, &workload, devices);
+    // A GGUF kept in a block format keeps its embedding table so too.
+    req.embeddings_in_format = stored.is_some()
+        && matches!(location, Some(lmgen_core::hub::ModelLocation::Gguf(_)));
     let p = plan::plan(&spec, &req);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);

@@ -102,7 +102,11 @@ fn cpu_plans_weights_as_stored() {
     let (f, gpu) = bytes(&qwen2, &["--max-memory", "cuda:0=10GiB", "--dtype", "f32"]);
     assert_eq!(f, "f32");
     assert_eq!(2 * cpu, gpu, "bf16 on the CPU is half of f32");
-    assert_eq!(bytes(&gguf, &["--device", "cpu"]).0, "q8_0");
+    let (f, q8) = bytes(&gguf, &["--device", "cpu"]);
+    assert_eq!(f, "q8_0");
+    // Matrices and the embedding table at Q8_0's 34 bytes per 32 values: about a quarter of f32.
+    let (_, f32_bytes) = bytes(&gguf, &["--max-memory", "cuda:0=10GiB", "--dtype", "f32"]);
+    assert!(q8 * 3 < f32_bytes && q8 * 5 > f32_bytes, "{q8} vs {f32_bytes}");
 }
 
 #[test]

@@ -54,6 +54,9 @@ pub struct PlanRequest {
     pub devices: Vec<DeviceBudget>,
     /// Total KV cache bytes when fixed (a KV pool size); `None`: `batch` × `context` tokens.
     pub kv_bytes: Option<u64>,
+    /// The embedding table is stored in `weight_format` too (a quantized GGUF kept as it is),
+    /// not only the matrices (`--quantize` leaves the table dense).
+    pub embeddings_in_format: bool,
 }
 
 /// What a run holds in memory beside the weights.
@@ -104,6 +107,7 @@ impl PlanRequest {
             step_tokens: w.max_step_tokens.min(context * batch).max(1),
             devices,
             kv_bytes: w.kv_bytes,
+            embeddings_in_format: false,
         }
     }
 }
@@ -239,10 +243,11 @@ pub fn plan(s: &ModelSpec, r: &PlanRequest) -> Plan {
     let (block_p, embed_p, head_p) = param_counts(s);
     let block_bytes = (block_p as f64 * wb) as u64;
     // Embeddings are gathered, not multiplied: a float format keeps them as it stores them
-    // (the CPU keeps bf16 / f16 tables as stored); block formats hold them dense at the
-    // compute precision.
+    // (the CPU keeps bf16 / f16 tables as stored), as does a quantized GGUF; `--quantize`
+    // leaves them dense at the compute precision.
     let embed_bytes = match r.weight_format.as_str() {
         "f32" | "bf16" | "f16" => (embed_p as f64 * wb) as u64,
+        _ if r.embeddings_in_format => (embed_p as f64 * wb) as u64,
         _ => embed_p * r.act_bytes as u64,
     };
     let head_bytes = (head_p as f64 * wb) as u64;
@@ -624,6 +629,7 @@ mod tests {
             step_tokens: 2048,
             devices: parse_max_memory(devices).unwrap(),
             kv_bytes: None,
+            embeddings_in_format: false,
         }
     }
 
