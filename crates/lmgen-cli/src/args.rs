@@ -165,8 +165,9 @@ pub struct BenchArgs {
     /// Compute dtype (default f32 on the CPU, bf16 on GPUs)
     #[arg(long, value_enum, value_name = "DTYPE")]
     pub dtype: Option<DTypeArg>,
-    /// Use a real model's f32 weights in place from the file's memory map (auto: copied, as
-    /// long jobs do; the figures are steady-state speeds)
+    /// Use a real model's f32/bf16/f16 weights in place from the file's memory map (auto:
+    /// copied, as long jobs do; bf16/f16 copies keep their dtype; the figures are steady-state
+    /// speeds)
     #[arg(long, value_enum, value_name = "WHEN", default_value_t = MmapArg::Auto)]
     pub mmap: MmapArg,
 }
@@ -247,9 +248,9 @@ pub struct ModelArgs {
     /// instead of running them in their stored format (what llama.cpp does; the default)
     #[arg(long)]
     pub dequantize: bool,
-    /// Use f32 weights in place from the file's memory map (no copy at load, but each step
-    /// reads them from 4 KiB pages): auto = for jobs of at most 100 model steps, else copied
-    /// onto huge pages
+    /// Use f32/bf16/f16 weights in place from the file's memory map (no copy at load, but
+    /// each step reads them from 4 KiB pages): auto = for jobs of at most 100 model steps, else
+    /// copied onto huge pages (bf16/f16 kept in their dtype)
     #[arg(long, value_enum, value_name = "WHEN", default_value_t = MmapArg::Auto)]
     pub mmap: MmapArg,
     /// Same as --mmap never (llama.cpp's flag)

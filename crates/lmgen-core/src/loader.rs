@@ -25,9 +25,10 @@ pub struct LoadOptions {
     /// Keep matrices a GGUF file stores quantized in that form (CPU), as llama.cpp does,
     /// instead of dequantizing them to `dtype` (as transformers does).
     pub keep_quantized: bool,
-    /// Use f32 matrices in place from the checkpoint's memory map where their stored layout
-    /// is the one computed with (CPU, f32 compute): no copy at load time, pages read on first
-    /// use and shared between processes. `false` copies every weight, as `--no-mmap` asks.
+    /// Use f32, bf16 and f16 matrices in place from the checkpoint's memory map where their
+    /// stored layout is the one computed with (CPU, f32 compute): no copy at load time, pages
+    /// read on first use and shared between processes. `false` copies every weight, as
+    /// `--no-mmap` asks (bf16 / f16 ones still in their dtype, computed in f32).
     pub map_weights: bool,
 }
 
@@ -43,7 +44,7 @@ impl Default for LoadOptions {
     }
 }
 
-/// When f32 weights are used in place from the checkpoint's memory map
+/// When weights are used in place from the checkpoint's memory map
 /// ([`LoadOptions::map_weights`]) rather than copied into memory of their own.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MapWeights {

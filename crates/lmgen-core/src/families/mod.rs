@@ -228,7 +228,7 @@ pub struct Loader<'a> {
     /// One device per block when layers are spread over several devices.
     placement: Option<Vec<Device>>,
     keep_quantized: bool,
-    /// Use f32 matrices in place from the memory map (see [`Loader::map_weights`]).
+    /// Use matrices in place from the memory map (see [`Loader::map_weights`]).
     map_weights: bool,
     /// Norms have learned weights (and biases) in the checkpoint.
     affine_norms: bool,
