@@ -52,8 +52,8 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     };
     let mut req = PlanRequest::new(&spec, format, compute, &workload, devices);
     // A GGUF kept in a block format keeps its embedding table so too.
-    req.embeddings_in_format = stored.is_some()
-        && matches!(location, Some(lmgen_core::hub::ModelLocation::Gguf(_)));
+    req.embeddings_in_format =
+        stored.is_some() && matches!(location, Some(lmgen_core::hub::ModelLocation::Gguf(_)));
     let p = plan::plan(&spec, &req);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);

@@ -76,7 +76,9 @@ fn layers_spill_from_gpus_to_cpu_and_a_model_dir_needs_only_its_config() {
     let (code, out, err) = plan(&[dir.path().to_str().unwrap(), "--device", "cpu"]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        out.contains("LlamaForCausalLM") && out.contains("fits: yes") && out.contains("weights f32"),
+        out.contains("LlamaForCausalLM")
+            && out.contains("fits: yes")
+            && out.contains("weights f32"),
         "{out}"
     );
 }
@@ -93,7 +95,10 @@ fn cpu_plans_weights_as_stored() {
         assert_eq!(code, 0, "{model}: {err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let w = v["devices"][0]["weight_bytes"].as_u64().unwrap();
-        (v["weight_format"].as_str().unwrap_or_default().to_string(), w)
+        (
+            v["weight_format"].as_str().unwrap_or_default().to_string(),
+            w,
+        )
     };
     let qwen2 = format!("{fx}/qwen2");
     let gguf = format!("{fx}/gguf/falcon.q8_0.gguf");
@@ -106,7 +111,10 @@ fn cpu_plans_weights_as_stored() {
     assert_eq!(f, "q8_0");
     // Matrices and the embedding table at Q8_0's 34 bytes per 32 values: about a quarter of f32.
     let (_, f32_bytes) = bytes(&gguf, &["--max-memory", "cuda:0=10GiB", "--dtype", "f32"]);
-    assert!(q8 * 3 < f32_bytes && q8 * 5 > f32_bytes, "{q8} vs {f32_bytes}");
+    assert!(
+        q8 * 3 < f32_bytes && q8 * 5 > f32_bytes,
+        "{q8} vs {f32_bytes}"
+    );
 }
 
 #[test]

@@ -157,14 +157,12 @@ pub fn read_spec(location: &ModelLocation) -> Result<ModelSpec> {
 /// where it is another (then plan with the compute dtype). Reads the files' headers only.
 pub fn stored_weight_format(location: &ModelLocation) -> Result<Option<&'static str>> {
     Ok(match location {
-        ModelLocation::Dir(dir) => {
-            match WeightStore::new(open_checkpoint(dir)?)?.matrix_dtype() {
-                Some(DType::BF16) => Some("bf16"),
-                Some(DType::F16) => Some("f16"),
-                Some(DType::F32) => Some("f32"),
-                _ => None,
-            }
-        }
+        ModelLocation::Dir(dir) => match WeightStore::new(open_checkpoint(dir)?)?.matrix_dtype() {
+            Some(DType::BF16) => Some("bf16"),
+            Some(DType::F16) => Some("f16"),
+            Some(DType::F32) => Some("f32"),
+            _ => None,
+        },
         ModelLocation::Gguf(file) => GgufFile::open(file)?.weight_format(),
     })
 }

@@ -390,8 +390,8 @@ fn gguf_quantized_embedding_table_stays_quantized() {
                 _ => panic!("{file}: tied head not the quantized table"),
             }
         }
-        let ids = candle_core::Tensor::arange(0u32, q.rows() as u32, &candle_core::Device::Cpu)
-            .unwrap();
+        let ids =
+            candle_core::Tensor::arange(0u32, q.rows() as u32, &candle_core::Device::Cpu).unwrap();
         let rows = |m: &Model| -> Vec<u32> {
             let t = m.decoder.weights.embed.rows_of(&ids).unwrap();
             let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
@@ -526,7 +526,11 @@ fn weights_in_place_give_the_bits_of_copies() {
         ("gemma", dir("gemma"), [true, true, true, true]),
         ("phi3", gguf("phi3.bf16.gguf"), [true, true, true, true]),
         ("qwen3", gguf("qwen3.f16.gguf"), [true, true, true, true]),
-        ("stablelm", gguf("stablelm.bf16.gguf"), [true, true, true, true]),
+        (
+            "stablelm",
+            gguf("stablelm.bf16.gguf"),
+            [true, true, true, true],
+        ),
         // Row orders put back in copies of their own, still half precision: Q/K permuted by
         // the `llama` converter (QKV then in three parts: two copies and V in place), Falcon's
         // grouped fused QKV.
@@ -535,7 +539,11 @@ fn weights_in_place_give_the_bits_of_copies() {
             gguf("llama-mqa-tied.f16.gguf"),
             [false, true, true, true],
         ),
-        ("falcon", gguf("falcon.bf16.gguf"), [false, true, true, true]),
+        (
+            "falcon",
+            gguf("falcon.bf16.gguf"),
+            [false, true, true, true],
+        ),
     ];
     for (name, loc, expect) in cases {
         let load_as = |map_weights| {
@@ -578,10 +586,7 @@ fn weights_in_place_give_the_bits_of_copies() {
             assert_eq!(got, expect, "{name} ({loc:?}): matrices in place");
             // Mixture-of-experts: every expert's matrices are in place too.
             if let Some(moe) = &bm.moe {
-                assert!(moe
-                    .experts
-                    .iter()
-                    .all(|(a, b)| in_place(a) && in_place(b)));
+                assert!(moe.experts.iter().all(|(a, b)| in_place(a) && in_place(b)));
             }
             for (m, c) in [&bm.qkv, &bm.out, &bm.mlp_in, &bm.mlp_out]
                 .into_iter()

@@ -122,45 +122,47 @@ fn dot_gemm_isa(
     let col_tiles = n.div_ceil(nr);
     let tasks = (4 * pool::threads()).min(col_tiles).max(1);
     let y = OutPtr::new(out);
-    pool::for_each(tasks, |t| with_scratch(w.scratch_for(nr), |buf| {
-        let c0 = (col_tiles * t / tasks) * nr;
-        let c1 = ((col_tiles * (t + 1) / tasks) * nr).min(n);
-        let mut i0 = 0;
-        while i0 < m {
-            let i1 = (i0 + mb).min(m);
-            let mut j = c0;
-            while j < c1 {
-                // A tile never spans two parts of `w`; bf16 / f16 rows are widened once per
-                // block of input rows into this thread's buffer, which stays in L1.
-                let (run, left) = w.run(j);
-                let nt = (c1 - j).min(nr).min(left);
-                let run = run.range(0, nt * k).f32_in(buf);
-                let mut i = i0;
-                while i < i1 {
-                    let mt = (i1 - i).min(mr);
-                    // SAFETY: rows i..i + mt of x ([m, k]) exist, and `run` holds nt rows
-                    // of k (rows j..j + nt of w, checked by the caller to be [n, k]);
-                    // out rows i..i + mt, columns j..j + nt are in this task's column block
-                    // (c0..c1), written by no other task; the CPU has the ISA (`isa`).
-                    unsafe {
-                        tile(
-                            isa,
-                            mt,
-                            nt,
-                            x.as_ptr().add(i * k),
-                            run.as_ptr(),
-                            k,
-                            y.at(i * n + j),
-                            n,
-                        )
-                    };
-                    i += mt;
+    pool::for_each(tasks, |t| {
+        with_scratch(w.scratch_for(nr), |buf| {
+            let c0 = (col_tiles * t / tasks) * nr;
+            let c1 = ((col_tiles * (t + 1) / tasks) * nr).min(n);
+            let mut i0 = 0;
+            while i0 < m {
+                let i1 = (i0 + mb).min(m);
+                let mut j = c0;
+                while j < c1 {
+                    // A tile never spans two parts of `w`; bf16 / f16 rows are widened once per
+                    // block of input rows into this thread's buffer, which stays in L1.
+                    let (run, left) = w.run(j);
+                    let nt = (c1 - j).min(nr).min(left);
+                    let run = run.range(0, nt * k).f32_in(buf);
+                    let mut i = i0;
+                    while i < i1 {
+                        let mt = (i1 - i).min(mr);
+                        // SAFETY: rows i..i + mt of x ([m, k]) exist, and `run` holds nt rows
+                        // of k (rows j..j + nt of w, checked by the caller to be [n, k]);
+                        // out rows i..i + mt, columns j..j + nt are in this task's column block
+                        // (c0..c1), written by no other task; the CPU has the ISA (`isa`).
+                        unsafe {
+                            tile(
+                                isa,
+                                mt,
+                                nt,
+                                x.as_ptr().add(i * k),
+                                run.as_ptr(),
+                                k,
+                                y.at(i * n + j),
+                                n,
+                            )
+                        };
+                        i += mt;
+                    }
+                    j += nt;
                 }
-                j += nt;
+                i0 = i1;
             }
-            i0 = i1;
-        }
-    }));
+        })
+    });
     true
 }
 
@@ -431,9 +433,23 @@ mod tests {
             return;
         }
         let mut out = vec![1f32; 6];
-        assert!(dot_gemm(&[], 2, 0, WRows::one(&[WSlice::F32(&[])], 0), 3, &mut out));
+        assert!(dot_gemm(
+            &[],
+            2,
+            0,
+            WRows::one(&[WSlice::F32(&[])], 0),
+            3,
+            &mut out
+        ));
         assert_eq!(out, vec![0.0; 6]);
         let w = [0f32; 8];
-        assert!(dot_gemm(&[], 0, 4, WRows::one(&[WSlice::F32(&w)], 4), 2, &mut []));
+        assert!(dot_gemm(
+            &[],
+            0,
+            4,
+            WRows::one(&[WSlice::F32(&w)], 4),
+            2,
+            &mut []
+        ));
     }
 }

@@ -32,7 +32,16 @@ pub fn matmul_wt_into(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    product(x, m, k, WRows::one(&[WSlice::F32(w)], k), n, bias, out, false)
+    product(
+        x,
+        m,
+        k,
+        WRows::one(&[WSlice::F32(w)], k),
+        n,
+        bias,
+        out,
+        false,
+    )
 }
 
 /// As [`matmul_wt_into`] with the weight's rows given as consecutive parts (`parts[0]`'s rows
@@ -119,7 +128,16 @@ pub fn matmul_wt_gemm_crate(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    product(x, m, k, WRows::one(&[WSlice::F32(w)], k), n, bias, out, true)
+    product(
+        x,
+        m,
+        k,
+        WRows::one(&[WSlice::F32(w)], k),
+        n,
+        bias,
+        out,
+        true,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -281,34 +299,38 @@ fn stream_into(
         WSlice::Bf16(_) => isa() == Isa::Avx2,
         WSlice::F16(_) => isa() == Isa::Avx2 && super::wide::has_f16c(),
     };
-    let work = |bi: usize| with_scratch(w.scratch_for(1), |buf| {
-        let mut o = [0f32; 4];
-        let (mut run, mut left) = (WSlice::F32(&[]), 0);
-        for j in bi * block..((bi + 1) * block).min(n) {
-            if left == 0 {
-                (run, left) = w.run(j);
-            }
-            let wr = run.range(0, k);
-            let wr = if fused(&wr) {
-                wr
-            } else {
-                WSlice::F32(wr.f32_in(buf))
-            };
-            (run, left) = (run.from(k), left - 1);
-            let b = bias.map_or(0.0, |b| b[j]);
-            let mut i = 0;
-            while i < m {
-                let mt = (m - i).min(4);
-                dot_tile(&x[i * k..(i + mt) * k], mt, k, wr, &mut o[..mt]);
-                for (t, v) in o[..mt].iter().enumerate() {
-                    // SAFETY: (i + t) < m and j < n, so the index is inside `out`
-                    // ([m, n]); column j belongs to this task's block only.
-                    unsafe { y.write((i + t) * n + j, if bias.is_some() { v + b } else { *v }) };
+    let work = |bi: usize| {
+        with_scratch(w.scratch_for(1), |buf| {
+            let mut o = [0f32; 4];
+            let (mut run, mut left) = (WSlice::F32(&[]), 0);
+            for j in bi * block..((bi + 1) * block).min(n) {
+                if left == 0 {
+                    (run, left) = w.run(j);
                 }
-                i += mt;
+                let wr = run.range(0, k);
+                let wr = if fused(&wr) {
+                    wr
+                } else {
+                    WSlice::F32(wr.f32_in(buf))
+                };
+                (run, left) = (run.from(k), left - 1);
+                let b = bias.map_or(0.0, |b| b[j]);
+                let mut i = 0;
+                while i < m {
+                    let mt = (m - i).min(4);
+                    dot_tile(&x[i * k..(i + mt) * k], mt, k, wr, &mut o[..mt]);
+                    for (t, v) in o[..mt].iter().enumerate() {
+                        // SAFETY: (i + t) < m and j < n, so the index is inside `out`
+                        // ([m, n]); column j belongs to this task's block only.
+                        unsafe {
+                            y.write((i + t) * n + j, if bias.is_some() { v + b } else { *v })
+                        };
+                    }
+                    i += mt;
+                }
             }
-        }
-    });
+        })
+    };
     let blocks = n.div_ceil(block);
     // Handing small matrices to the pool costs more than it saves (measured for the
     // quantized kernels: 8 µs pooled vs 3 µs inline for a 192x576 matrix).
@@ -341,35 +363,35 @@ fn gemm_into(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut [f32])
             let (run, left) = w.run(j);
             let nb = left.min(j1 - j);
             with_scratch(w.scratch_for(nb), |buf| {
-            let run = run.range(0, nb * k).f32_in(buf);
-            // SAFETY: dims checked by the caller: `x` is [m, k] (row stride k), `run` holds
-            // at least nb rows of k (row j of w first), read as the [k, nb] matrix wᵀ (row
-            // stride 1, column stride k); columns j..j + nb of `out` ([m, n], row stride n)
-            // are written by this task only and do not alias the inputs. alpha = 0 with
-            // read_dst = false: `out` is only written.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    nb,
-                    k,
-                    y.at(j),
-                    1,
-                    n as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    run.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            }
+                let run = run.range(0, nb * k).f32_in(buf);
+                // SAFETY: dims checked by the caller: `x` is [m, k] (row stride k), `run` holds
+                // at least nb rows of k (row j of w first), read as the [k, nb] matrix wᵀ (row
+                // stride 1, column stride k); columns j..j + nb of `out` ([m, n], row stride n)
+                // are written by this task only and do not alias the inputs. alpha = 0 with
+                // read_dst = false: `out` is only written.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        nb,
+                        k,
+                        y.at(j),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        run.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
             });
             j += nb;
         }
@@ -407,7 +429,9 @@ fn dot_tile(x: &[f32], mt: usize, k: usize, w: WSlice, out: &mut [f32]) {
             _ => {}
         }
     }
-    let w = w.as_f32().expect("half-precision rows widened by the caller");
+    let w = w
+        .as_f32()
+        .expect("half-precision rows widened by the caller");
     for t in 0..mt {
         let xr = &x[t * k..(t + 1) * k];
         let mut acc = [0f32; 8];
@@ -797,14 +821,26 @@ pub(crate) mod tests {
             let x = rand_vec(m * k, 11);
             let w = rand_vec(n * k, 12);
             let b = rand_vec(n, 13);
-            let bf: Vec<u16> = w.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
-            let hf: Vec<u16> = w.iter().map(|v| half::f16::from_f32(*v).to_bits()).collect();
+            let bf: Vec<u16> = w
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            let hf: Vec<u16> = w
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
             let a = n / 2 * k;
             let cases: [(&str, Vec<WSlice>); 4] = [
                 ("bf16", vec![WSlice::Bf16(&bf)]),
                 ("f16", vec![WSlice::F16(&hf)]),
-                ("bf16 parts", vec![WSlice::Bf16(&bf[..a]), WSlice::Bf16(&bf[a..])]),
-                ("f16 + f32", vec![WSlice::F16(&hf[..a]), WSlice::F32(&w[a..])]),
+                (
+                    "bf16 parts",
+                    vec![WSlice::Bf16(&bf[..a]), WSlice::Bf16(&bf[a..])],
+                ),
+                (
+                    "f16 + f32",
+                    vec![WSlice::F16(&hf[..a]), WSlice::F32(&w[a..])],
+                ),
             ];
             for (what, parts) in cases {
                 let mut wide = vec![0f32; n * k];

@@ -198,12 +198,18 @@ mod tests {
         WSlice::Bf16(&all).widen_into(&mut got);
         for (&h, g) in all.iter().zip(&got) {
             let e = half::bf16::from_bits(h).to_f32();
-            assert!(g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()), "bf16 {h:#x}");
+            assert!(
+                g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
+                "bf16 {h:#x}"
+            );
         }
         WSlice::F16(&all).widen_into(&mut got);
         for (&h, g) in all.iter().zip(&got) {
             let e = half::f16::from_bits(h).to_f32();
-            assert!(g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()), "f16 {h:#x}");
+            assert!(
+                g.to_bits() == e.to_bits() || (g.is_nan() && e.is_nan()),
+                "f16 {h:#x}"
+            );
         }
         // Odd lengths take the scalar tail.
         let mut seven = [0f32; 7];

@@ -67,11 +67,7 @@ impl MappedRows {
 
     /// The stored dtype ("f32", "bf16", "f16"; parts of different dtypes joined by "+").
     pub fn dtype_name(&self) -> String {
-        let mut names: Vec<&str> = self
-            .parts
-            .iter()
-            .map(|p| p.dtype().as_str())
-            .collect();
+        let mut names: Vec<&str> = self.parts.iter().map(|p| p.dtype().as_str()).collect();
         names.dedup();
         names.join("+")
     }

@@ -161,7 +161,9 @@ impl MappedTensor {
             unsafe {
                 let d = (out as *mut u8).add(a * row);
                 match order {
-                    None => std::ptr::copy_nonoverlapping(src.as_ptr().add(a * row), d, (b - a) * row),
+                    None => {
+                        std::ptr::copy_nonoverlapping(src.as_ptr().add(a * row), d, (b - a) * row)
+                    }
                     Some(o) => {
                         for (i, &r) in o[a..b].iter().enumerate() {
                             let s = src.as_ptr().add(r * row);

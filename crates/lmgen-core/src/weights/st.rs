@@ -389,7 +389,9 @@ mod tests {
             assert_eq!(store.get_mapped(name, &[2, 3]).unwrap().len(), 6);
         }
         store.ignore("i");
-        store.check_all_used().expect("a, h, b are used once mapped");
+        store
+            .check_all_used()
+            .expect("a, h, b are used once mapped");
         // Offsets not aligned to the value's size, or running past the map, are refused.
         // SAFETY: a file of this test, not modified while mapped.
         let map = std::sync::Arc::new(

@@ -296,7 +296,10 @@ impl QMatrix {
     /// Row `r` as f32 into `out` (`cols` values), the values of that row of
     /// [`Self::dequantize`]: a quantized embedding table gathered a token at a time.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        assert!(r < self.rows && out.len() == self.cols, "row {r} of {self:?}");
+        assert!(
+            r < self.rows && out.len() == self.cols,
+            "row {r} of {self:?}"
+        );
         let rb = self.kind.row_bytes(self.cols);
         let mut stack = [0u8; 16384];
         let mut heap = Vec::new();
