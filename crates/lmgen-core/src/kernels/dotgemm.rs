@@ -122,55 +122,122 @@ fn dot_gemm_isa(
     let col_tiles = n.div_ceil(nr);
     let tasks = (4 * pool::threads()).min(col_tiles).max(1);
     let y = OutPtr::new(out);
+    let k16 = k / 16 * 16;
+    // Long rows (AVX-512): `k` in parts, so that a weight tile's part stays in L1 while the
+    // block's input rows pass it, the tiles' partial sums kept between parts.
+    let kc = if isa == Isa::Avx512 && k >= K_BLOCK_MIN {
+        K_BLOCK
+    } else {
+        k16.max(16)
+    };
+    let state_len = if kc < k16 {
+        mb.div_ceil(mr) * mr * nr * 16
+    } else {
+        0
+    };
     pool::for_each(tasks, |t| {
         with_scratch(w.scratch_for(nr), |buf| {
-            let c0 = (col_tiles * t / tasks) * nr;
-            let c1 = ((col_tiles * (t + 1) / tasks) * nr).min(n);
-            let mut i0 = 0;
-            while i0 < m {
-                let i1 = (i0 + mb).min(m);
-                let mut j = c0;
-                while j < c1 {
-                    // A tile never spans two parts of `w`; bf16 / f16 rows are widened once per
-                    // block of input rows into this thread's buffer, which stays in L1.
-                    let (run, left) = w.run(j);
-                    let nt = (c1 - j).min(nr).min(left);
-                    let run = run.range(0, nt * k).f32_in(buf);
-                    let mut i = i0;
-                    while i < i1 {
-                        let mt = (i1 - i).min(mr);
-                        // SAFETY: rows i..i + mt of x ([m, k]) exist, and `run` holds nt rows
-                        // of k (rows j..j + nt of w, checked by the caller to be [n, k]);
-                        // out rows i..i + mt, columns j..j + nt are in this task's column block
-                        // (c0..c1), written by no other task; the CPU has the ISA (`isa`).
-                        unsafe {
-                            tile(
-                                isa,
-                                mt,
-                                nt,
-                                x.as_ptr().add(i * k),
-                                run.as_ptr(),
-                                k,
-                                y.at(i * n + j),
-                                n,
-                            )
-                        };
-                        i += mt;
+            with_state(state_len, |state| {
+                let c0 = (col_tiles * t / tasks) * nr;
+                let c1 = ((col_tiles * (t + 1) / tasks) * nr).min(n);
+                let mut i0 = 0;
+                while i0 < m {
+                    let i1 = (i0 + mb).min(m);
+                    let mut j = c0;
+                    while j < c1 {
+                        // A tile never spans two parts of `w`; bf16 / f16 rows are widened
+                        // once per block of input rows into this thread's buffer.
+                        let (run, left) = w.run(j);
+                        let nt = (c1 - j).min(nr).min(left);
+                        let run = run.range(0, nt * k).f32_in(buf);
+                        let mut from = 0;
+                        loop {
+                            let to = (from + kc).min(k16);
+                            let mut i = i0;
+                            while i < i1 {
+                                let mt = (i1 - i).min(mr);
+                                let span = Span {
+                                    from,
+                                    to,
+                                    state: state.as_mut_ptr().wrapping_add((i - i0) * nr * 16),
+                                };
+                                // SAFETY: rows i..i + mt of x ([m, k]) exist, and `run` holds
+                                // nt rows of k (rows j..j + nt of w, checked by the caller to
+                                // be [n, k]); out rows i..i + mt, columns j..j + nt are in this
+                                // task's column block (c0..c1), written by no other task; the
+                                // CPU has the ISA (`isa`); a partial span's state is this
+                                // tile's own slot ((i - i0) / mr of mb / mr), written by the
+                                // spans before it.
+                                unsafe {
+                                    tile(
+                                        isa,
+                                        mt,
+                                        nt,
+                                        x.as_ptr().add(i * k),
+                                        run.as_ptr(),
+                                        k,
+                                        y.at(i * n + j),
+                                        n,
+                                        span,
+                                    )
+                                };
+                                i += mt;
+                            }
+                            if to >= k16 {
+                                break;
+                            }
+                            from = to;
+                        }
+                        j += nt;
                     }
-                    j += nt;
+                    i0 = i1;
                 }
-                i0 = i1;
-            }
+            })
         })
     });
     true
 }
 
-/// One `mt × nt` tile (`mt <= MR`, `nt <= NR` of the ISA).
+/// `k` from which the AVX-512 kernel sums in parts of [`K_BLOCK`] (a 4 × 6 tile's operands
+/// no longer fit L1 beyond ~1,000).
+const K_BLOCK_MIN: usize = 1024;
+/// Values of `k` per part (a multiple of 16). `examples/gemm_micro.rs`, 512 × 1536 × 576 (the
+/// down projection of SmolLM2), two alternating rounds: whole 118 / 121 GF/s; parts of 256:
+/// 103 / 91; 384: 143 / 130; 512: 141 / 128; 768: 127 / 123. At 17 and 64 rows parts of 512
+/// measured 137–151 and 168–172 against 132–136 and 148–157.
+const K_BLOCK: usize = 512;
+
+/// `f` with this thread's buffer for partial tile sums, at least `len` floats.
+fn with_state<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    thread_local! {
+        static STATE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    STATE.with(|s| {
+        let mut v = s.borrow_mut();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
+}
+
+/// The part `from..to` of `k` (multiples of 16; `to` = `k / 16 * 16` for the last part, which
+/// also takes the remainder and writes the tile) a tile call sums; `state` holds the tile's
+/// partial sums between parts (`MR × NR × 16` floats).
+#[derive(Clone, Copy)]
+struct Span {
+    from: usize,
+    to: usize,
+    state: *mut f32,
+}
+
+/// One `mt × nt` tile (`mt <= MR`, `nt <= NR` of the ISA) over `span` of `k` (the AVX2
+/// kernel takes whole spans only).
 ///
 /// # Safety
 /// `x` has `mt` rows of `k`, `w` `nt` rows of `k`, `out` `mt` rows of stride `ldo` with `nt`
-/// writable values each; the CPU supports `isa`.
+/// writable values each; the CPU supports `isa`; a partial span's `state` holds `mt × nt × 16`
+/// floats, written by the spans before it.
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile(
     isa: Isa,
@@ -181,13 +248,14 @@ unsafe fn tile(
     k: usize,
     out: *mut f32,
     ldo: usize,
+    span: Span,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! rows {
             ($f:ident, $nr:literal, $($mr:literal)+) => {
                 match mt {
-                    $($mr => $f::<$mr, $nr>(x, w, k, out, ldo),)+
+                    $($mr => $f::<$mr, $nr>(x, w, k, out, ldo, span),)+
                     _ => unreachable!(),
                 }
             };
@@ -216,7 +284,7 @@ unsafe fn tile(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (isa, mt, nt, x, w, k, out, ldo);
+        let _ = (isa, mt, nt, x, w, k, out, ldo, span);
         unreachable!("no vector kernel on this architecture")
     }
 }
@@ -253,18 +321,29 @@ unsafe fn finish(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::needless_range_loop)] // register tiles indexed by row and column
+#[allow(clippy::too_many_arguments)]
 unsafe fn k512<const MR: usize, const NR: usize>(
     x: *const f32,
     w: *const f32,
     k: usize,
     out: *mut f32,
     ldo: usize,
+    span: Span,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); NR]; MR];
     let k16 = k / 16 * 16;
-    let mut i = 0;
-    while i < k16 {
+    // A span of `k` continues the sums a previous span left in `state` (same lanes, same
+    // order of `k`: the bits of one pass), and the last one finishes them.
+    if span.from > 0 {
+        for t in 0..MR {
+            for j in 0..NR {
+                acc[t][j] = _mm512_loadu_ps(span.state.add((t * NR + j) * 16));
+            }
+        }
+    }
+    let mut i = span.from;
+    while i < span.to {
         let mut wv = [_mm512_setzero_ps(); NR];
         for j in 0..NR {
             wv[j] = _mm512_loadu_ps(w.add(j * k + i));
@@ -276,6 +355,14 @@ unsafe fn k512<const MR: usize, const NR: usize>(
             }
         }
         i += 16;
+    }
+    if span.to < k16 {
+        for t in 0..MR {
+            for j in 0..NR {
+                _mm512_storeu_ps(span.state.add((t * NR + j) * 16), acc[t][j]);
+            }
+        }
+        return;
     }
     if k - i >= 8 {
         // The streaming kernel's 8-wide remainder goes to lanes 0-7; the others keep theirs.
@@ -340,7 +427,12 @@ unsafe fn k256<const MR: usize, const NR: usize>(
     k: usize,
     out: *mut f32,
     ldo: usize,
+    span: Span,
 ) {
+    debug_assert!(
+        span.from == 0 && span.to == k / 16 * 16,
+        "AVX2 tiles take whole spans"
+    );
     let k16 = k / 16 * 16;
     let tail8 = k - k16 >= 8;
     let lo = half256::<MR, NR>(x, w, k, 0, if tail8 { k16 + 1 } else { k16 });
@@ -383,6 +475,9 @@ mod tests {
             (40, 576, 129),
             (129, 130, 67),
             (23, 1549, 31),
+            (9, 2064, 13),
+            (37, 1024, 7),
+            (300, 1100, 20),
             (300, 200, 500),
             (64, 24, 6),
         ] {
