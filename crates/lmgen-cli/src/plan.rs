@@ -51,9 +51,10 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
         kv_bytes: a.kv_memory.map(|b| b as u64),
     };
     let mut req = PlanRequest::new(&spec, format, compute, &workload, devices);
-    // A GGUF kept in a block format keeps its embedding table so too.
-    req.embeddings_in_format =
-        stored.is_some() && matches!(location, Some(lmgen_core::hub::ModelLocation::Gguf(_)));
+    // A GGUF kept as stored keeps its embedding table in the table's own format.
+    if let (Some(_), Some(l)) = (stored, &location) {
+        req.embedding_format = lmgen_core::loader::stored_embedding_format(l).map(str::to_string);
+    }
     let p = plan::plan(&spec, &req);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&p)?);

@@ -167,6 +167,15 @@ pub fn stored_weight_format(location: &ModelLocation) -> Result<Option<&'static 
     })
 }
 
+/// A GGUF's embedding table format as a CPU load keeps it ([`stored_weight_format`]'s names);
+/// `None` for a directory (its table is planned as its matrices) or an unreadable file.
+pub fn stored_embedding_format(location: &ModelLocation) -> Option<&'static str> {
+    match location {
+        ModelLocation::Gguf(file) => GgufFile::open(file).ok()?.embedding_format(),
+        ModelLocation::Dir(_) => None,
+    }
+}
+
 pub fn load(location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {
     match location {
         ModelLocation::Dir(dir) => load_dir(dir, location, opts),

@@ -54,9 +54,10 @@ pub struct PlanRequest {
     pub devices: Vec<DeviceBudget>,
     /// Total KV cache bytes when fixed (a KV pool size); `None`: `batch` × `context` tokens.
     pub kv_bytes: Option<u64>,
-    /// The embedding table is stored in `weight_format` too (a quantized GGUF kept as it is),
-    /// not only the matrices (`--quantize` leaves the table dense).
-    pub embeddings_in_format: bool,
+    /// The format the embedding table is kept in where a file says (a quantized GGUF kept as
+    /// it is); `None`: as the matrices for float formats, else dense at the compute precision
+    /// (`--quantize` leaves the table dense).
+    pub embedding_format: Option<String>,
 }
 
 /// What a run holds in memory beside the weights.
@@ -107,7 +108,7 @@ impl PlanRequest {
             step_tokens: w.max_step_tokens.min(context * batch).max(1),
             devices,
             kv_bytes: w.kv_bytes,
-            embeddings_in_format: false,
+            embedding_format: None,
         }
     }
 }
@@ -245,9 +246,9 @@ pub fn plan(s: &ModelSpec, r: &PlanRequest) -> Plan {
     // Embeddings are gathered, not multiplied: a float format keeps them as it stores them
     // (the CPU keeps bf16 / f16 tables as stored), as does a quantized GGUF; `--quantize`
     // leaves them dense at the compute precision.
-    let embed_bytes = match r.weight_format.as_str() {
-        "f32" | "bf16" | "f16" => (embed_p as f64 * wb) as u64,
-        _ if r.embeddings_in_format => (embed_p as f64 * wb) as u64,
+    let embed_bytes = match (r.embedding_format.as_deref(), r.weight_format.as_str()) {
+        (Some(f), _) => (embed_p as f64 * bytes_per_param(f).unwrap_or(wb)) as u64,
+        (None, "f32" | "bf16" | "f16") => (embed_p as f64 * wb) as u64,
         _ => embed_p * r.act_bytes as u64,
     };
     let head_bytes = (head_p as f64 * wb) as u64;
@@ -629,7 +630,7 @@ mod tests {
             step_tokens: 2048,
             devices: parse_max_memory(devices).unwrap(),
             kv_bytes: None,
-            embeddings_in_format: false,
+            embedding_format: None,
         }
     }
 

@@ -181,6 +181,21 @@ fn ggml_dtype_name(d: GgmlDType) -> &'static str {
     }
 }
 
+/// A ggml type's name as the plan's storage formats spell it (`None` for one it has not).
+fn format_name(ggml: &str) -> Option<&'static str> {
+    Some(match ggml {
+        "F32" => "f32",
+        "BF16" => "bf16",
+        "F16" => "f16",
+        "Q8_0" => "q8_0",
+        "Q4_0" => "q4_0",
+        "Q4_1" => "q4_1",
+        "Q4_K" => "q4_k",
+        "Q6_K" => "q6_k",
+        _ => return None,
+    })
+}
+
 impl Mapped {
     /// For the fixes that reorder rows: the stored row of each checkpoint row.
     fn row_order(&self) -> Option<Vec<usize>> {
@@ -470,17 +485,14 @@ impl GgufFile {
             }
         }
         let (name, _) = by_type.into_iter().max_by_key(|&(_, n)| n)?;
-        Some(match name {
-            "F32" => "f32",
-            "BF16" => "bf16",
-            "F16" => "f16",
-            "Q8_0" => "q8_0",
-            "Q4_0" => "q4_0",
-            "Q4_1" => "q4_1",
-            "Q4_K" => "q4_k",
-            "Q6_K" => "q6_k",
-            _ => return None,
-        })
+        format_name(name)
+    }
+
+    /// The format of the token embedding table (`token_embd.weight`), named as
+    /// [`Self::weight_format`] names them.
+    pub fn embedding_format(&self) -> Option<&'static str> {
+        let info = self.content.tensor_infos.get("token_embd.weight")?;
+        format_name(ggml_dtype_name(info.ggml_dtype))
     }
 
     /// GGUF name and storage type of the tensor exposed as `hf_name`.
