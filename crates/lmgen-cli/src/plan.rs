@@ -40,10 +40,12 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     // stored, computing in f32; GPUs hold them in the compute dtype.
     // Best effort: a directory with only its config.json is planned at the compute dtype.
     let stored = match (&location, any_gpu, a.quantize) {
-        (Some(l), false, None) => lmgen_core::loader::stored_weight_format(l).unwrap_or(None),
-        _ => None,
+        (Some(l), false, None) => lmgen_core::loader::stored_formats(l).unwrap_or_default(),
+        _ => Default::default(),
     };
-    let format = stored.unwrap_or_else(|| plan::weight_format(a.quantize, compute));
+    let format = stored
+        .matrices
+        .unwrap_or_else(|| plan::weight_format(a.quantize, compute));
     let workload = Workload {
         batch: a.batch_size,
         context: Some(a.context),
@@ -52,8 +54,8 @@ pub fn plan(a: PlanArgs) -> anyhow::Result<()> {
     };
     let mut req = PlanRequest::new(&spec, format, compute, &workload, devices);
     // A GGUF kept as stored keeps its embedding table in the table's own format.
-    if let (Some(_), Some(l)) = (stored, &location) {
-        req.embedding_format = lmgen_core::loader::stored_embedding_format(l).map(str::to_string);
+    if stored.matrices.is_some() {
+        req.embedding_format = stored.embedding.map(str::to_string);
     }
     let p = plan::plan(&spec, &req);
     if a.json {

@@ -152,28 +152,39 @@ pub fn read_spec(location: &ModelLocation) -> Result<ModelSpec> {
     families::spec(family, &arch, &cfg)
 }
 
-/// How the checkpoint stores most of its matrix values, as a CPU load keeps them: "f32",
-/// "bf16", "f16" (computed in f32, but not widened in memory), or a GGUF block format; `None`
-/// where it is another (then plan with the compute dtype). Reads the files' headers only.
-pub fn stored_weight_format(location: &ModelLocation) -> Result<Option<&'static str>> {
-    Ok(match location {
-        ModelLocation::Dir(dir) => match WeightStore::new(open_checkpoint(dir)?)?.matrix_dtype() {
-            Some(DType::BF16) => Some("bf16"),
-            Some(DType::F16) => Some("f16"),
-            Some(DType::F32) => Some("f32"),
-            _ => None,
-        },
-        ModelLocation::Gguf(file) => GgufFile::open(file)?.weight_format(),
-    })
+/// How a checkpoint stores its weights, as a CPU load keeps them: "f32", "bf16", "f16"
+/// (computed in f32, but not widened in memory) or a GGUF block format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredFormats {
+    /// The format holding most matrix values (`None`: another; plan with the compute dtype).
+    pub matrices: Option<&'static str>,
+    /// A GGUF's embedding table format (`None` for a directory: planned as its matrices).
+    pub embedding: Option<&'static str>,
 }
 
-/// A GGUF's embedding table format as a CPU load keeps it ([`stored_weight_format`]'s names);
-/// `None` for a directory (its table is planned as its matrices) or an unreadable file.
-pub fn stored_embedding_format(location: &ModelLocation) -> Option<&'static str> {
-    match location {
-        ModelLocation::Gguf(file) => GgufFile::open(file).ok()?.embedding_format(),
-        ModelLocation::Dir(_) => None,
-    }
+/// The [`StoredFormats`] of a checkpoint, from its files' headers only.
+pub fn stored_formats(location: &ModelLocation) -> Result<StoredFormats> {
+    Ok(match location {
+        ModelLocation::Dir(dir) => {
+            let matrices = match WeightStore::new(open_checkpoint(dir)?)?.matrix_dtype() {
+                Some(DType::BF16) => Some("bf16"),
+                Some(DType::F16) => Some("f16"),
+                Some(DType::F32) => Some("f32"),
+                _ => None,
+            };
+            StoredFormats {
+                matrices,
+                embedding: None,
+            }
+        }
+        ModelLocation::Gguf(file) => {
+            let g = GgufFile::open(file)?;
+            StoredFormats {
+                matrices: g.weight_format(),
+                embedding: g.embedding_format(),
+            }
+        }
+    })
 }
 
 pub fn load(location: &ModelLocation, opts: &LoadOptions) -> Result<Model> {

@@ -294,10 +294,12 @@ fn stream_into(
     let y = OutPtr::new(out);
     // bf16 / f16 rows are widened in registers by the AVX2 tile; elsewhere into this
     // thread's buffer first (exact either way), then read as f32.
+    let bf16_in_registers = isa() == Isa::Avx2;
+    let f16_in_registers = bf16_in_registers && super::wide::has_f16c();
     let fused = |w: &WSlice| match w {
         WSlice::F32(_) => true,
-        WSlice::Bf16(_) => isa() == Isa::Avx2,
-        WSlice::F16(_) => isa() == Isa::Avx2 && super::wide::has_f16c(),
+        WSlice::Bf16(_) => bf16_in_registers,
+        WSlice::F16(_) => f16_in_registers,
     };
     let work = |bi: usize| {
         with_scratch(w.scratch_for(1), |buf| {

@@ -7,7 +7,7 @@
 //! (bias + activation + gate in one pass) → residual. Logits only for the rows that sample.
 //! Same numbers as the tensor path (`decoder.rs`), which remains for GPUs and half precision.
 use super::decoder::{route, Decoder, Moe, Want};
-use super::layers::{embedding_row, quant_embedding_row, Embedding, Linear, Norm, Weight};
+use super::layers::{embedding_row, Embedding, Linear, Norm, Weight};
 use crate::config::{dynamic_inv_freq, MlpKind, ModelSpec, Positions, Residual, RopeSpec};
 use crate::kernels::attention::{paged_attention, AttnParams, AttnSeq};
 use crate::kernels::ops;
@@ -416,14 +416,7 @@ impl Decoder {
             Embedding::Tensor(t) => Some(f32_of(t)?),
             Embedding::Mapped(_) | Embedding::Quant(_) => None,
         };
-        let table = match &emb_tensor {
-            Some(t) => WSlice::F32(t.s()),
-            None => w.embed.mapped_values().unwrap_or(WSlice::F32(&[])),
-        };
-        let e = match &w.embed {
-            Embedding::Quant(q) => q.cols(),
-            _ => table.len() / w.embed.rows().max(1),
-        };
+        let e = w.embed.cols();
         {
             let buf = fit(
                 if w.project_in.is_some() {
@@ -434,9 +427,9 @@ impl Decoder {
                 n * e,
             );
             for (row, &t) in buf.chunks_mut(e).zip(seqs.iter().flat_map(|s| s.tokens)) {
-                match &w.embed {
-                    Embedding::Quant(q) => quant_embedding_row(q, t, row)?,
-                    _ => embedding_row(table, t, e, row)?,
+                match &emb_tensor {
+                    Some(table) => embedding_row(WSlice::F32(table.s()), t, e, row)?,
+                    None => w.embed.row_into(t, row)?,
                 }
                 if let Some(sc) = spec.embed_scale {
                     row.iter_mut().for_each(|v| *v *= sc);

@@ -161,31 +161,47 @@ impl Embedding {
         }
     }
 
+    /// Values per row (the embedding width).
+    pub fn cols(&self) -> usize {
+        match self {
+            Embedding::Tensor(t) => t.dims().get(1).copied().unwrap_or(0),
+            Embedding::Mapped(m) => m.cols(),
+            Embedding::Quant(q) => q.cols(),
+        }
+    }
+
     /// Rows `ids` (a 1-D u32 tensor) as a `[n, dim]` tensor, on the device of `ids`.
     pub fn rows_of(&self, ids: &Tensor) -> Result<Tensor> {
+        if let Embedding::Tensor(t) = self {
+            return t.index_select(ids, 0);
+        }
+        let d = self.cols();
+        let ids_v = ids.to_vec1::<u32>()?;
+        let mut out = vec![0f32; ids_v.len() * d];
+        for (&t, dst) in ids_v.iter().zip(out.chunks_exact_mut(d.max(1))) {
+            self.row_into(t, dst)?;
+        }
+        Tensor::from_vec(out, (ids_v.len(), d), ids.device())
+    }
+
+    /// Row `t` of a table used in place or kept quantized into `dst` as f32 (widened or
+    /// dequantized); a clear error for an id outside the table. A tensor table is gathered by
+    /// its own device ([`Self::rows_of`]; the CPU step borrows its values).
+    pub fn row_into(&self, t: u32, dst: &mut [f32]) -> Result<()> {
+        let outside = || candle_core::Error::Msg(format!("token id {t} outside the vocabulary"));
         match self {
-            Embedding::Tensor(t) => t.index_select(ids, 0),
+            Embedding::Tensor(_) => candle_core::bail!("a tensor table is gathered with rows_of"),
             Embedding::Mapped(m) => {
-                let d = m.cols();
                 let table = m.single().ok_or_else(|| {
                     candle_core::Error::Msg("an embedding table is one tensor".into())
                 })?;
-                let ids_v = ids.to_vec1::<u32>()?;
-                let mut out = vec![0f32; ids_v.len() * d];
-                for (&t, dst) in ids_v.iter().zip(out.chunks_exact_mut(d.max(1))) {
-                    embedding_row(table, t, d, dst)?;
-                }
-                Tensor::from_vec(out, (ids_v.len(), d), ids.device())
+                embedding_row(table, t, m.cols(), dst)
             }
-            Embedding::Quant(q) => {
-                let d = q.cols();
-                let ids_v = ids.to_vec1::<u32>()?;
-                let mut out = vec![0f32; ids_v.len() * d];
-                for (&t, dst) in ids_v.iter().zip(out.chunks_exact_mut(d.max(1))) {
-                    quant_embedding_row(q, t, dst)?;
-                }
-                Tensor::from_vec(out, (ids_v.len(), d), ids.device())
+            Embedding::Quant(q) if (t as usize) < q.rows() => {
+                q.dequantize_row(t as usize, dst);
+                Ok(())
             }
+            Embedding::Quant(_) => Err(outside()),
         }
     }
 
@@ -223,15 +239,6 @@ pub fn embedding_row(table: WSlice, t: u32, d: usize, dst: &mut [f32]) -> Result
         .get(t * d, (t + 1) * d)
         .ok_or_else(|| candle_core::Error::Msg(format!("token id {t} outside the vocabulary")))?
         .widen_into(dst);
-    Ok(())
-}
-
-/// Row `t` of a quantized table into `dst` as f32; a clear error for an id outside the table.
-pub fn quant_embedding_row(q: &QMatrix, t: u32, dst: &mut [f32]) -> Result<()> {
-    if t as usize >= q.rows() {
-        candle_core::bail!("token id {t} outside the vocabulary");
-    }
-    q.dequantize_row(t as usize, dst);
     Ok(())
 }
 

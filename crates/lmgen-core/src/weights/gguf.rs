@@ -703,10 +703,10 @@ impl TensorSource for GgufFile {
     /// back, still in the stored dtype.
     fn mapped(&self, name: &str) -> Option<super::MappedTensor> {
         let m = self.tensors.get(name)?;
-        let (dtype, size) = match m.ggml {
-            GgmlDType::F32 => (DType::F32, 4),
-            GgmlDType::BF16 => (DType::BF16, 2),
-            GgmlDType::F16 => (DType::F16, 2),
+        let dtype = match m.ggml {
+            GgmlDType::F32 => DType::F32,
+            GgmlDType::BF16 => DType::BF16,
+            GgmlDType::F16 => DType::F16,
             _ => return None,
         };
         let order = m.row_order();
@@ -714,7 +714,8 @@ impl TensorSource for GgufFile {
             return None;
         }
         let r = self.byte_range(m, self.content.tensor_infos.get(&m.gguf)?);
-        let t = super::MappedTensor::new(&self.mmap, r.start, r.len() / size, dtype)?;
+        let t =
+            super::MappedTensor::new(&self.mmap, r.start, r.len() / dtype.size_in_bytes(), dtype)?;
         match (order, &m.shape[..]) {
             (None, _) => Some(t),
             (Some(o), [_, cols]) => t.copied_rows(&o, *cols),

@@ -102,11 +102,10 @@ impl MappedTensor {
         len: usize,
         dtype: DType,
     ) -> Option<Self> {
-        let size = match dtype {
-            DType::F32 => 4,
-            DType::BF16 | DType::F16 => 2,
-            _ => return None,
-        };
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return None;
+        }
+        let size = dtype.size_in_bytes();
         let end = len.checked_mul(size)?.checked_add(offset)?;
         let aligned = (map.as_ptr() as usize + offset).is_multiple_of(size);
         (end <= map.len() && aligned && cfg!(target_endian = "little")).then(|| Self {

@@ -225,13 +225,10 @@ impl TensorSource for SafetensorsFile {
 
     fn mapped(&self, name: &str) -> Option<super::MappedTensor> {
         let e = self.tensors.get(name)?;
-        let (dtype, size) = match e.st_dtype {
-            StDtype::F32 => (DType::F32, 4),
-            StDtype::BF16 => (DType::BF16, 2),
-            StDtype::F16 => (DType::F16, 2),
-            _ => return None,
-        };
-        super::MappedTensor::new(&self.mmap, e.start, (e.end - e.start) / size, dtype)
+        // `MappedTensor::new` refuses dtypes other than f32, bf16 and f16.
+        let dtype = exposed_dtype(e.st_dtype)?;
+        let len = (e.end - e.start) / dtype.size_in_bytes();
+        super::MappedTensor::new(&self.mmap, e.start, len, dtype)
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
