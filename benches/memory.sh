@@ -49,7 +49,7 @@ peak=0
 while kill -0 "$pid" 2>/dev/null; do
   kb=$(awk '/^VmHWM/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
   [ -n "$kb" ] && [ "$kb" -gt "$peak" ] && peak=$kb
-  echo "$(( $(date +%s) - start )) ${kb:-0} $(wc -l < "$out/records.jsonl" 2>/dev/null || echo 0)" >> "$out/rss.txt"
+  echo "$(( $(date +%s) - start )) ${kb:-0} $(wc -l 2>/dev/null < "$out/records.jsonl" || echo 0)" >> "$out/rss.txt"
   sleep 5
 done
 rc=0
@@ -59,9 +59,12 @@ records=$(wc -l < "$out/records.jsonl")
 weights=$(stat -L -c %s "$model" 2>/dev/null || du -sb "$model" | cut -f1)
 pool=$(awk -v s="$kv" 'BEGIN { u = substr(s, length(s) - 2); v = substr(s, 1, length(s) - 3);
   if (u == "GiB") print v * 1073741824; else if (u == "MiB") print v * 1048576; else print s }')
-awk -v p="$peak" -v w="$weights" -v k="$pool" -v rc="$rc" -v s="$secs" -v r="$records" -v n="$n" 'BEGIN {
+# `generate` notes how often sequences were preempted and recomputed (none: no note).
+preempted=$(sed -n 's/.*preempted \([0-9]*\) times.*/\1/p' "$out/stderr.txt" | tail -1)
+awk -v p="$peak" -v w="$weights" -v k="$pool" -v rc="$rc" -v s="$secs" -v r="$records" -v n="$n" \
+    -v pre="${preempted:-0}" -v tok="$(( records * new ))" 'BEGIN {
   g = 1073741824; over = (p * 1024 - w - k) / (w + k) * 100
-  print "| sequences done | exit | wall (s) | peak RSS (GiB) | weights (GiB) | pool (GiB) | over weights + pool |"
-  print "|---|---:|---:|---:|---:|---:|---:|"
-  printf "| %d of %d | %d | %d | %.3f | %.3f | %.3f | %.1f %% |\n", r, n, rc, s, p * 1024 / g, w / g, k / g, over
+  print "| sequences done | exit | wall (s) | generated tok/s | preemptions | peak RSS (GiB) | weights (GiB) | pool (GiB) | over weights + pool |"
+  print "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  printf "| %d of %d | %d | %d | %.1f | %d | %.3f | %.3f | %.3f | %.1f %% |\n", r, n, rc, s, tok / (s > 0 ? s : 1), pre, p * 1024 / g, w / g, k / g, over
 }'

@@ -478,7 +478,7 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     generator.prefix_cache = !a.no_prefix_cache;
     generator.paged = a.executor == "paged";
     generator.stop = Some(stop.clone());
-    let result = generator.run(
+    let result = generator.run_with_stats(
         requests,
         |out: GenOutput| {
             let inf = &info[&out.index];
@@ -525,8 +525,21 @@ pub fn generate(a: GenerateArgs, stop: &Arc<AtomicBool>) -> anyhow::Result<()> {
     let Emitter {
         writer, mut job, ..
     } = emit;
-    end_job(&mut job, writer, result.map_err(Into::into), &a.output)?;
+    let stats = result.as_ref().ok().copied();
+    end_job(
+        &mut job,
+        writer,
+        result.map(|_| ()).map_err(Into::into),
+        &a.output,
+    )?;
     progress.into_inner().finish();
+    if let Some(s) = stats.filter(|s| s.preemptions > 0) {
+        let mib = s.pool_blocks * model.decoder.kv_block_bytes() / (1 << 20);
+        eprintln!(
+            "lmgen: note: sequences were preempted {} times and recomputed because the KV pool ({mib} MiB) was full; a larger --kv-memory avoids the recomputation",
+            s.preemptions
+        );
+    }
     Ok(())
 }
 

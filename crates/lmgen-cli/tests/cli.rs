@@ -1271,6 +1271,44 @@ fn bad_engine_options_exit_2() {
     }
 }
 
+/// A request that cannot grow to its max_new_tokens in the whole KV pool is a one-line error
+/// naming both options; the records finished before it stay written.
+#[test]
+fn a_request_too_long_for_the_pool_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // 8 prompt tokens; the second request asks for 100 new ones.
+    let inp = eos_early_input(dir.path(), &["", ",\"max_new_tokens\":100"]);
+    let out = dir.path().join("out.jsonl");
+    // Blocks of 16 tokens: a pool of 8 KiB has one for this model, enough for 8 + 4 tokens.
+    let o = run(&[
+        "generate",
+        model("llama-rope-llama3"),
+        "-i",
+        s(&inp),
+        "-o",
+        s(&out),
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--batch-size",
+        "1",
+        "--kv-memory",
+        "8KiB",
+    ]);
+    usage_error(
+        &o,
+        &[
+            "request 1: 8 tokens and up to 100 new need 7 KV blocks of 16 tokens, the pool has 1",
+            "--kv-memory",
+            "--max-new-tokens",
+        ],
+    );
+    let r = read_jsonl(&out);
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["finish_reason"], "eos");
+}
+
 #[test]
 fn help_documents_engine_options_and_record_schemas() {
     let help = |cmd: &str| {

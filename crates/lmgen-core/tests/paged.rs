@@ -1,7 +1,7 @@
 //! The paged executor against the tensor path (the unpaged reference): block boundaries inside
 //! prompts, preemption when the pool is full, shared prefixes, n samples of one prompt. Results
 //! must not depend on any of them.
-use lmgen_core::engine::{GenOutput, GenRequest, Generator, RunStats};
+use lmgen_core::engine::{Admission, GenOutput, GenRequest, Generator, RunStats};
 use lmgen_core::hub::ModelLocation;
 use lmgen_core::kv::BLOCK_SIZE;
 use lmgen_core::sampling::SamplingParams;
@@ -187,8 +187,10 @@ fn preemption_when_the_pool_is_full_changes_nothing() {
     let (want, free) = run(&Generator::new(&m, 8), reqs());
     assert_eq!(free.preemptions, 0);
     // A pool of 8 blocks: the longest request (40 + 30 tokens) needs 5 alone; all 7 need 22.
+    // Admitted on their prompts alone, sequences outgrow it and are preempted.
     let mut tight = Generator::new(&m, 8);
     tight.kv_memory = Some(8 * m.decoder.kv_block_bytes());
+    tight.admission = Admission::Prompt;
     let (got, stats) = run(&tight, reqs());
     assert_eq!(stats.pool_blocks, 8);
     assert!(
@@ -196,6 +198,87 @@ fn preemption_when_the_pool_is_full_changes_nothing() {
         "the pool was large enough: no preemption tested"
     );
     assert_same("preempted", &got, &want, 1e-4);
+    // Admission that keeps blocks for the growth to come: requests that run to their
+    // max_new_tokens (ignore_eos) are never preempted.
+    tight.admission = Admission::Reserve;
+    let (got, stats) = run(&tight, reqs());
+    assert_eq!(stats.preemptions, 0, "{stats:?}");
+    assert_same("reserved", &got, &want, 1e-4);
+    // Requests that may stop early are admitted on an estimate of their growth: whatever it
+    // preempts, the results are those of the roomy pool.
+    let eos_reqs = || {
+        let mut r = reqs();
+        for q in &mut r {
+            q.ignore_eos = false;
+        }
+        r
+    };
+    let (want, _) = run(&Generator::new(&m, 8), eos_reqs());
+    for admission in [Admission::Reserve, Admission::Prompt] {
+        tight.admission = admission;
+        let (got, _) = run(&tight, eos_reqs());
+        assert_same(&format!("{admission:?}, may stop"), &got, &want, 1e-4);
+    }
+}
+
+/// Under a small pool, admission that reserves growth runs the same work with fewer
+/// preemptions (and so less recomputation) than admission on prompts alone.
+#[test]
+fn reserving_growth_avoids_recomputation() {
+    let m = model("llama");
+    let vocab = m.spec().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..12).map(|i| tokens(100 + i, 20, vocab)).collect();
+    let reqs = || reqs_for(&prompts, &SamplingParams::default(), 40);
+    // 20 + 40 tokens: 4 blocks each at the end; 12 blocks hold 3 at full length.
+    let mut g = Generator::new(&m, 12);
+    g.kv_memory = Some(12 * m.decoder.kv_block_bytes());
+    let mut prompt_tokens = [0usize; 2];
+    let mut outs = Vec::new();
+    for (k, admission) in [Admission::Prompt, Admission::Reserve].into_iter().enumerate() {
+        g.admission = admission;
+        let mut out = Vec::new();
+        let stats = g
+            .run_with_stats(
+                reqs(),
+                |o| {
+                    out.push(o);
+                    Ok(())
+                },
+                |s| prompt_tokens[k] += s.prompt_tokens,
+            )
+            .unwrap();
+        out.sort_by_key(|o| o.index);
+        outs.push((out, stats));
+    }
+    let ((by_prompt, s_prompt), (reserved, s_reserved)) = (&outs[0], &outs[1]);
+    assert!(s_prompt.preemptions > 0, "{s_prompt:?}");
+    assert_eq!(s_reserved.preemptions, 0, "{s_reserved:?}");
+    // Without preemption every prompt is computed once.
+    assert_eq!(prompt_tokens[1], 12 * 20);
+    assert!(prompt_tokens[0] > prompt_tokens[1], "{prompt_tokens:?}");
+    assert_same("admission", reserved, by_prompt, 1e-4);
+}
+
+#[test]
+fn a_request_that_cannot_grow_in_the_pool_alone_is_a_clear_error() {
+    let m = model("llama");
+    // 40 + 30 tokens need 5 blocks; the pool has 4 (the prompt alone would fit).
+    let mut g = Generator::new(&m, 2);
+    g.kv_memory = Some(4 * m.decoder.kv_block_bytes());
+    let p = tokens(1, 40, m.spec().vocab_size);
+    let err = g
+        .run(
+            vec![req(0, 0, p, &SamplingParams::default(), 30)],
+            |_| Ok(()),
+            |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("request 0: 40 tokens and up to 30 new need 5 KV blocks")
+            && err.contains("--max-new-tokens"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -300,6 +383,7 @@ fn longrope_sequences_are_recomputed_once_when_they_cross() {
     assert_same("longrope chunked", &got, &want, 1e-4);
     let mut tight = Generator::new(&m, 7);
     tight.kv_memory = Some(6 * m.decoder.kv_block_bytes());
+    tight.admission = Admission::Prompt;
     let (got, s) = run(&tight, reqs());
     assert!(s.preemptions > 0, "no preemption tested: {s:?}");
     assert_same("longrope preempted", &got, &want, 1e-4);

@@ -3,6 +3,7 @@
 //! A finished sequence leaves at once (its cache is dropped) and the next request takes
 //! its place. Every request samples from its own seeded stream, so results do not depend
 //! on which requests share a batch.
+use super::admit::{self, Demand, Growth};
 use super::runner::{RunSeq, Runner, SeqKv};
 use crate::error::{Error, Result};
 use crate::kv::{BlockTable, BLOCK_SIZE};
@@ -93,9 +94,44 @@ struct Active<'m> {
 }
 
 impl Active<'_> {
-    /// The prompt (and what was generated before a preemption) is computed.
+    /// The prompt (and what was generated before a preemption) is computed: at most the
+    /// last sampled token is still to be fed.
     fn prefilled(&self) -> bool {
-        self.kv.len() == self.history.len()
+        self.kv.len() + 1 >= self.history.len()
+    }
+
+    /// What the sequence needs of the pool from now on (`growth: None`: at most).
+    fn demand(&self, growth: Option<&Growth>) -> Demand {
+        let (max_new, done) = (self.req.max_new_tokens, self.generated.len());
+        Demand {
+            len: self.history.len(),
+            left: match growth {
+                Some(g) => g.left(max_new, done, self.req.ignore_eos),
+                None => max_new.saturating_sub(done).max(1),
+            },
+        }
+    }
+}
+
+/// How requests are admitted into the KV pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Admission {
+    /// Keep blocks for the growth still to come (exact for `ignore_eos`, estimated otherwise;
+    /// see `engine/admit.rs`), so that a pool too small for everyone is not over-committed.
+    #[default]
+    Reserve,
+    /// Admit when the prompt fits with one block of growth per running sequence (vLLM's
+    /// rule); the pool fills as sequences grow and the youngest are preempted.
+    Prompt,
+}
+
+impl Admission {
+    /// `LMGEN_ADMISSION=prompt` selects [`Admission::Prompt`] (for comparisons).
+    fn from_env() -> Self {
+        match std::env::var("LMGEN_ADMISSION").as_deref() {
+            Ok("prompt") => Admission::Prompt,
+            _ => Admission::Reserve,
+        }
     }
 }
 
@@ -111,6 +147,7 @@ pub struct Generator<'m> {
     /// Use the CPU step executor over the paged pool where the model allows it (`false`: the
     /// tensor path, the reference the paged path is tested against).
     pub paged: bool,
+    pub admission: Admission,
     /// Checked before every step: once set, [`Generator::run`] returns
     /// [`Error::Interrupted`] (finished outputs were already delivered; in-flight ones are
     /// dropped).
@@ -139,6 +176,7 @@ impl<'m> Generator<'m> {
             kv_memory: None,
             prefix_cache: true,
             paged: true,
+            admission: Admission::from_env(),
             stop: None,
         }
     }
@@ -208,6 +246,9 @@ impl<'m> Generator<'m> {
         let mut active: Vec<Active<'m>> = Vec::new();
         let mut admitted = 0u64;
         let mut row: Vec<f32> = Vec::new();
+        let mut growth = Growth::new();
+        let limit = model.hard_limit();
+        let mut demands: Vec<Demand> = Vec::new();
         loop {
             if let Some(stop) = &self.stop {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -215,8 +256,7 @@ impl<'m> Generator<'m> {
                 }
             }
             // Admission: preempted sequences first, then new requests, while the batch has
-            // room and the pool has the blocks for the whole prompt (plus one block of growth
-            // for every running sequence).
+            // room and the pool has the blocks (see `Admission`).
             while active.len() < self.batch_size {
                 let mut a = match waiting.pop_front() {
                     Some(a) => a,
@@ -250,13 +290,12 @@ impl<'m> Generator<'m> {
                         self.activate(req)
                     }
                 };
-                let need_total = a.history.len() + 1;
-                if BlockTable::blocks_for(need_total) > total_blocks {
+                let most = a.demand(None);
+                let alone = admit::peak_blocks(most, limit);
+                if alone > total_blocks {
                     return Err(Error::BadRequest(format!(
-                        "request {}: {} tokens need {} KV blocks of {BLOCK_SIZE} tokens, the pool has {total_blocks} (raise --kv-memory)",
-                        a.req.index,
-                        need_total,
-                        BlockTable::blocks_for(need_total)
+                        "request {}: {} tokens and up to {} new need {alone} KV blocks of {BLOCK_SIZE} tokens, the pool has {total_blocks} (raise --kv-memory or lower --max-new-tokens)",
+                        a.req.index, most.len, most.left
                     )));
                 }
                 // Keys cached from here on use the short factors while the sequence fits.
@@ -268,8 +307,28 @@ impl<'m> Generator<'m> {
                             .blocks
                             .match_prefix(&mut a.kv.table, root, &a.history);
                 }
-                let need = BlockTable::blocks_for(need_total) - a.kv.table.blocks.len();
-                if need + active.len() > runner.blocks.available() && !active.is_empty() {
+                let admits = active.is_empty()
+                    || match self.admission {
+                        Admission::Reserve => {
+                            // Every running sequence's blocks are counted as its own (shared
+                            // ones as often as they are shared, on both sides).
+                            demands.clear();
+                            demands.extend(active.iter().map(|r| r.demand(Some(&growth))));
+                            demands.push(a.demand(Some(&growth)));
+                            let held: usize = active
+                                .iter()
+                                .chain([&a])
+                                .map(|r| r.kv.table.blocks.len())
+                                .sum();
+                            admit::fits(&mut demands, runner.blocks.available() + held, limit)
+                        }
+                        Admission::Prompt => {
+                            let need = BlockTable::blocks_for(a.history.len() + 1)
+                                - a.kv.table.blocks.len();
+                            need + active.len() <= runner.blocks.available()
+                        }
+                    };
+                if !admits {
                     runner.free(&mut a.kv);
                     waiting.push_front(a);
                     break;
@@ -350,6 +409,17 @@ impl<'m> Generator<'m> {
                         break;
                     }
                 }
+            }
+            if preempt.iter().any(|&p| p) {
+                growth.preempted(
+                    active
+                        .iter()
+                        .zip(&preempt)
+                        .filter(|(_, &p)| !p)
+                        .map(|(a, _)| (a.generated.len(), a.req.max_new_tokens)),
+                );
+            } else {
+                growth.decay();
             }
             for i in (0..active.len()).rev() {
                 if preempt[i] {
