@@ -620,6 +620,106 @@ fn weights_in_place_give_the_bits_of_copies() {
     }
 }
 
+/// GPT-2's Conv1D matrices stored bf16 or f16 are transposed into copies that keep the dtype
+/// (not widened to f32), with the bits of the same values stored as f32.
+#[test]
+fn half_conv1d_weights_are_kept_transposed_in_their_dtype() {
+    use lmgen_core::model::layers::Weight;
+    use safetensors::tensor::TensorView;
+    let src = model_dir("gpt2");
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let prompts: Vec<Vec<u32>> = golden("gpt2")["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect();
+    let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    for (dtype, bits_of, round) in [
+        (
+            safetensors::Dtype::BF16,
+            (|x: f32| half::bf16::from_f32(x).to_bits()) as fn(f32) -> u16,
+            (|x: f32| half::bf16::from_f32(x).to_f32()) as fn(f32) -> f32,
+        ),
+        (
+            safetensors::Dtype::F16,
+            |x: f32| half::f16::from_f32(x).to_bits(),
+            |x: f32| half::f16::from_f32(x).to_f32(),
+        ),
+    ] {
+        // The checkpoint in half precision, and its values widened back and stored as f32.
+        let (mut half_data, mut f32_data) = (Vec::new(), Vec::new());
+        for (name, t) in st.tensors() {
+            let v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            let h: Vec<u8> = v.iter().flat_map(|&x| bits_of(x).to_le_bytes()).collect();
+            let w: Vec<u8> = v.iter().flat_map(|&x| round(x).to_le_bytes()).collect();
+            half_data.push((name.clone(), t.shape().to_vec(), h));
+            f32_data.push((name, t.shape().to_vec(), w));
+        }
+        let mut models = Vec::new();
+        for (sub, data, dt) in [
+            ("half", &half_data, dtype),
+            ("f32", &f32_data, safetensors::Dtype::F32),
+        ] {
+            let dir = tmp.path().join(format!("{dtype:?}-{sub}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in std::fs::read_dir(&src).unwrap() {
+                let f = f.unwrap().path();
+                if f.extension().is_some_and(|e| e == "json") {
+                    std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+                }
+            }
+            let views: Vec<(String, TensorView)> = data
+                .iter()
+                .map(|(n, shape, b)| (n.clone(), TensorView::new(dt, shape.clone(), b).unwrap()))
+                .collect();
+            safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+            for map_weights in [false, true] {
+                let opts = LoadOptions {
+                    map_weights,
+                    ..LoadOptions::default()
+                };
+                models.push(load(&ModelLocation::Dir(dir.clone()), &opts).unwrap());
+            }
+        }
+        let want = format!("{dtype:?}").to_lowercase();
+        for m in &models[..2] {
+            for b in &m.decoder.weights.blocks {
+                for l in [&b.qkv, &b.out, &b.mlp_in, &b.mlp_out] {
+                    assert!(
+                        matches!(&l.weight, Weight::Mapped(r) if !r.in_file() && r.dtype_name() == want),
+                        "{dtype:?}: Conv1D kept as a {want} copy"
+                    );
+                }
+            }
+        }
+        let bits = |m: &Model| -> Vec<Vec<u32>> {
+            score_batch(m, &refs)
+                .unwrap()
+                .iter()
+                .map(|s| s.logprobs.iter().map(|x| x.to_bits()).collect())
+                .collect()
+        };
+        let gen = |m: &Model| -> Vec<(Vec<u32>, Vec<u32>)> {
+            greedy(m, &prompts, 8, 4, 512)
+                .into_iter()
+                .map(|(t, lp, _)| (t, lp.iter().map(|x| x.to_bits()).collect()))
+                .collect()
+        };
+        let (want_bits, want_gen) = (bits(&models[2]), gen(&models[2]));
+        for m in &models {
+            assert_eq!(bits(m), want_bits, "{dtype:?}: prompt logprobs");
+            assert_eq!(gen(m), want_gen, "{dtype:?}: greedy");
+        }
+    }
+}
+
 /// `lmgen bench` builds every family from its config alone, with synthetic weights, and the
 /// result runs on the paged CPU executor.
 #[test]

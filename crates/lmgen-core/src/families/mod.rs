@@ -401,12 +401,29 @@ impl<'a> Loader<'a> {
     }
 
     /// GPT-2 `Conv1D`: weight stored `[in, out]`.
+    /// bf16 / f16 weights are transposed into a copy that keeps their dtype (on the CPU, f32
+    /// compute), f32 ones into a tensor.
     pub fn conv1d(&self, p: &str, out: usize, inp: usize) -> Result<Linear> {
+        let name = self.name(&format!("{p}.weight"));
+        let bias = Some(self.t(&format!("{p}.bias"), &[out])?);
+        let half = self.device.is_cpu()
+            && self.dtype == DType::F32
+            && matches!(self.store.stored_dtype(&name), Some(DType::BF16 | DType::F16));
+        if let Some(m) = half
+            .then(|| self.store.get_mapped(&name, &[inp, out]))
+            .flatten()
+            .and_then(|m| m.copied_transposed(inp, out))
+        {
+            return Ok(Linear {
+                weight: Weight::Mapped(MappedRows::new(m, inp)),
+                bias,
+            });
+        }
         let w = self
             .t(&format!("{p}.weight"), &[inp, out])?
             .t()?
             .contiguous()?;
-        Ok(Linear::new(w, Some(self.t(&format!("{p}.bias"), &[out])?)))
+        Ok(Linear::new(w, bias))
     }
 
     pub fn norm(&self, p: &str, kind: NormKind, dim: usize, eps: f64) -> Result<Norm> {

@@ -67,6 +67,41 @@ pub(crate) fn f32_tensor_from_le(bytes: &[u8], dtype: DType, shape: &[usize]) ->
     Tensor::from_vec(v, shape, &Device::Cpu).ok()
 }
 
+/// Which source rows [`MappedTensor::copy_as`] copies.
+#[derive(Clone, Copy)]
+enum Gather<'a> {
+    All,
+    /// Row `r` of the copy is row `order[r]`.
+    Rows(&'a [usize]),
+    /// The transpose of a `[rows, _]` matrix.
+    Transposed { rows: usize },
+}
+
+/// Rows `range` of the transpose of `src` (`[rows, cols]`) into `dst` (`[cols, rows]`), in
+/// bands of 64 destination rows so that each source row's piece is read once per band.
+///
+/// # Safety
+/// `src` holds `rows * cols` values; `dst` rows `range` (of `rows` values) are writable.
+unsafe fn transpose_into<T: Copy>(
+    src: *const T,
+    dst: *mut T,
+    rows: usize,
+    cols: usize,
+    range: std::ops::Range<usize>,
+) {
+    let mut c0 = range.start;
+    while c0 < range.end {
+        let c1 = (c0 + 64).min(range.end);
+        for r in 0..rows {
+            let s = src.add(r * cols);
+            for c in c0..c1 {
+                *dst.add(c * rows + r) = *s.add(c);
+            }
+        }
+        c0 = c1;
+    }
+}
+
 /// A matrix used where the checkpoint's memory map has it, in its stored dtype (f32, bf16 or
 /// f16; widened to f32 by the product kernels as they read it): no copy at load time, its pages
 /// are read in from the page cache on first use (and shared by every process that maps the same
@@ -122,7 +157,7 @@ impl MappedTensor {
     /// weight; not with `LMGEN_NO_HUGEPAGES` set, as the binary's allocator), filled by the
     /// compute pool in 1 MiB pieces. The file pages read for it are released.
     pub(crate) fn copied(&self) -> std::io::Result<Self> {
-        self.copy_rows(None, 1)
+        self.copy_as(Gather::All, 1)
     }
 
     /// As [`Self::copied`] for a `[_, cols]` matrix with its rows taken in `order` (row `r` of
@@ -133,13 +168,27 @@ impl MappedTensor {
         if cols == 0 || rows * cols != self.len || order.iter().any(|&r| r >= rows) {
             return None;
         }
-        self.copy_rows(Some(order), cols).ok()
+        self.copy_as(Gather::Rows(order), cols).ok()
     }
 
-    fn copy_rows(&self, order: Option<&[usize]>, cols: usize) -> std::io::Result<Self> {
+    /// As [`Self::copied`] for the transpose of a `[rows, cols]` matrix (GPT-2's Conv1D
+    /// weights, stored `[in, out]`): a `[cols, rows]` copy in the same dtype. `None` where the
+    /// shape is not this tensor's.
+    pub(crate) fn copied_transposed(&self, rows: usize, cols: usize) -> Option<Self> {
+        if rows == 0 || cols == 0 || rows.checked_mul(cols)? != self.len {
+            return None;
+        }
+        self.copy_as(Gather::Transposed { rows }, rows).ok()
+    }
+
+    /// A copy of rows of `cols` values: all of them, some in an order, or the transpose.
+    fn copy_as(&self, gather: Gather, cols: usize) -> std::io::Result<Self> {
         let size = self.dtype.size_in_bytes();
         let row = cols * size;
-        let len = order.map_or(self.len, |o| o.len() * cols);
+        let len = match gather {
+            Gather::Rows(o) => o.len() * cols,
+            _ => self.len,
+        };
         let bytes = len * size;
         let mut dst = memmap2::MmapMut::map_anon(bytes.max(1))?;
         #[cfg(target_os = "linux")]
@@ -159,16 +208,21 @@ impl MappedTensor {
             // caller).
             unsafe {
                 let d = (out as *mut u8).add(a * row);
-                match order {
-                    None => {
+                match gather {
+                    Gather::All => {
                         std::ptr::copy_nonoverlapping(src.as_ptr().add(a * row), d, (b - a) * row)
                     }
-                    Some(o) => {
+                    Gather::Rows(o) => {
                         for (i, &r) in o[a..b].iter().enumerate() {
                             let s = src.as_ptr().add(r * row);
                             std::ptr::copy_nonoverlapping(s, d.add(i * row), row);
                         }
                     }
+                    // Rows a..b of the copy are columns a..b of the source ([rows, total_rows]).
+                    Gather::Transposed { rows } => match size {
+                        2 => transpose_into(src.as_ptr() as *const u16, d as *mut u16, rows, total_rows, a..b),
+                        _ => transpose_into(src.as_ptr() as *const u32, d as *mut u32, rows, total_rows, a..b),
+                    },
                 }
             }
         };
