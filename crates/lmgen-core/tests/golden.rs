@@ -515,6 +515,9 @@ fn weights_in_place_give_the_bits_of_copies() {
             [true, true, true, true],
         ),
         ("gpt2", dir("gpt2"), [false, false, false, false]),
+        // GGUF stores GPT-2's Conv1D matrices transposed: the layout the products use.
+        ("gpt2", gguf("gpt2.f32.gguf"), [true, true, true, true]),
+        ("gpt2", gguf("gpt2.f16.gguf"), [true, true, true, true]),
         ("neox", dir("neox"), [false, true, true, true]),
         ("olmo2", gguf("olmo2.f32.gguf"), [true, true, true, true]),
         ("gemma2", gguf("gemma2.f32.gguf"), [true, true, true, true]),

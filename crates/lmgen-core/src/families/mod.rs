@@ -347,6 +347,19 @@ impl<'a> Loader<'a> {
     /// (half the memory of widening them, and the same results: the kernels widen as they
     /// read) and f32 ones are left to [`Self::abs`]'s copy.
     fn mapped(&self, name: &str, rows: usize, cols: usize) -> Option<MappedRows> {
+        self.mapped_as(name, rows, cols, false)
+    }
+
+    /// [`Self::mapped`]; `transposed`: `[rows, cols]` is the transpose of the checkpoint's
+    /// matrix (GPT-2's Conv1D), used in place where the file stores the transpose (GGUF),
+    /// else, for bf16 / f16, transposed into a copy that keeps the dtype.
+    fn mapped_as(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        transposed: bool,
+    ) -> Option<MappedRows> {
         if !self.device.is_cpu() || self.dtype != DType::F32 {
             return None;
         }
@@ -357,7 +370,16 @@ impl<'a> Loader<'a> {
         if !self.map_weights && !half {
             return None;
         }
-        let m = self.store.get_mapped(name, &[rows, cols])?;
+        let m = if !transposed {
+            self.store.get_mapped(name, &[rows, cols])?
+        } else if let Some(m) = self.store.get_mapped_transposed(name, &[cols, rows]) {
+            m
+        } else if half {
+            let m = self.store.get_mapped(name, &[cols, rows])?;
+            return Some(MappedRows::new(m.copied_transposed(cols, rows)?, cols));
+        } else {
+            return None;
+        };
         let m = if self.map_weights || !m.in_file() {
             m
         } else {
@@ -406,16 +428,9 @@ impl<'a> Loader<'a> {
     pub fn conv1d(&self, p: &str, out: usize, inp: usize) -> Result<Linear> {
         let name = self.name(&format!("{p}.weight"));
         let bias = Some(self.t(&format!("{p}.bias"), &[out])?);
-        let half = self.device.is_cpu()
-            && self.dtype == DType::F32
-            && matches!(self.store.stored_dtype(&name), Some(DType::BF16 | DType::F16));
-        if let Some(m) = half
-            .then(|| self.store.get_mapped(&name, &[inp, out]))
-            .flatten()
-            .and_then(|m| m.copied_transposed(inp, out))
-        {
+        if let Some(m) = self.mapped_as(&name, out, inp, true) {
             return Ok(Linear {
-                weight: Weight::Mapped(MappedRows::new(m, inp)),
+                weight: Weight::Mapped(m),
                 bias,
             });
         }

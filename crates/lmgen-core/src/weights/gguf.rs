@@ -266,6 +266,18 @@ fn insert(
 }
 
 impl GgufFile {
+    /// `m`'s values as stored, where they are f32, bf16 or f16.
+    fn stored_floats(&self, m: &Mapped) -> Option<super::MappedTensor> {
+        let dtype = match m.ggml {
+            GgmlDType::F32 => DType::F32,
+            GgmlDType::BF16 => DType::BF16,
+            GgmlDType::F16 => DType::F16,
+            _ => return None,
+        };
+        let r = self.byte_range(m, self.content.tensor_infos.get(&m.gguf)?);
+        super::MappedTensor::new(&self.mmap, r.start, r.len() / dtype.size_in_bytes(), dtype)
+    }
+
     /// Where `m`'s data lies in the file (one expert's, of a stacked tensor).
     fn byte_range(
         &self,
@@ -703,24 +715,23 @@ impl TensorSource for GgufFile {
     /// back, still in the stored dtype.
     fn mapped(&self, name: &str) -> Option<super::MappedTensor> {
         let m = self.tensors.get(name)?;
-        let dtype = match m.ggml {
-            GgmlDType::F32 => DType::F32,
-            GgmlDType::BF16 => DType::BF16,
-            GgmlDType::F16 => DType::F16,
-            _ => return None,
-        };
         let order = m.row_order();
         if m.fix != Fix::Keep && order.is_none() {
             return None;
         }
-        let r = self.byte_range(m, self.content.tensor_infos.get(&m.gguf)?);
-        let t =
-            super::MappedTensor::new(&self.mmap, r.start, r.len() / dtype.size_in_bytes(), dtype)?;
+        let t = self.stored_floats(m)?;
         match (order, &m.shape[..]) {
             (None, _) => Some(t),
             (Some(o), [_, cols]) => t.copied_rows(&o, *cols),
             _ => None,
         }
+    }
+
+    fn mapped_transposed(&self, name: &str) -> Option<super::MappedTensor> {
+        let m = self.tensors.get(name)?;
+        (m.fix == Fix::Transposed && m.shape.len() == 2)
+            .then(|| self.stored_floats(m))
+            .flatten()
     }
 
     fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {

@@ -307,6 +307,11 @@ pub trait TensorSource {
     fn mapped(&self, _name: &str) -> Option<MappedTensor> {
         None
     }
+    /// The same for a matrix stored as the transpose of the checkpoint's (GGUF's GPT-2 Conv1D
+    /// weights, `[out, in]`): its values in the stored layout, the one the products use.
+    fn mapped_transposed(&self, _name: &str) -> Option<MappedTensor> {
+        None
+    }
 }
 
 /// All tensors of a checkpoint, possibly spread over several files, with use tracking.
@@ -429,6 +434,21 @@ impl WeightStore {
     /// not stored as f32, bf16 or f16 in its final layout (then [`Self::get`] loads a copy and
     /// reports any mismatch).
     pub fn get_mapped(&self, name: &str, shape: &[usize]) -> Option<MappedTensor> {
+        self.mapped_by(name, shape, |s| s.mapped(name))
+    }
+
+    /// `name` (of `shape`, a matrix) transposed, in place where the file stores it so
+    /// ([`TensorSource::mapped_transposed`]); marks it used.
+    pub fn get_mapped_transposed(&self, name: &str, shape: &[usize]) -> Option<MappedTensor> {
+        self.mapped_by(name, shape, |s| s.mapped_transposed(name))
+    }
+
+    fn mapped_by(
+        &self,
+        name: &str,
+        shape: &[usize],
+        get: impl FnOnce(&dyn TensorSource) -> Option<MappedTensor>,
+    ) -> Option<MappedTensor> {
         if self.synthetic.is_some() {
             return None;
         }
@@ -436,7 +456,7 @@ impl WeightStore {
         if meta.shape != shape || !matches!(meta.dtype, DType::F32 | DType::BF16 | DType::F16) {
             return None;
         }
-        let m = self.sources[*i].mapped(name)?;
+        let m = get(self.sources[*i].as_ref())?;
         if m.len != shape.iter().product::<usize>() {
             return None;
         }
