@@ -598,29 +598,37 @@ fn weights_in_place_give_the_bits_of_copies() {
                 assert!(!in_place(c) && copy_kept_as_stored(m, c), "{name}: copies");
             }
         }
-        let prompts: Vec<Vec<u32>> = golden(name)["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| ids(&p["input_ids"]))
-            .collect();
-        let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
-        let bits = |m: &Model| -> Vec<Vec<u32>> {
-            score_batch(m, &refs)
-                .unwrap()
-                .iter()
-                .map(|s| s.logprobs.iter().map(|x| x.to_bits()).collect())
-                .collect()
-        };
-        assert_eq!(bits(&mapped), bits(&copied), "{name}: prompt logprobs");
-        let gen = |m: &Model| -> Vec<(Vec<u32>, Vec<u32>)> {
-            greedy(m, &prompts, 8, 4, 512)
-                .into_iter()
-                .map(|(t, lp, _)| (t, lp.iter().map(|x| x.to_bits()).collect()))
-                .collect()
-        };
-        assert_eq!(gen(&mapped), gen(&copied), "{name}: greedy");
+        let prompts = golden_prompts(name);
+        let (want_lp, want_gen) = exact_outputs(&copied, &prompts);
+        let (got_lp, got_gen) = exact_outputs(&mapped, &prompts);
+        assert_eq!(got_lp, want_lp, "{name}: prompt logprobs");
+        assert_eq!(got_gen, want_gen, "{name}: greedy");
     }
+}
+
+fn golden_prompts(name: &str) -> Vec<Vec<u32>> {
+    golden(name)["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect()
+}
+
+/// The bits of the prompts' logprobs, and of 8 greedy tokens each with their logprobs.
+#[allow(clippy::type_complexity)]
+fn exact_outputs(m: &Model, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<(Vec<u32>, Vec<u32>)>) {
+    let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    let lp = score_batch(m, &refs)
+        .unwrap()
+        .iter()
+        .map(|s| s.logprobs.iter().map(|x| x.to_bits()).collect())
+        .collect();
+    let gen = greedy(m, prompts, 8, 4, 512)
+        .into_iter()
+        .map(|(t, lp, _)| (t, lp.iter().map(|x| x.to_bits()).collect()))
+        .collect();
+    (lp, gen)
 }
 
 /// GPT-2's Conv1D matrices stored bf16 or f16 are transposed into copies that keep the dtype
@@ -632,13 +640,7 @@ fn half_conv1d_weights_are_kept_transposed_in_their_dtype() {
     let src = model_dir("gpt2");
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let prompts: Vec<Vec<u32>> = golden("gpt2")["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| ids(&p["input_ids"]))
-        .collect();
-    let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    let prompts = golden_prompts("gpt2");
     let tmp = tempfile::tempdir().unwrap();
     for (dtype, bits_of, round) in [
         (
@@ -702,23 +704,9 @@ fn half_conv1d_weights_are_kept_transposed_in_their_dtype() {
                 }
             }
         }
-        let bits = |m: &Model| -> Vec<Vec<u32>> {
-            score_batch(m, &refs)
-                .unwrap()
-                .iter()
-                .map(|s| s.logprobs.iter().map(|x| x.to_bits()).collect())
-                .collect()
-        };
-        let gen = |m: &Model| -> Vec<(Vec<u32>, Vec<u32>)> {
-            greedy(m, &prompts, 8, 4, 512)
-                .into_iter()
-                .map(|(t, lp, _)| (t, lp.iter().map(|x| x.to_bits()).collect()))
-                .collect()
-        };
-        let (want_bits, want_gen) = (bits(&models[2]), gen(&models[2]));
+        let want = exact_outputs(&models[2], &prompts);
         for m in &models {
-            assert_eq!(bits(m), want_bits, "{dtype:?}: prompt logprobs");
-            assert_eq!(gen(m), want_gen, "{dtype:?}: greedy");
+            assert_eq!(exact_outputs(m, &prompts), want, "{dtype:?}");
         }
     }
 }
