@@ -215,6 +215,60 @@ fn smollm2_gguf_runs_quantized_close_to_dequantized() {
     );
 }
 
+/// Sampled continuations and their logprobs are the same bits whatever the batch and however
+/// the prompts are prefilled: at batch 1 the attention of a 300-token context is split over
+/// the key range across threads, at batch 3 it is not; prompts prefilled whole or in chunks.
+#[test]
+fn smollm2_samples_do_not_depend_on_the_batch() {
+    let Some(gguf) = fetch() else { return };
+    let m = load(&ModelLocation::Gguf(gguf), &LoadOptions::default()).unwrap();
+    let text = "The capital of France is Paris. It is known for the Eiffel Tower, museums such as \
+        the Louvre, and its cafés along the river Seine. ";
+    let base = m.tokenizer.encode(&text.repeat(12)).unwrap();
+    assert!(base.len() > 300, "{}", base.len());
+    let params = SamplingParams {
+        temperature: 0.9,
+        seed: Some(4),
+        ..Default::default()
+    };
+    let reqs = || -> Vec<GenRequest> {
+        (0..3)
+            .map(|i| GenRequest {
+                index: i,
+                sample: 0,
+                prompt_ids: base[i * 7..300 + i * 7].to_vec(),
+                max_new_tokens: 6,
+                params: params.clone(),
+                stop: vec![],
+                logprobs: true,
+                top_logprobs: 0,
+                ignore_eos: true,
+                stream_key: Some(i as u64),
+            })
+            .collect()
+    };
+    let run = |batch: usize, step_tokens: usize| -> Vec<(Vec<u32>, Vec<u32>)> {
+        let mut g = Generator::new(&m, batch);
+        g.max_step_tokens = step_tokens;
+        let mut out = Vec::new();
+        g.run(
+            reqs(),
+            |o| {
+                let bits = o.logprobs.unwrap().iter().map(|x| x.to_bits()).collect();
+                out.push((o.index, o.token_ids, bits));
+                Ok(())
+            },
+            |_| {},
+        )
+        .unwrap();
+        out.sort_by_key(|o| o.0);
+        out.into_iter().map(|(_, t, b)| (t, b)).collect()
+    };
+    let want = run(1, 2048);
+    assert_eq!(run(3, 2048), want, "batch 3");
+    assert_eq!(run(3, 100), want, "batch 3, prompts prefilled in chunks of 100");
+}
+
 /// The chat template stored in the GGUF metadata, with the special tokens named by its
 /// token ids, renders as transformers renders it (tests/fixtures/chat_templates/smollm2.json).
 #[test]

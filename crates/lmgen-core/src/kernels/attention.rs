@@ -95,8 +95,12 @@ const MAX_ROWS: usize = 64;
 const KEY_CHUNK: usize = 32;
 /// Calls (and sequences) below this many flops run on the calling thread.
 const INLINE_FLOPS: f64 = 262_144.0;
-/// Minimum keys per split when a call is split over the key range.
-const SPLIT_MIN_KEYS: usize = 256;
+/// Keys of a granule: key positions [g·GRANULE, (g+1)·GRANULE) are summed from a fresh online
+/// softmax, and granules are folded into each other in order (`fold`). A call split over the
+/// key range (few sequences, long contexts) hands out whole granules and folds them the same
+/// way, so the bits of a row do not depend on whether its keys were split, on the thread count
+/// or on the batch. A multiple of `KEY_CHUNK`.
+const GRANULE: usize = 256;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Isa {
@@ -200,6 +204,10 @@ struct Scratch {
     m: Vec<f32>,
     l: Vec<f32>,
     alpha: Vec<f32>,
+    /// The granules folded so far (units over more than one granule): m, l, acc.
+    fm: Vec<f32>,
+    fl: Vec<f32>,
+    facc: Vec<f32>,
 }
 
 impl Scratch {
@@ -215,6 +223,9 @@ impl Scratch {
         grow(&mut self.m, rows);
         grow(&mut self.l, rows);
         grow(&mut self.alpha, rows);
+        grow(&mut self.fm, rows);
+        grow(&mut self.fl, rows);
+        grow(&mut self.facc, rows * hd);
     }
 }
 
@@ -223,6 +234,57 @@ thread_local! {
     static PARTIAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// Pool tasks of one call: (sequence, first unit, end unit).
     static TASKS: RefCell<Vec<(u32, u32, u32)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The granules holding a sequence's visible keys (from its first query's window).
+fn granules(s: &AttnSeq, window: Option<usize>) -> std::ops::Range<usize> {
+    let (lo, end) = (window_lo(window, s.past), s.past + s.q_len);
+    if s.q_len == 0 || lo >= end {
+        return 0..0;
+    }
+    lo / GRANULE..(end - 1) / GRANULE + 1
+}
+
+/// Folds one granule's unnormalized result (`m`, `l`, `acc`: per row its running maximum,
+/// sum of exponentials and weighted values) into the granules folded before it (`fm`, `fl`,
+/// `facc`, all rows without keys yet: `-inf`). Rows of the granule without visible keys are
+/// left as they are; the first granule with keys is taken as it is.
+fn fold(
+    rows: usize,
+    hd: usize,
+    (m, l, acc): (&[f32], &[f32], &[f32]),
+    fm: &mut [f32],
+    fl: &mut [f32],
+    facc: &mut [f32],
+) {
+    for r in 0..rows {
+        if m[r] == f32::NEG_INFINITY {
+            continue;
+        }
+        let (a_row, d) = (&acc[r * hd..][..hd], &mut facc[r * hd..][..hd]);
+        if fm[r] == f32::NEG_INFINITY {
+            fm[r] = m[r];
+            fl[r] = l[r];
+            d.copy_from_slice(a_row);
+            continue;
+        }
+        let mx = fm[r].max(m[r]);
+        let (a, b) = ((fm[r] - mx).exp(), (m[r] - mx).exp());
+        fl[r] = fl[r] * a + l[r] * b;
+        for (o, x) in d.iter_mut().zip(a_row) {
+            *o = *o * a + x * b;
+        }
+        fm[r] = mx;
+    }
+}
+
+/// Row `r` of an unnormalized result, divided by its sum of exponentials, into `dst`.
+#[inline(always)]
+unsafe fn normalize(l: f32, acc: &[f32], dst: *mut f32) {
+    let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+    for (d, a) in acc.iter().enumerate() {
+        *dst.add(d) = a * inv;
+    }
 }
 
 #[inline(always)]
@@ -332,12 +394,12 @@ fn run(
     let mut flops = 0.0;
     let mut tokens = 0;
     let mut max_q = 0;
-    let mut min_span = usize::MAX;
+    let mut max_granules = 0;
     for s in seqs.iter().filter(|s| s.q_len > 0) {
         flops += 4.0 * (nh * hd) as f64 * visible_pairs(s, p.window);
         tokens += s.q_len;
         max_q = max_q.max(s.q_len);
-        min_span = min_span.min(s.past + s.q_len - window_lo(p.window, s.past));
+        max_granules = max_granules.max(granules(s, p.window).len());
     }
     if tokens == 0 {
         return;
@@ -370,15 +432,11 @@ fn run(
     // Key-range split: every sequence fits one query tile but there are too few units.
     if max_q <= tile {
         let units = seqs.len() * upt;
-        let nsplit = match ex.split {
-            Some(n) => n.max(1),
-            None if parallel && units < 2 * threads => (2 * threads)
-                .div_ceil(units)
-                .min(min_span / SPLIT_MIN_KEYS)
-                .max(1),
-            None => 1,
+        let split = match ex.split {
+            Some(n) => n > 1,
+            None => parallel && units < 2 * threads && max_granules > 1,
         };
-        if nsplit > 1 && run_split(&ctx, nhc, hc, max_q * hc, nsplit, parallel) {
+        if split && run_split(&ctx, nhc, hc, max_q * hc, max_granules, parallel) {
             return;
         }
     }
@@ -437,107 +495,97 @@ fn run(
     }
 }
 
-/// Runs every (sequence, kv head, head chunk) unit over `nsplit` key ranges into partial slots,
-/// then merges. Returns false (nothing done) if the partial buffer is busy on this thread.
+/// Runs every (sequence, kv head, head chunk) unit over each of its granules (at most
+/// `ngran`) into partial slots, then folds each unit's granules in order, as a unit run whole
+/// does. Returns false (nothing done) if the partial buffer is busy on this thread.
 fn run_split(
     c: &Ctx,
     nhc: usize,
     hc: usize,
     max_rows: usize,
-    nsplit: usize,
+    ngran: usize,
     parallel: bool,
 ) -> bool {
     let p = c.p;
-    let (nkv, hd, bs) = (p.num_kv_heads, p.head_dim, p.block_size);
+    let (nkv, hd) = (p.num_kv_heads, p.head_dim);
     let group = p.num_heads / nkv;
     let upt = nkv * nhc;
     let slot = max_rows * (hd + 2);
-    let nslots = c.seqs.len() * upt * nsplit;
+    let nunits = c.seqs.len() * upt;
+    let nslots = nunits * ngran;
     PARTIAL.with(|cell| {
         let Ok(mut buf) = cell.try_borrow_mut() else {
             return false;
         };
-        if buf.len() < nslots * slot {
-            buf.resize(nslots * slot, 0.0);
+        // The partial slots, then one slot for folding.
+        if buf.len() < (nslots + 1) * slot {
+            buf.resize((nslots + 1) * slot, 0.0);
         }
         let bp = SyncPtr(buf.as_mut_ptr());
-        let unit_of = |i: usize| -> Unit {
-            let (ui, part) = (i / nsplit, i % nsplit);
+        // Unit `ui` over its granule `j` (`None`: the sequence has fewer granules).
+        let unit_of = |ui: usize, j: usize| -> Option<Unit> {
             let (si, rest) = (ui / upt, ui % upt);
             let (kvh, hci) = (rest / nhc, rest % nhc);
             let s = &c.seqs[si];
-            let kbeg = window_lo(p.window, s.past);
-            let kend = s.past + s.q_len;
-            let span = kend - kbeg.min(kend);
-            let bound = |j: usize| -> usize {
-                if j == 0 {
-                    kbeg
-                } else if j >= nsplit {
-                    kend
-                } else {
-                    ((kbeg + span * j / nsplit) / bs * bs).max(kbeg)
-                }
-            };
+            let g = granules(s, p.window);
+            let gi = g.start + j;
+            if gi >= g.end {
+                return None;
+            }
             let hh0 = hci * hc;
-            Unit {
+            Some(Unit {
                 seq: si,
                 kvh,
                 h0: kvh * group + hh0,
                 nh: hc.min(group - hh0),
                 t0: 0,
                 t1: s.q_len,
-                k_lo: bound(part),
-                k_hi: bound(part + 1),
-            }
+                k_lo: gi * GRANULE,
+                k_hi: (gi + 1) * GRANULE,
+            })
         };
         let work = |i: usize| {
-            // SAFETY: slot i lies inside `buf` and is written by this unit only.
-            let dst = unsafe { bp.get().add(i * slot) };
-            exec_unit(c, &unit_of(i), Dest::Partial(dst));
+            if let Some(u) = unit_of(i / ngran, i % ngran) {
+                // SAFETY: slot i lies inside `buf` and is written by this unit only.
+                let dst = unsafe { bp.get().add(i * slot) };
+                exec_unit(c, &u, Dest::Partial(dst));
+            }
         };
         if parallel {
             pool::for_each(nslots, work);
         } else {
             (0..nslots).for_each(work);
         }
-        // Merge the partial results of each unit.
-        for ui in 0..c.seqs.len() * upt {
-            let u = unit_of(ui * nsplit);
+        let (parts, folded) = buf.split_at_mut(nslots * slot);
+        for ui in 0..nunits {
+            let Some(u) = unit_of(ui, 0) else { continue };
             let rows = (u.t1 - u.t0) * u.nh;
             let s = &c.seqs[u.seq];
+            let (fm, rest) = folded.split_at_mut(rows);
+            let (fl, facc) = rest.split_at_mut(rows);
+            fm.fill(f32::NEG_INFINITY);
+            fl.fill(0.0);
+            facc[..rows * hd].fill(0.0);
+            for j in 0..ngran {
+                if unit_of(ui, j).is_none() {
+                    break;
+                }
+                let part = &parts[(ui * ngran + j) * slot..][..slot];
+                let (m, rest) = part.split_at(rows);
+                let (l, acc) = rest.split_at(rows);
+                fold(rows, hd, (m, l, acc), fm, fl, facc);
+            }
             for r in 0..rows {
-                let part = |j: usize| &buf[(ui * nsplit + j) * slot..][..slot];
-                let mut mx = f32::NEG_INFINITY;
-                for j in 0..nsplit {
-                    mx = mx.max(part(j)[r]);
-                }
-                let mut lsum = 0.0;
-                for j in 0..nsplit {
-                    let m = part(j)[r];
-                    if m > f32::NEG_INFINITY {
-                        lsum += part(j)[rows + r] * (m - mx).exp();
-                    }
-                }
                 let (t, h) = (u.t0 + r / u.nh, u.h0 + r % u.nh);
-                // SAFETY: bounds checked in `validate`; only this thread writes during the merge.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
+                let lr = fl[r];
+                // SAFETY: bounds checked in `validate`; only this thread writes during the fold.
+                unsafe {
+                    normalize(
+                        lr,
+                        &facc[r * hd..][..hd],
                         c.out.get().add((s.q_start + t) * c.out_stride + h * hd),
-                        hd,
                     )
                 };
-                dst.fill(0.0);
-                for j in 0..nsplit {
-                    let pj = part(j);
-                    let m = pj[r];
-                    if m > f32::NEG_INFINITY && lsum > 0.0 {
-                        let w = (m - mx).exp() / lsum;
-                        let a = &pj[2 * rows + r * hd..][..hd];
-                        for (o, x) in dst.iter_mut().zip(a) {
-                            *o += w * x;
-                        }
-                    }
-                }
             }
         }
         true
@@ -598,6 +646,9 @@ unsafe fn unit_impl<const ISA: u8>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scrat
         m,
         l,
         alpha,
+        fm,
+        fl,
+        facc,
     } = sc;
     let (qs, sb, acc) = (
         &mut qs[..rows * hd],
@@ -605,6 +656,7 @@ unsafe fn unit_impl<const ISA: u8>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scrat
         &mut acc[..rows * hd],
     );
     let (m, l, alpha) = (&mut m[..rows], &mut l[..rows], &mut alpha[..rows]);
+    let (fm, fl, facc) = (&mut fm[..rows], &mut fl[..rows], &mut facc[..rows * hd]);
 
     for t in 0..u.t1 - u.t0 {
         let qrow = (s.q_start + u.t0 + t) * c.q_stride;
@@ -631,8 +683,21 @@ unsafe fn unit_impl<const ISA: u8>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scrat
     let seg_end = |x: usize, c1: usize| c1.min((x / bs + 1) * bs);
     let chunk_end = |c0: usize| kend.min((c0 / KEY_CHUNK + 1) * KEY_CHUNK);
     let (kp, vp) = (c.k.as_ptr(), c.v.as_ptr());
+    // Keys in more than one granule: each granule from a fresh state, folded in order.
+    let multi = kbeg < kend && kbeg / GRANULE != (kend - 1) / GRANULE;
+    if multi {
+        fm.fill(f32::NEG_INFINITY);
+        fl.fill(0.0);
+        facc.fill(0.0);
+    }
     let mut c0 = kbeg;
     while c0 < kend {
+        if multi && c0 > kbeg && c0 % GRANULE == 0 {
+            fold(rows, hd, (m, l, acc), fm, fl, facc);
+            acc.fill(0.0);
+            m.fill(f32::NEG_INFINITY);
+            l.fill(0.0);
+        }
         let c1 = chunk_end(c0);
         let n = c1 - c0;
         // Blocks are scattered over the pool: fetch the next chunk while this one is computed.
@@ -723,16 +788,20 @@ unsafe fn unit_impl<const ISA: u8>(c: &Ctx, u: &Unit, dest: Dest, sc: &mut Scrat
 
     match dest {
         Dest::Out => {
+            let (l, acc) = if multi {
+                fold(rows, hd, (m, l, acc), fm, fl, facc);
+                (&*fl, &*facc)
+            } else {
+                (&*l, &*acc)
+            };
             for r in 0..rows {
                 let (t, h) = (u.t0 + r / u.nh, u.h0 + r % u.nh);
-                let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
                 let dst = c.out.get().add((s.q_start + t) * c.out_stride + h * hd);
-                for d in 0..hd {
-                    *dst.add(d) = acc[r * hd + d] * inv;
-                }
+                normalize(l[r], &acc[r * hd..][..hd], dst);
             }
         }
         Dest::Partial(dst) => {
+            debug_assert!(!multi, "a partial covers one granule");
             std::ptr::copy_nonoverlapping(m.as_ptr(), dst, rows);
             std::ptr::copy_nonoverlapping(l.as_ptr(), dst.add(rows), rows);
             std::ptr::copy_nonoverlapping(acc.as_ptr(), dst.add(2 * rows), rows * hd);
@@ -1203,7 +1272,10 @@ mod avx2 {
                 d += 8;
             }
             for rr in 0..R {
-                let mut o = hsum(acc[rr]);
+                // Summed as the keys of a group of four are (lane 0 of `hsum4`): a key's score
+                // has the same bits wherever the chunk or block boundaries put it.
+                let z = _mm256_setzero_ps();
+                let mut o = _mm_cvtss_f32(hsum4(&[acc[rr], z, z, z]));
                 for dd in d8..hd {
                     o += *q.add(rr * hd + dd) * *kj.add(dd);
                 }
@@ -1628,48 +1700,26 @@ mod tests {
                 );
             }
         }
+        // Inline, parallel and split over the key range: the same bits (keys are summed in
+        // the same granules, folded in the same order), so results do not depend on the batch
+        // or the thread count.
         for (n, isa) in isas().into_iter().enumerate() {
             let seed = 7 + n as u64;
-            check_with(c, seed, Exec::auto(isa));
-            check_with(
-                c,
-                seed,
-                Exec {
-                    isa,
-                    parallel: Some(false),
-                    split: None,
-                },
-            );
-            check_with(
-                c,
-                seed,
-                Exec {
-                    isa,
-                    parallel: Some(true),
-                    split: None,
-                },
-            );
+            let bits = |ex: Exec| -> Vec<u32> {
+                check_with(c, seed, ex).iter().map(|x| x.to_bits()).collect()
+            };
+            let want = bits(Exec::auto(isa));
+            let mut modes = vec![(Some(false), None), (Some(true), None)];
             if c.seqs.iter().all(|s| s.1 * (c.nh / c.nkv) <= MAX_ROWS) {
-                for split in [2, 3, 7] {
-                    check_with(
-                        c,
-                        seed,
-                        Exec {
-                            isa,
-                            parallel: Some(true),
-                            split: Some(split),
-                        },
-                    );
-                }
-                check_with(
-                    c,
-                    seed,
-                    Exec {
-                        isa,
-                        parallel: Some(false),
-                        split: Some(4),
-                    },
-                );
+                modes.extend([(Some(true), Some(2)), (Some(false), Some(4))]);
+            }
+            for (parallel, split) in modes {
+                let ex = Exec {
+                    isa,
+                    parallel,
+                    split,
+                };
+                assert_eq!(bits(ex), want, "{ex:?}: bits differ from {:?}", Exec::auto(isa));
             }
         }
     }
@@ -1716,6 +1766,44 @@ mod tests {
         let mut c = case(6, 2, 32, 16, &[(300, 1), (100, 40), (0, 70)]);
         c.window = Some(37);
         check(&c);
+        // Windows across granule boundaries, starting inside a granule.
+        let mut c = case(6, 2, 32, 16, &[(900, 1), (500, 3), (230, 60)]);
+        c.window = Some(300);
+        check(&c);
+    }
+
+    /// A prompt prefilled in one call, in tiles, or token by token: the bits of every row
+    /// are those of the row decoded alone, across granules.
+    #[test]
+    fn prefill_rows_equal_decoded_rows_across_granules() {
+        let c = case(6, 2, 64, 16, &[(200, 400)]);
+        let d = make(&c, 5);
+        let p = params(&c, &d);
+        let whole = {
+            let mut out = vec![f32::NAN; d.rows * d.out_stride];
+            let seqs = attn_seqs(&c, &d);
+            paged_attention(&p, &seqs, &d.q, d.q_stride, &d.k, &d.v, &mut out, d.out_stride);
+            out
+        };
+        let seqs = attn_seqs(&c, &d);
+        let base = &seqs[0];
+        for t in [0, 55, 56, 57, 311, 399] {
+            let one = AttnSeq {
+                q_start: base.q_start + t,
+                q_len: 1,
+                past: base.past + t,
+                blocks: base.blocks,
+            };
+            let mut out = vec![f32::NAN; d.rows * d.out_stride];
+            paged_attention(&p, &[one], &d.q, d.q_stride, &d.k, &d.v, &mut out, d.out_stride);
+            let row = |o: &[f32]| -> Vec<u32> {
+                o[(base.q_start + t) * d.out_stride..][..c.nh * c.hd]
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
+            };
+            assert_eq!(row(&out), row(&whole), "token {t}");
+        }
     }
 
     #[test]
