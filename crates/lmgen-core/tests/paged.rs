@@ -357,6 +357,30 @@ fn samples_of_one_prompt_share_its_blocks() {
     );
 }
 
+/// The samples of a prompt run side by side once its prompt is computed, not one after the
+/// other.
+#[test]
+fn samples_of_a_prompt_run_together() {
+    let m = model("llama");
+    let params = SamplingParams {
+        temperature: 1.0,
+        seed: Some(9),
+        ..Default::default()
+    };
+    let reqs: Vec<GenRequest> = (0..4)
+        .map(|k| req(0, k, tokens(3, 20, m.spec().vocab_size), &params, 12))
+        .collect();
+    let mut steps = Vec::new();
+    Generator::new(&m, 4)
+        .run(reqs, |_| Ok(()), |s| steps.push(s))
+        .unwrap();
+    // The first sample's prompt, then the other three join it (their prompt's last 4 tokens,
+    // past the shared block) and all four decode together.
+    assert_eq!(steps[0].in_flight, 1, "{steps:?}");
+    assert!(steps[1..].iter().take(11).all(|s| s.in_flight == 4), "{steps:?}");
+    assert_eq!(steps.len(), 13, "{steps:?}");
+}
+
 /// Phi-3 longrope (`original_max_position_embeddings` 12): a sequence that outgrows it while
 /// generating is recomputed with the long factors once, as transformers does, on either path,
 /// in any batch, with prompts prefilled in chunks (rotated for their whole length), and after

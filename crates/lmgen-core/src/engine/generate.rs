@@ -278,11 +278,12 @@ impl<'m> Generator<'m> {
                             )?)?;
                             continue;
                         }
-                        // Later samples of a prompt wait for the first one's prefill, then share its blocks.
+                        // Later samples of a prompt wait until one sample's prompt is computed,
+                        // then share its blocks (all of them at once).
+                        let siblings = || active.iter().filter(|a| a.req.index == req.index);
                         let sibling_prefilling = runner.shares_blocks()
-                            && active
-                                .iter()
-                                .any(|a| a.req.index == req.index && !a.prefilled());
+                            && siblings().next().is_some()
+                            && !siblings().any(|a| a.prefilled());
                         if sibling_prefilling {
                             next_req = Some(req);
                             break;
