@@ -147,6 +147,8 @@ pub struct Generator<'m> {
     /// Use the CPU step executor over the paged pool where the model allows it (`false`: the
     /// tensor path, the reference the paged path is tested against).
     pub paged: bool,
+    /// How requests are admitted into the KV pool (default: reserve growth;
+    /// `LMGEN_ADMISSION=prompt` for vLLM's rule).
     pub admission: Admission,
     /// Checked before every step: once set, [`Generator::run`] returns
     /// [`Error::Interrupted`] (finished outputs were already delivered; in-flight ones are
