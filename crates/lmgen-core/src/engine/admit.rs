@@ -4,9 +4,9 @@
 //! keep growing, the pool fills, and the youngest are preempted and recomputed, again and
 //! again. Admission here keeps blocks for the growth still to come, as SGLang's scheduler
 //! does: a sequence that cannot stop early (`ignore_eos`) will generate exactly its remaining
-//! `max_new_tokens`; any other is expected to generate a fraction of them, a ratio that starts
-//! at 0.7, decays step by step to 0.098 while nothing is preempted, and is reset from the
-//! running sequences' progress when something is.
+//! `max_new_tokens`; any other is expected to generate a fraction of them (of at most 4,096),
+//! a ratio that starts at 0.7, decays step by step to 0.098 while nothing is preempted, and is
+//! reset from the running sequences' progress when something is.
 //! A request is admitted only if, with the running sequences, the pool holds everyone at
 //! every step until they finish (each sequence's blocks come back when it finishes).
 use crate::kv::BlockTable;
@@ -33,6 +33,9 @@ impl Growth {
     const MIN: f64 = Self::INIT * 0.14;
     const DECAY: f64 = (Self::INIT - Self::MIN) / 600.0;
     const RETRACT_STEPS: usize = 20;
+    /// Remaining new tokens counted at most (`CLIP_MAX_NEW_TOKENS_ESTIMATION`), so that a
+    /// huge `max_new_tokens` that EOS will cut short does not keep everyone else out.
+    const CLIP: usize = 4096;
 
     pub fn new() -> Self {
         Self { ratio: Self::INIT }
@@ -44,7 +47,8 @@ impl Growth {
         if ignore_eos {
             left
         } else {
-            ((left as f64 * self.ratio).round() as usize).clamp(1, left)
+            let counted = left.min(Self::CLIP);
+            ((counted as f64 * self.ratio).round() as usize).clamp(1, counted)
         }
     }
 
@@ -130,6 +134,9 @@ mod tests {
         assert_eq!(g.left(100, 0, false), 70);
         assert_eq!(g.left(100, 0, true), 100);
         assert_eq!(g.left(100, 100, false), 1);
+        // Long requests that can stop are counted up to 4,096 remaining tokens.
+        assert_eq!(g.left(100_000, 0, false), (4096.0f64 * 0.7).round() as usize);
+        assert_eq!(g.left(100_000, 0, true), 100_000);
         for _ in 0..1000 {
             g.decay();
         }
