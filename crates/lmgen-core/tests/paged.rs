@@ -234,7 +234,10 @@ fn reserving_growth_avoids_recomputation() {
     g.kv_memory = Some(12 * m.decoder.kv_block_bytes());
     let mut prompt_tokens = [0usize; 2];
     let mut outs = Vec::new();
-    for (k, admission) in [Admission::Prompt, Admission::Reserve].into_iter().enumerate() {
+    for (k, admission) in [Admission::Prompt, Admission::Reserve]
+        .into_iter()
+        .enumerate()
+    {
         g.admission = admission;
         let mut out = Vec::new();
         let stats = g
@@ -259,21 +262,25 @@ fn reserving_growth_avoids_recomputation() {
     assert_same("admission", reserved, by_prompt, 1e-4);
 }
 
+/// The error of a request of `prompt` tokens and `new` new ones in a pool of `blocks` blocks.
+fn pool_error(blocks: usize, prompt: usize, new: usize) -> String {
+    let m = model("llama");
+    let mut g = Generator::new(&m, 2);
+    g.kv_memory = Some(blocks * m.decoder.kv_block_bytes());
+    let p = tokens(1, prompt, m.spec().vocab_size);
+    g.run(
+        vec![req(0, 0, p, &SamplingParams::default(), new)],
+        |_| Ok(()),
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string()
+}
+
 #[test]
 fn a_request_that_cannot_grow_in_the_pool_alone_is_a_clear_error() {
-    let m = model("llama");
     // 40 + 30 tokens need 5 blocks; the pool has 4 (the prompt alone would fit).
-    let mut g = Generator::new(&m, 2);
-    g.kv_memory = Some(4 * m.decoder.kv_block_bytes());
-    let p = tokens(1, 40, m.spec().vocab_size);
-    let err = g
-        .run(
-            vec![req(0, 0, p, &SamplingParams::default(), 30)],
-            |_| Ok(()),
-            |_| {},
-        )
-        .unwrap_err()
-        .to_string();
+    let err = pool_error(4, 40, 30);
     assert!(
         err.contains("request 0: 40 tokens and up to 30 new need 5 KV blocks")
             && err.contains("--max-new-tokens"),
@@ -283,18 +290,7 @@ fn a_request_that_cannot_grow_in_the_pool_alone_is_a_clear_error() {
 
 #[test]
 fn a_prompt_that_cannot_fit_alone_is_a_clear_error() {
-    let m = model("llama");
-    let mut g = Generator::new(&m, 2);
-    g.kv_memory = Some(2 * m.decoder.kv_block_bytes());
-    let p = tokens(1, 40, m.spec().vocab_size);
-    let err = g
-        .run(
-            vec![req(0, 0, p, &SamplingParams::default(), 4)],
-            |_| Ok(()),
-            |_| {},
-        )
-        .unwrap_err()
-        .to_string();
+    let err = pool_error(2, 40, 4);
     assert!(
         err.contains("KV blocks") && err.contains("--kv-memory"),
         "{err}"
@@ -377,7 +373,10 @@ fn samples_of_a_prompt_run_together() {
     // The first sample's prompt, then the other three join it (their prompt's last 4 tokens,
     // past the shared block) and all four decode together.
     assert_eq!(steps[0].in_flight, 1, "{steps:?}");
-    assert!(steps[1..].iter().take(11).all(|s| s.in_flight == 4), "{steps:?}");
+    assert!(
+        steps[1..].iter().take(11).all(|s| s.in_flight == 4),
+        "{steps:?}"
+    );
     assert_eq!(steps.len(), 13, "{steps:?}");
 }
 

@@ -266,7 +266,11 @@ fn smollm2_samples_do_not_depend_on_the_batch() {
     };
     let want = run(1, 2048);
     assert_eq!(run(3, 2048), want, "batch 3");
-    assert_eq!(run(3, 100), want, "batch 3, prompts prefilled in chunks of 100");
+    assert_eq!(
+        run(3, 100),
+        want,
+        "batch 3, prompts prefilled in chunks of 100"
+    );
 }
 
 /// The chat template stored in the GGUF metadata, with the special tokens named by its

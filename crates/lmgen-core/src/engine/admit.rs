@@ -88,7 +88,7 @@ pub(crate) fn fits(seqs: &mut [Demand], capacity: usize, limit: Option<usize>) -
         let t = seqs[i].left;
         let used: usize = seqs[i..]
             .iter()
-            .map(|d| peak_blocks(Demand { len: d.len, left: t }, limit))
+            .map(|&d| peak_blocks(Demand { left: t, ..d }, limit))
             .sum();
         used <= capacity
     })
@@ -119,11 +119,17 @@ mod tests {
         let mut s = [d(BLOCK_SIZE, 3 * BLOCK_SIZE + 1), d(BLOCK_SIZE, 1)];
         assert!(fits(&mut s, 4, None));
         // Both at 4 blocks at once need 8.
-        let mut s = [d(BLOCK_SIZE, 3 * BLOCK_SIZE + 1), d(BLOCK_SIZE, 3 * BLOCK_SIZE + 1)];
+        let mut s = [
+            d(BLOCK_SIZE, 3 * BLOCK_SIZE + 1),
+            d(BLOCK_SIZE, 3 * BLOCK_SIZE + 1),
+        ];
         assert!(!fits(&mut s, 7, None));
         assert!(fits(&mut s, 8, None));
         // Staggered: 3 then 4 blocks at their ends; at the first's end the second has 3.
-        let mut s = [d(BLOCK_SIZE, 2 * BLOCK_SIZE + 1), d(BLOCK_SIZE, 3 * BLOCK_SIZE + 1)];
+        let mut s = [
+            d(BLOCK_SIZE, 2 * BLOCK_SIZE + 1),
+            d(BLOCK_SIZE, 3 * BLOCK_SIZE + 1),
+        ];
         assert!(!fits(&mut s, 5, None));
         assert!(fits(&mut s, 6, None));
     }
@@ -135,7 +141,10 @@ mod tests {
         assert_eq!(g.left(100, 0, true), 100);
         assert_eq!(g.left(100, 100, false), 1);
         // Long requests that can stop are counted up to 4,096 remaining tokens.
-        assert_eq!(g.left(100_000, 0, false), (4096.0f64 * 0.7).round() as usize);
+        assert_eq!(
+            g.left(100_000, 0, false),
+            (4096.0f64 * 0.7).round() as usize
+        );
         assert_eq!(g.left(100_000, 0, true), 100_000);
         for _ in 0..1000 {
             g.decay();

@@ -135,7 +135,8 @@ fn detect_isa() -> Isa {
 struct Exec {
     isa: Isa,
     parallel: Option<bool>,
-    split: Option<usize>,
+    /// Split over the key range (whole granules) or not.
+    split: Option<bool>,
 }
 
 impl Exec {
@@ -411,7 +412,7 @@ fn run(
         pool::threads()
     };
     let parallel = ex.parallel.unwrap_or(threads > 1);
-    let tile = if parallel && ex.split.is_none() {
+    let tile = if parallel && ex.split != Some(true) {
         (tokens * upt).div_ceil(2 * threads).clamp(1, tile_cap)
     } else {
         tile_cap
@@ -432,10 +433,9 @@ fn run(
     // Key-range split: every sequence fits one query tile but there are too few units.
     if max_q <= tile {
         let units = seqs.len() * upt;
-        let split = match ex.split {
-            Some(n) => n > 1,
-            None => parallel && units < 2 * threads && max_granules > 1,
-        };
+        let split = ex
+            .split
+            .unwrap_or(parallel && units < 2 * threads && max_granules > 1);
         if split && run_split(&ctx, nhc, hc, max_q * hc, max_granules, parallel) {
             return;
         }
@@ -577,11 +577,10 @@ fn run_split(
             }
             for r in 0..rows {
                 let (t, h) = (u.t0 + r / u.nh, u.h0 + r % u.nh);
-                let lr = fl[r];
                 // SAFETY: bounds checked in `validate`; only this thread writes during the fold.
                 unsafe {
                     normalize(
-                        lr,
+                        fl[r],
                         &facc[r * hd..][..hd],
                         c.out.get().add((s.q_start + t) * c.out_stride + h * hd),
                     )
@@ -1686,7 +1685,7 @@ mod tests {
         // The 16-lane products give the AVX2 kernel's bits, inline, parallel and split.
         #[cfg(target_arch = "x86_64")]
         if isas().contains(&Isa::Avx512) {
-            for (parallel, split) in [(None, None), (Some(false), None), (Some(true), Some(3))] {
+            for (parallel, split) in [(None, None), (Some(false), None), (Some(true), Some(true))] {
                 let ex = |isa| Exec {
                     isa,
                     parallel,
@@ -1706,12 +1705,15 @@ mod tests {
         for (n, isa) in isas().into_iter().enumerate() {
             let seed = 7 + n as u64;
             let bits = |ex: Exec| -> Vec<u32> {
-                check_with(c, seed, ex).iter().map(|x| x.to_bits()).collect()
+                check_with(c, seed, ex)
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
             };
             let want = bits(Exec::auto(isa));
             let mut modes = vec![(Some(false), None), (Some(true), None)];
             if c.seqs.iter().all(|s| s.1 * (c.nh / c.nkv) <= MAX_ROWS) {
-                modes.extend([(Some(true), Some(2)), (Some(false), Some(4))]);
+                modes.extend([(Some(true), Some(true)), (Some(false), Some(true))]);
             }
             for (parallel, split) in modes {
                 let ex = Exec {
@@ -1719,7 +1721,12 @@ mod tests {
                     parallel,
                     split,
                 };
-                assert_eq!(bits(ex), want, "{ex:?}: bits differ from {:?}", Exec::auto(isa));
+                assert_eq!(
+                    bits(ex),
+                    want,
+                    "{ex:?}: bits differ from {:?}",
+                    Exec::auto(isa)
+                );
             }
         }
     }
@@ -1782,7 +1789,16 @@ mod tests {
         let whole = {
             let mut out = vec![f32::NAN; d.rows * d.out_stride];
             let seqs = attn_seqs(&c, &d);
-            paged_attention(&p, &seqs, &d.q, d.q_stride, &d.k, &d.v, &mut out, d.out_stride);
+            paged_attention(
+                &p,
+                &seqs,
+                &d.q,
+                d.q_stride,
+                &d.k,
+                &d.v,
+                &mut out,
+                d.out_stride,
+            );
             out
         };
         let seqs = attn_seqs(&c, &d);
@@ -1795,7 +1811,16 @@ mod tests {
                 blocks: base.blocks,
             };
             let mut out = vec![f32::NAN; d.rows * d.out_stride];
-            paged_attention(&p, &[one], &d.q, d.q_stride, &d.k, &d.v, &mut out, d.out_stride);
+            paged_attention(
+                &p,
+                &[one],
+                &d.q,
+                d.q_stride,
+                &d.k,
+                &d.v,
+                &mut out,
+                d.out_stride,
+            );
             let row = |o: &[f32]| -> Vec<u32> {
                 o[(base.q_start + t) * d.out_stride..][..c.nh * c.hd]
                     .iter()

@@ -74,7 +74,9 @@ enum Gather<'a> {
     /// Row `r` of the copy is row `order[r]`.
     Rows(&'a [usize]),
     /// The transpose of a `[rows, _]` matrix.
-    Transposed { rows: usize },
+    Transposed {
+        rows: usize,
+    },
 }
 
 /// Rows `range` of the transpose of `src` (`[rows, cols]`) into `dst` (`[cols, rows]`), in
@@ -220,8 +222,20 @@ impl MappedTensor {
                     }
                     // Rows a..b of the copy are columns a..b of the source ([rows, total_rows]).
                     Gather::Transposed { rows } => match size {
-                        2 => transpose_into(src.as_ptr() as *const u16, d as *mut u16, rows, total_rows, a..b),
-                        _ => transpose_into(src.as_ptr() as *const u32, d as *mut u32, rows, total_rows, a..b),
+                        2 => transpose_into(
+                            src.as_ptr() as *const u16,
+                            d as *mut u16,
+                            rows,
+                            total_rows,
+                            a..b,
+                        ),
+                        _ => transpose_into(
+                            src.as_ptr() as *const u32,
+                            d as *mut u32,
+                            rows,
+                            total_rows,
+                            a..b,
+                        ),
                     },
                 }
             }
