@@ -20,7 +20,7 @@
 use super::matmul::{OutPtr, WRows};
 use super::pool;
 use super::wide::with_scratch;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// Instruction set of the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,16 +48,27 @@ pub fn isa() -> Isa {
     }
 }
 
-/// The best the CPU has; `LMGEN_GEMM_ISA=avx2|scalar` caps the choice (the vector kernels
-/// give the same bits; the scalar path is the `gemm` crate's).
+/// The best the CPU has; `LMGEN_GEMM_ISA=avx512-dot|avx2|scalar` caps the choice (the vector
+/// kernels give the same bits; the scalar path is the `gemm` crate's).
 fn default_isa() -> Isa {
+    choose(std::env::var("LMGEN_GEMM_ISA").as_deref().unwrap_or(""))
+}
+
+/// The kernel `name` asks for, where the CPU has it, else the best it has; `avx512-dot`
+/// keeps AVX-512 products of many rows on the dot-product tiles (no packed panels).
+fn choose(name: &str) -> Isa {
     let best = best_isa();
-    match std::env::var("LMGEN_GEMM_ISA").as_deref() {
-        Ok("scalar") => Isa::Scalar,
-        Ok("avx2") if best != Isa::Scalar => Isa::Avx2,
+    PANELS.store(name != "avx512-dot", Ordering::Relaxed);
+    match name {
+        "scalar" => Isa::Scalar,
+        "avx2" if best != Isa::Scalar => Isa::Avx2,
         _ => best,
     }
 }
+
+/// Whether AVX-512 products of [`super::panel::MIN_ROWS`] rows or more take the packed-panel
+/// kernel ([`super::panel`]).
+static PANELS: AtomicBool = AtomicBool::new(true);
 
 fn best_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
@@ -73,17 +84,11 @@ fn best_isa() -> Isa {
     Isa::Scalar
 }
 
-/// Chooses the instruction set (`"avx512"`, `"avx2"`, `"scalar"`; one the CPU lacks gives the
-/// default), for side-by-side measurements and tests.
+/// Chooses the instruction set (`"avx512"`, `"avx512-dot"`, `"avx2"`, `"scalar"`; one the CPU
+/// lacks gives the default), for side-by-side measurements and tests.
 #[doc(hidden)]
 pub fn set_isa(name: &str) {
-    let d = best_isa();
-    let isa = match name {
-        "avx512" if d == Isa::Avx512 => Isa::Avx512,
-        "avx2" if d != Isa::Scalar => Isa::Avx2,
-        "scalar" => Isa::Scalar,
-        _ => d,
-    };
+    let isa = choose(name);
     ISA.store(isa as u8 + 1, Ordering::Relaxed);
 }
 
@@ -106,6 +111,19 @@ fn dot_gemm_isa(
     n: usize,
     out: &mut [f32],
 ) -> bool {
+    if isa == Isa::Avx512
+        && m >= super::panel::MIN_ROWS
+        && PANELS.load(Ordering::Relaxed)
+        && super::panel::available()
+    {
+        super::panel::gemm(x, m, k, w, n, out);
+        return true;
+    }
+    dot_tiles(isa, x, m, k, w, n, out)
+}
+
+/// [`dot_gemm_isa`] on the dot-product tiles.
+fn dot_tiles(isa: Isa, x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut [f32]) -> bool {
     let (mr, nr) = match isa {
         Isa::Avx512 => (4, 6),
         Isa::Avx2 => (3, 3),
@@ -498,15 +516,7 @@ mod tests {
             for &isa in &isas {
                 for parts in [&whole[..], &cut[..]] {
                     let mut out = vec![f32::NAN; m * n];
-                    assert!(dot_gemm_isa(
-                        isa,
-                        &x,
-                        m,
-                        k,
-                        WRows::one(parts, k),
-                        n,
-                        &mut out
-                    ));
+                    assert!(dot_tiles(isa, &x, m, k, WRows::one(parts, k), n, &mut out));
                     for (i, (g, e)) in out.iter().zip(&want).enumerate() {
                         assert_eq!(
                             g.to_bits(),

@@ -5,6 +5,7 @@ pub mod dotgemm;
 pub mod matmul;
 pub mod ops;
 pub mod paged_attn;
+pub mod panel;
 pub mod pool;
 pub mod quant;
 pub(crate) mod simd;

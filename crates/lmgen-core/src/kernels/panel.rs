@@ -1,0 +1,523 @@
+//! `out[m, n] = x[m, k] · w[n, k]ᵀ` for many rows on AVX-512, as outer products over packed
+//! panels (the BLIS / OpenBLAS layout), with every element summed in exactly the order of the
+//! streaming decode kernel ([`super::dotgemm`] explains that order: 16 lanes, lane `l` taking
+//! `k ≡ l mod 16` by fused multiply-adds in order of `k`, an 8-wide remainder in lanes 0-7,
+//! the fold `(l, l + 8)`, `(l, l + 4)`, `(l, l + 2)`, `(l, l + 1)`, the last `k mod 8`
+//! products added one by one).
+//!
+//! The dot-product tiles of `dotgemm` keep one register per sum, 16 lanes along `k`, and fold
+//! the lanes at the end of each tile. Here a lane of a register is an output column instead:
+//! the 16 lane sums of an element are 16 separate outer-product passes, pass `l` over the
+//! values `k = l, l + 16, l + 32, …` (a product over `k / 16` values), and the fold adds whole
+//! registers of 16 outputs, pass to pass, in the lanes' tree order. Both operands are first
+//! copied in that order of `k` ("packed"): the input rows 8 at a time (`[k][8]`), the weight
+//! rows 48 at a time (`[k][48]`, widened there from bf16 / f16), with 16 × 16 register
+//! transposes. The 8 × 48 register tile (24 accumulators) then does 24 fused multiply-adds
+//! per 8 broadcasts and 3 loads from L1, close to the machine's FMA peak, where the dot tiles
+//! reach about 60 % of it (`examples/gemm_micro.rs`).
+use super::matmul::{OutPtr, WRows};
+use super::pool;
+use super::wide::WSlice;
+use std::cell::RefCell;
+
+/// Rows of a register tile (input rows).
+const MR: usize = 8;
+/// 16-lane registers across a tile's columns.
+const NV: usize = 3;
+/// Columns of a register tile (weight rows): one packed panel.
+const NR: usize = NV * 16;
+/// From this many rows AVX-512 products take this kernel (below, `dotgemm`'s tiles, which
+/// need no packing). `examples/gemm_micro.rs`: see [`super::dotgemm`].
+pub(crate) const MIN_ROWS: usize = 32;
+/// Bytes of packed input rows that a task's panels pass over before the next block (they
+/// stay in L2 while each panel, packed once per block, stays in L1/L2).
+const ROW_BLOCK_BYTES: usize = 2 << 20;
+
+/// The lanes in the order their passes run: bit-reversed, so that the fold is a binary
+/// counter (after pass `t`, the sums of the passes whose index shares `t`'s high bits are
+/// added, as the lane tree adds them).
+const ORDER: [usize; 16] = [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15];
+
+/// Where each lane's values of `k` lie in a packed operand: lane `l`'s `len[l]` values from
+/// position `off[l]` (value `i` of lane `l` is `k = l + 16 i`); entry 16 is the `k mod 8`
+/// tail, added one by one after the fold.
+struct Layout {
+    off: [usize; 17],
+    len: [usize; 17],
+    /// Whole chunks of 16.
+    chunks: usize,
+}
+
+impl Layout {
+    fn new(k: usize) -> Self {
+        let chunks = k / 16;
+        let eight = k - chunks * 16 >= 8;
+        let (mut off, mut len) = ([0; 17], [0; 17]);
+        // Lanes laid out in the order their passes run: the kernel reads each operand
+        // from start to end.
+        let mut at = 0;
+        for &l in &ORDER {
+            len[l] = chunks + usize::from(eight && l < 8);
+            off[l] = at;
+            at += len[l];
+        }
+        off[16] = at;
+        len[16] = k - at;
+        Self { off, len, chunks }
+    }
+
+    /// The packed position of value `kk` from the last whole chunk on (`kk >= 16 chunks`).
+    fn tail_pos(&self, kk: usize) -> usize {
+        let r = kk - self.chunks * 16;
+        let tail_from = self.chunks * 16 + (self.len[0] - self.chunks) * 8;
+        if kk < tail_from {
+            self.off[r] + self.chunks
+        } else {
+            self.off[16] + (kk - tail_from)
+        }
+    }
+}
+
+/// Whether this kernel runs on this CPU (AVX-512F).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::simd::has_avx2_fma() && is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A raw pointer shared by tasks that read it, or write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: used while the buffer it points into is borrowed by the caller; tasks write
+// disjoint ranges, and read only after the writing tasks have finished.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// Value `i` on (not dereferenced here).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+thread_local! {
+    /// The packed input rows (on the calling thread) and a task's packed panel (on each
+    /// thread): grown, never shrunk, so a job's steps allocate nothing.
+    static PACKED_X: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` with `len` values of this thread's buffer `key`, starting on a cache line (a panel's
+/// rows of 48 values are then 3 whole lines: no load or store splits a line).
+fn with_buf<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let aligned = |v: &mut Vec<f32>| {
+        if v.len() < len + 16 {
+            v.resize(len + 16, 0.0);
+        }
+        let skip = v.as_ptr().align_offset(64).min(15);
+        skip..skip + len
+    };
+    key.with(|b| match b.try_borrow_mut() {
+        Ok(mut v) => {
+            let r = aligned(&mut v);
+            f(&mut v[r])
+        }
+        Err(_) => {
+            let mut v = Vec::new();
+            let r = aligned(&mut v);
+            f(&mut v[r])
+        }
+    })
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ` (dims checked by the caller; `out` overwritten), each
+/// element the bits of the streaming kernel. The caller checks [`available`].
+pub(crate) fn gemm(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut [f32]) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let ly = Layout::new(k);
+    let tiles = m.div_ceil(MR);
+    // Input rows are packed 16 at a time (two tiles).
+    let pairs = tiles.div_ceil(2);
+    with_buf(&PACKED_X, pairs * 2 * MR * k, |xp| {
+        let xs = Shared(xp.as_mut_ptr());
+        let pack_tasks = (4 * pool::threads()).min(pairs);
+        pool::for_each(pack_tasks, |t| {
+            for p in pairs * t / pack_tasks..pairs * (t + 1) / pack_tasks {
+                let rows: [WSlice; 16] = std::array::from_fn(|r| {
+                    let i = p * 16 + r;
+                    WSlice::F32(if i < m { &x[i * k..(i + 1) * k] } else { &[] })
+                });
+                // SAFETY: pair p's 16 × k values (tiles 2p and 2p + 1) are inside `xp`
+                // (pairs × 16 × k) and written by this task only; AVX-512F checked by the
+                // caller.
+                unsafe { pack(&rows, k, &ly, xs.at(p * 2 * MR * k), true) };
+            }
+        });
+        let y = OutPtr::new(out);
+        let panels = n.div_ceil(NR);
+        let tasks = (4 * pool::threads()).min(panels);
+        let block = (ROW_BLOCK_BYTES / (MR * k * 4)).max(1);
+        pool::for_each(tasks, |t| {
+            with_buf(&PANEL, NR * k, |wp| {
+                let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
+                let mut t0 = 0;
+                while t0 < tiles {
+                    let t1 = (t0 + block).min(tiles);
+                    for p in p0..p1 {
+                        let j = p * NR;
+                        let nt = (n - j).min(NR);
+                        for g in 0..NV {
+                            let rows: [WSlice; 16] = std::array::from_fn(|r| {
+                                let c = g * 16 + r;
+                                if c < nt {
+                                    w.run(j + c).0.range(0, k)
+                                } else {
+                                    WSlice::F32(&[])
+                                }
+                            });
+                            // SAFETY: the panel buffer holds NR × k values; lanes g·16.. of
+                            // each position; AVX-512F checked by the caller.
+                            unsafe { pack(&rows, k, &ly, wp.as_mut_ptr().add(g * 16), false) };
+                        }
+                        for tile in t0..t1 {
+                            let i = tile * MR;
+                            let mt = (m - i).min(MR);
+                            // SAFETY: tile `tile` of the packed rows (MR × k values, written
+                            // before this region); out rows i..i + mt, columns j..j + nt are
+                            // in [m, n] and in this task's panels only.
+                            unsafe {
+                                kernel(
+                                    &ly,
+                                    xs.at(tile * MR * k),
+                                    wp.as_ptr(),
+                                    y.at(i * n + j),
+                                    n,
+                                    mt,
+                                    nt,
+                                )
+                            };
+                        }
+                    }
+                    t0 = t1;
+                }
+            })
+        });
+    });
+}
+
+/// Packs 16 rows of `k` values (an empty slice is a row of zeros) into the order of
+/// [`Layout`]. Input rows (`split`): lanes 0-7 to the tile at `dst` (`[k][8]`), lanes 8-15 to
+/// the next tile (`dst + 8 k`). Weight rows: the 16 lanes at `dst` of each position of a
+/// `[k][48]` panel.
+///
+/// # Safety
+/// AVX-512F; non-empty rows hold `k` values; `dst` has room for the layout described.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn pack(rows: &[WSlice; 16], k: usize, ly: &Layout, dst: *mut f32, split: bool) {
+    use std::arch::x86_64::*;
+    let store = |pos: usize, v: __m512| {
+        if split {
+            let lo = _mm512_castps512_ps256(v);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+            _mm256_storeu_ps(dst.add(pos * MR), lo);
+            _mm256_storeu_ps(dst.add(MR * k + pos * MR), hi);
+        } else {
+            _mm512_storeu_ps(dst.add(pos * NR), v);
+        }
+    };
+    let load = |r: usize, at: usize| -> __m512 {
+        match rows[r] {
+            WSlice::F32(s) if s.is_empty() => _mm512_setzero_ps(),
+            WSlice::F32(s) => _mm512_loadu_ps(s.as_ptr().add(at)),
+            WSlice::Bf16(s) => {
+                let h = _mm256_loadu_si256(s.as_ptr().add(at) as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            WSlice::F16(s) => {
+                _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().add(at) as *const __m256i))
+            }
+        }
+    };
+    for c in 0..ly.chunks {
+        let mut v: [__m512; 16] = std::array::from_fn(|r| load(r, c * 16));
+        transpose16(&mut v);
+        for (l, &vl) in v.iter().enumerate() {
+            store(ly.off[l] + c, vl);
+        }
+    }
+    // The last `k mod 16` values, one by one.
+    for kk in ly.chunks * 16..k {
+        let pos = ly.tail_pos(kk);
+        for (r, row) in rows.iter().enumerate() {
+            let v = match *row {
+                WSlice::F32(s) => s.get(kk).copied().unwrap_or(0.0),
+                WSlice::Bf16(s) => super::simd::bf16_to_f32(s[kk]),
+                WSlice::F16(s) => super::simd::f16_to_f32(s[kk]),
+            };
+            let (tile, lane) = if split { (r / MR, r % MR) } else { (0, r) };
+            let width = if split { MR } else { NR };
+            *dst.add(tile * MR * k + pos * width + lane) = v;
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack(_: &[WSlice; 16], _: usize, _: &Layout, _: *mut f32, _: bool) {
+    unreachable!("no AVX-512 on this architecture")
+}
+
+/// `v[r]` (16 values of row `r`) → `v[c]` (value `c` of the 16 rows).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    // 32-bit pairs: t[2i] lane q = rows 2i, 2i + 1 at columns 4q, 4q + 1; t[2i + 1] at
+    // 4q + 2, 4q + 3.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+    }
+    // 64-bit pairs: u[4i + c] lane q = rows 4i..4i + 4 at column 4q + c.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        let pd = |a: __m512| _mm512_castps_pd(a);
+        let (a, b, c, d) = (
+            pd(t[4 * i]),
+            pd(t[4 * i + 1]),
+            pd(t[4 * i + 2]),
+            pd(t[4 * i + 3]),
+        );
+        u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    // 128-bit lanes, twice: column c, 8 + c, 4 + c, 12 + c of all 16 rows.
+    for c in 0..4 {
+        let a = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        let b = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+        let e = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        let f = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+        v[c] = _mm512_shuffle_f32x4::<0x88>(a, e);
+        v[8 + c] = _mm512_shuffle_f32x4::<0xdd>(a, e);
+        v[4 + c] = _mm512_shuffle_f32x4::<0x88>(b, f);
+        v[12 + c] = _mm512_shuffle_f32x4::<0xdd>(b, f);
+    }
+}
+
+/// One `mt × nt` tile (`mt <= MR`, `nt <= NR`) from a packed tile of input rows and a packed
+/// panel: the 16 lane passes in [`ORDER`], folded as they finish, then the tail.
+///
+/// # Safety
+/// AVX-512F; `xp` an `[k][MR]` tile and `wp` a `[k][NR]` panel in `ly`'s order; `out` has `mt`
+/// rows of stride `ldo` with `nt` writable values each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::needless_range_loop)] // register tiles indexed by row and column
+unsafe fn kernel(
+    ly: &Layout,
+    xp: *const f32,
+    wp: *const f32,
+    out: *mut f32,
+    ldo: usize,
+    mt: usize,
+    nt: usize,
+) {
+    use std::arch::x86_64::*;
+    let z = _mm512_setzero_ps();
+    // Sums waiting for their partner in the fold, one slot per level of the tree (each
+    // written before it is read; left uninitialized, as zeroing it costs a memset per tile).
+    let mut stack = [std::mem::MaybeUninit::<[[__m512; NV]; MR]>::uninit(); 4];
+    let mut acc = [[z; NV]; MR];
+    for (t, &l) in ORDER.iter().enumerate() {
+        acc = [[z; NV]; MR];
+        let mut xq = xp.add(ly.off[l] * MR);
+        let mut wq = wp.add(ly.off[l] * NR);
+        for _ in 0..ly.len[l] {
+            let wv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(wq.add(16 * v)));
+            for r in 0..MR {
+                let b = _mm512_set1_ps(*xq.add(r));
+                for v in 0..NV {
+                    acc[r][v] = _mm512_fmadd_ps(b, wv[v], acc[r][v]);
+                }
+            }
+            xq = xq.add(MR);
+            wq = wq.add(NR);
+        }
+        let mut level = 0;
+        while (t >> level) & 1 == 1 {
+            for r in 0..MR {
+                for v in 0..NV {
+                    acc[r][v] = _mm512_add_ps(stack[level].assume_init_ref()[r][v], acc[r][v]);
+                }
+            }
+            level += 1;
+        }
+        if level < 4 {
+            stack[level].write(acc);
+        }
+    }
+    // The last `k mod 8` products, one by one (rounded product, then the sum).
+    let mut xq = xp.add(ly.off[16] * MR);
+    let mut wq = wp.add(ly.off[16] * NR);
+    for _ in 0..ly.len[16] {
+        for r in 0..MR {
+            let b = _mm512_set1_ps(*xq.add(r));
+            for v in 0..NV {
+                let p = _mm512_mul_ps(b, _mm512_loadu_ps(wq.add(16 * v)));
+                acc[r][v] = _mm512_add_ps(acc[r][v], p);
+            }
+        }
+        xq = xq.add(MR);
+        wq = wq.add(NR);
+    }
+    for r in 0..mt {
+        for v in 0..NV {
+            let c = nt.saturating_sub(16 * v).min(16);
+            if c == 16 {
+                _mm512_storeu_ps(out.add(r * ldo + 16 * v), acc[r][v]);
+            } else if c > 0 {
+                let mask = ((1u32 << c) - 1) as __mmask16;
+                _mm512_mask_storeu_ps(out.add(r * ldo + 16 * v), mask, acc[r][v]);
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    _: &Layout,
+    _: *const f32,
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: usize,
+    _: usize,
+) {
+    unreachable!("no AVX-512 on this architecture")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::matmul::matmul_wt_small;
+    use crate::kernels::matmul::tests::rand_vec;
+
+    /// Each element has the streaming kernel's bits: `k` with and without 16-, 8- and 1-wide
+    /// remainders, rows and columns cut at every tile edge, weights whole, in parts cut inside
+    /// panels, and as bf16 / f16 (widened while packed).
+    #[test]
+    fn elements_equal_streaming_kernel_bit_for_bit() {
+        if !available() {
+            eprintln!("no AVX-512F on this CPU: nothing to compare");
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 16, 1),
+            (5, 8, 7),
+            (7, 11, 13),
+            (17, 64, 33),
+            (40, 576, 129),
+            (129, 130, 67),
+            (23, 1549, 31),
+            (9, 2064, 49),
+            (64, 24, 96),
+            (33, 31, 100),
+            (300, 200, 500),
+        ] {
+            let x = rand_vec(m * k, 7 + m as u32);
+            let w = rand_vec(n * k, 8 + k as u32);
+            let check = |w32: &[f32], parts: &[WSlice], what: &str| {
+                let mut want = Vec::with_capacity(m * n);
+                for i in 0..m {
+                    want.extend(matmul_wt_small(&x[i * k..(i + 1) * k], 1, k, w32, n, None));
+                }
+                let mut out = vec![f32::NAN; m * n];
+                gemm(&x, m, k, WRows::one(parts, k), n, &mut out);
+                for (i, (g, e)) in out.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        e.to_bits(),
+                        "{what} m={m} k={k} n={n} at ({}, {}): {g} vs {e}",
+                        i / n,
+                        i % n
+                    );
+                }
+            };
+            let (a, b) = (1.min(n) * k, (n / 2 + 1).min(n) * k);
+            check(&w, &[WSlice::F32(&w)], "whole");
+            check(
+                &w,
+                &[
+                    WSlice::F32(&w[..a]),
+                    WSlice::F32(&w[a..b]),
+                    WSlice::F32(&w[b..]),
+                ],
+                "parts",
+            );
+            let bf: Vec<u16> = w
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            let hf: Vec<u16> = w
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_bits())
+                .collect();
+            let bf32 = WSlice::Bf16(&bf).to_f32_vec();
+            let hf32 = WSlice::F16(&hf).to_f32_vec();
+            check(
+                &bf32,
+                &[WSlice::Bf16(&bf[..a]), WSlice::Bf16(&bf[a..])],
+                "bf16",
+            );
+            check(
+                &hf32,
+                &[WSlice::F16(&hf[..b]), WSlice::F16(&hf[b..])],
+                "f16",
+            );
+        }
+    }
+
+    #[test]
+    fn layout_places_every_value_once() {
+        for k in [1, 7, 8, 15, 16, 17, 24, 31, 576, 1549] {
+            let ly = Layout::new(k);
+            let mut seen = vec![false; k];
+            for l in 0..16 {
+                for i in 0..ly.len[l] {
+                    let pos = ly.off[l] + i;
+                    assert!(!seen[pos], "k={k} position {pos} twice");
+                    seen[pos] = true;
+                    if l + 16 * i >= ly.chunks * 16 {
+                        assert_eq!(ly.tail_pos(l + 16 * i), pos, "k={k}");
+                    }
+                }
+            }
+            for kk in ly.off[16]..k {
+                assert!(!seen[kk]);
+                seen[kk] = true;
+            }
+            assert!(seen.iter().all(|&s| s), "k={k}");
+            let tail = k - ly.len[16];
+            for kk in tail..k {
+                assert_eq!(ly.tail_pos(kk), ly.off[16] + kk - tail, "k={k}");
+            }
+        }
+    }
+}
