@@ -72,7 +72,7 @@ fn bench_table_and_json_on_a_tiny_config() {
     }
     // The GEMM peak names the kernel that reached it.
     assert!(
-        out.contains("(candle matmul ") || out.contains("(lmgen dotgemm "),
+        out.contains("(candle matmul ") || out.contains("(lmgen gemm "),
         "{out}"
     );
     // One decode row per batch size; only batch 1 has a bandwidth ratio.
@@ -119,7 +119,7 @@ fn bench_table_and_json_on_a_tiny_config() {
     assert_eq!(l["gemm_shape"].as_array().unwrap().len(), 3);
     let kernel = l["gemm_kernel"].as_str().unwrap();
     assert!(
-        kernel == "candle matmul" || kernel.starts_with("lmgen dotgemm "),
+        kernel == "candle matmul" || kernel.starts_with("lmgen gemm "),
         "{kernel}"
     );
 

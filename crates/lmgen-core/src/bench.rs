@@ -267,7 +267,7 @@ fn gemm_peak() -> Result<(f64, [usize; 3], String)> {
             b.flatten_all()?.to_vec1::<f32>()?,
         );
         let mut out = vec![0f32; m * m];
-        let own = format!("lmgen dotgemm {:?}", crate::kernels::dotgemm::isa()).to_lowercase();
+        let own = format!("lmgen gemm {}", crate::kernels::dotgemm::large_kernel());
         for kernel in ["candle matmul", own.as_str()] {
             let mut t_best = f64::INFINITY;
             for _ in 0..4 {

@@ -17,6 +17,10 @@
 //! odd 8-wide chunks); a task of the compute pool takes a block of weight rows and walks
 //! blocks of input rows that stay in L2 while each weight tile stays in L1.
 //! `examples/gemm_micro.rs` compares it with the `gemm` crate.
+//!
+//! On AVX-512, products of [`super::panel::MIN_ROWS`] rows or more go to [`super::panel`]
+//! instead: outer products over packed copies of both operands, the same bits, 1.2–1.5× the
+//! dot tiles from 64 rows on (`LMGEN_GEMM_ISA=avx512-dot` keeps the tiles, for comparisons).
 use super::matmul::{OutPtr, WRows};
 use super::pool;
 use super::wide::with_scratch;
@@ -48,17 +52,22 @@ pub fn isa() -> Isa {
     }
 }
 
-/// The best the CPU has; `LMGEN_GEMM_ISA=avx512-dot|avx2|scalar` caps the choice (the vector
+/// The best the CPU has; `LMGEN_GEMM_ISA=avx512-dot|avx2|avx2-dot|scalar` caps the choice (the vector
 /// kernels give the same bits; the scalar path is the `gemm` crate's).
 fn default_isa() -> Isa {
     choose(std::env::var("LMGEN_GEMM_ISA").as_deref().unwrap_or(""))
 }
 
-/// The kernel `name` asks for, where the CPU has it, else the best it has; `avx512-dot`
-/// keeps AVX-512 products of many rows on the dot-product tiles (no packed panels).
+/// The kernel `name` asks for, where the CPU has it, else the best it has; a `-dot` suffix
+/// (`avx512-dot`, `avx2-dot`) keeps products of many rows on the dot-product tiles (no packed
+/// panels).
 fn choose(name: &str) -> Isa {
     let best = best_isa();
-    PANELS.store(name != "avx512-dot", Ordering::Relaxed);
+    let (name, tiles) = match name.strip_suffix("-dot") {
+        Some(isa) => (isa, true),
+        None => (name, false),
+    };
+    PANELS.store(!tiles, Ordering::Relaxed);
     match name {
         "scalar" => Isa::Scalar,
         "avx2" if best != Isa::Scalar => Isa::Avx2,
@@ -66,8 +75,8 @@ fn choose(name: &str) -> Isa {
     }
 }
 
-/// Whether AVX-512 products of [`super::panel::MIN_ROWS`] rows or more take the packed-panel
-/// kernel ([`super::panel`]).
+/// Whether products of [`super::panel::MIN_ROWS`] rows or more take the packed-panel kernel
+/// ([`super::panel`]).
 static PANELS: AtomicBool = AtomicBool::new(true);
 
 fn best_isa() -> Isa {
@@ -84,12 +93,30 @@ fn best_isa() -> Isa {
     Isa::Scalar
 }
 
-/// Chooses the instruction set (`"avx512"`, `"avx512-dot"`, `"avx2"`, `"scalar"`; one the CPU
+/// Chooses the instruction set (`"avx512"`, `"avx512-dot"`, `"avx2"`, `"avx2-dot"`, `"scalar"`; one the CPU
 /// lacks gives the default), for side-by-side measurements and tests.
 #[doc(hidden)]
 pub fn set_isa(name: &str) {
     let isa = choose(name);
     ISA.store(isa as u8 + 1, Ordering::Relaxed);
+}
+
+/// Whether products of many rows take the packed-panel kernel with `isa` (AVX-512 only: on
+/// AVX2 a 4 × 24 panel tile measured 0.7–0.9× the 3 × 3 dot tiles).
+fn panels(isa: Isa) -> bool {
+    isa == Isa::Avx512 && PANELS.load(Ordering::Relaxed) && super::panel::available()
+}
+
+/// The kernel that products of many rows take: `avx512 panels` ([`super::panel`]),
+/// `avx512 tiles`, `avx2 tiles` (this module's dot-product tiles) or
+/// `scalar` (the `gemm` crate).
+pub fn large_kernel() -> String {
+    let isa = isa();
+    match (isa, panels(isa)) {
+        (Isa::Scalar, _) => "scalar".into(),
+        (_, true) => format!("{isa:?} panels").to_lowercase(),
+        (_, false) => format!("{isa:?} tiles").to_lowercase(),
+    }
 }
 
 /// Bytes of input rows kept in L2 while a task's weight rows stream past them (half of a
@@ -111,11 +138,7 @@ fn dot_gemm_isa(
     n: usize,
     out: &mut [f32],
 ) -> bool {
-    if isa == Isa::Avx512
-        && m >= super::panel::MIN_ROWS
-        && PANELS.load(Ordering::Relaxed)
-        && super::panel::available()
-    {
+    if m >= super::panel::MIN_ROWS && panels(isa) {
         super::panel::gemm(x, m, k, w, n, out);
         return true;
     }

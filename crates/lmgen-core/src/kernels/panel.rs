@@ -20,18 +20,26 @@ use super::pool;
 use super::wide::WSlice;
 use std::cell::RefCell;
 
+/// Lanes of a register: rows a pack transposes at once (two tiles of input rows).
+const LANES: usize = 16;
 /// Rows of a register tile (input rows).
 const MR: usize = 8;
-/// 16-lane registers across a tile's columns.
-const NV: usize = 3;
-/// Columns of a register tile (weight rows): one packed panel.
-const NR: usize = NV * 16;
-/// From this many rows AVX-512 products take this kernel (below, `dotgemm`'s tiles, which
-/// need no packing). `examples/gemm_micro.rs`: see [`super::dotgemm`].
+/// Columns of a register tile (weight rows), three registers: one packed panel.
+const NR: usize = 48;
+/// From this many rows products take this kernel (below, `dotgemm`'s tiles, which
+/// need no packing and waste no padded rows). Two threads, three alternating rounds, GF/s
+/// dot tiles → panels, `k` × `n` = 576 × 960 (a fused QKV): 17 rows 112–127 → 56–84, 24 rows
+/// 117–128 → 108–120, 32 rows 114–136 → 124–132, 64 rows 126–134 → 138–145, 128 rows
+/// 127–148 → 146–158, 256 rows 132–137 → 139–173; 128 × 1,536 × 576 (the down projection)
+/// 111–116 → 156–179.
 pub(crate) const MIN_ROWS: usize = 32;
 /// Bytes of packed input rows that a task's panels pass over before the next block (they
 /// stay in L2 while each panel, packed once per block, stays in L1/L2).
-const ROW_BLOCK_BYTES: usize = 2 << 20;
+const ROW_BLOCK_BYTES: usize = 1 << 20;
+/// Fewest tiles of input rows a packed panel serves before it is packed again.
+const MIN_BLOCK: usize = 16;
+/// Bytes of a packed panel up to which a tile runs all its passes before the next tile.
+const PANEL_L2_BYTES: usize = 512 << 10;
 
 /// The lanes in the order their passes run: bit-reversed, so that the fold is a binary
 /// counter (after pass `t`, the sums of the passes whose index shares `t`'s high bits are
@@ -78,7 +86,7 @@ impl Layout {
     }
 }
 
-/// Whether this kernel runs on this CPU (AVX-512F).
+/// Whether this kernel runs on this CPU (AVX-512F, with AVX2 and FMA).
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -149,7 +157,7 @@ pub(crate) fn gemm(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut 
     }
     let ly = Layout::new(k);
     let tiles = m.div_ceil(MR);
-    // Input rows are packed 16 at a time (two tiles).
+    // Input rows are packed `LANES` at a time (two tiles).
     let pairs = tiles.div_ceil(2);
     with_buf(&PACKED_X, pairs * 2 * MR * k, |xp| {
         let xs = Shared(xp.as_mut_ptr());
@@ -157,21 +165,36 @@ pub(crate) fn gemm(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut 
         pool::for_each(pack_tasks, |t| {
             for p in pairs * t / pack_tasks..pairs * (t + 1) / pack_tasks {
                 let rows: [WSlice; 16] = std::array::from_fn(|r| {
-                    let i = p * 16 + r;
+                    let i = p * LANES + r;
                     WSlice::F32(if i < m { &x[i * k..(i + 1) * k] } else { &[] })
                 });
-                // SAFETY: pair p's 16 × k values (tiles 2p and 2p + 1) are inside `xp`
-                // (pairs × 16 × k) and written by this task only; AVX-512F checked by the
-                // caller.
-                unsafe { pack(&rows, k, &ly, xs.at(p * 2 * MR * k), true) };
+                // SAFETY: pair p's 2 MR × k values (tiles 2p and 2p + 1) are inside `xp`
+                // (pairs × 2 MR × k) and written by this task only; the caller checked
+                // `available()`.
+                unsafe { pack512(&rows, k, &ly, xs.at(p * 2 * MR * k), true) };
             }
         });
         let y = OutPtr::new(out);
         let panels = n.div_ceil(NR);
         let tasks = (4 * pool::threads()).min(panels);
-        let block = (ROW_BLOCK_BYTES / (MR * k * 4)).max(1);
+        // At least MIN_BLOCK tiles, so that packing a panel stays a small part of the work
+        // where rows are long.
+        let block = (ROW_BLOCK_BYTES / (MR * k * 4)).max(MIN_BLOCK);
+        // Passes a tile runs before the next tile takes its turn: all 16 where the packed
+        // panel stays in L2; else one, so that a pass's part of the panel (a 16th) stays in
+        // L2 while every tile of the block runs that pass (the tiles' unfinished sums wait in
+        // `state`). One thread, alternating: 512 × 576 × 576 95 / 90 GF/s all passes at once
+        // against 87 / 83 in groups of 4; 256 × 11,008 × 512 69 / 60 at once against
+        // 82 / 70 one pass at a time.
+        let group = if ly.len[0] * 16 * NR * 4 <= PANEL_L2_BYTES {
+            16
+        } else {
+            1
+        };
+        let state = 4 * MR * NR;
         pool::for_each(tasks, |t| {
-            with_buf(&PANEL, NR * k, |wp| {
+            with_buf(&PANEL, NR * k + block * state, |buf| {
+                let (wp, st) = buf.split_at_mut(NR * k);
                 let (p0, p1) = (panels * t / tasks, panels * (t + 1) / tasks);
                 let mut t0 = 0;
                 while t0 < tiles {
@@ -179,36 +202,40 @@ pub(crate) fn gemm(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut 
                     for p in p0..p1 {
                         let j = p * NR;
                         let nt = (n - j).min(NR);
-                        for g in 0..NV {
+                        for g in 0..3 {
                             let rows: [WSlice; 16] = std::array::from_fn(|r| {
-                                let c = g * 16 + r;
+                                let c = g * LANES + r;
                                 if c < nt {
                                     w.run(j + c).0.range(0, k)
                                 } else {
                                     WSlice::F32(&[])
                                 }
                             });
-                            // SAFETY: the panel buffer holds NR × k values; lanes g·16.. of
-                            // each position; AVX-512F checked by the caller.
-                            unsafe { pack(&rows, k, &ly, wp.as_mut_ptr().add(g * 16), false) };
-                        }
-                        for tile in t0..t1 {
-                            let i = tile * MR;
-                            let mt = (m - i).min(MR);
-                            // SAFETY: tile `tile` of the packed rows (MR × k values, written
-                            // before this region); out rows i..i + mt, columns j..j + nt are
-                            // in [m, n] and in this task's panels only.
+                            // SAFETY: the panel buffer holds NR × k values; LANES
+                            // g·LANES.. of each position; `available()` checked.
                             unsafe {
-                                kernel(
-                                    &ly,
-                                    xs.at(tile * MR * k),
-                                    wp.as_ptr(),
-                                    y.at(i * n + j),
-                                    n,
-                                    mt,
-                                    nt,
-                                )
+                                pack512(&rows, k, &ly, wp.as_mut_ptr().add(g * LANES), false)
                             };
+                        }
+                        for first in (0..16).step_by(group) {
+                            for tile in t0..t1 {
+                                let i = tile * MR;
+                                let run = Run {
+                                    passes: first..first + group,
+                                    state: st.as_mut_ptr().wrapping_add((tile - t0) * state),
+                                    out: y.at(i * n + j),
+                                    ldo: n,
+                                    mt: (m - i).min(MR),
+                                    nt,
+                                };
+                                let xt = xs.at(tile * MR * k);
+                                // SAFETY: tile `tile` of the packed rows (MR × k values,
+                                // written before this region); out rows i..i + mt, columns
+                                // j..j + nt are in [m, n] and in this task's panels only;
+                                // the tile's fold state (4 MR × NR values) is in `st`,
+                                // written by its earlier passes; `available()` checked.
+                                unsafe { kernel(&ly, xt, wp.as_ptr(), run) };
+                            }
                         }
                     }
                     t0 = t1;
@@ -218,8 +245,46 @@ pub(crate) fn gemm(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut 
     });
 }
 
+/// What a kernel call computes of one `mt × nt` tile (`mt <= mr`, `nt <= nr`): passes
+/// `passes` (indices into [`ORDER`]), each folded as it finishes with the sums waiting in
+/// `state` (4 mr × nr values); after the last pass, the tail and the output (`mt` rows of
+/// stride `ldo` from `out`, `nt` values each).
+struct Run {
+    passes: std::ops::Range<usize>,
+    state: *mut f32,
+    out: *mut f32,
+    ldo: usize,
+    mt: usize,
+    nt: usize,
+}
+
+/// The value at `kk` of a row (an empty row is zeros).
+fn value(row: &WSlice, kk: usize) -> f32 {
+    match *row {
+        WSlice::F32(s) => s.get(kk).copied().unwrap_or(0.0),
+        WSlice::Bf16(s) => super::simd::bf16_to_f32(s[kk]),
+        WSlice::F16(s) => super::simd::f16_to_f32(s[kk]),
+    }
+}
+
+/// The last `k mod 16` values of `rows` one by one, where [`pack512`] places them.
+///
+/// # Safety
+/// As the pack functions.
+unsafe fn pack_tail(rows: &[WSlice], k: usize, ly: &Layout, dst: *mut f32, split: bool) {
+    for kk in ly.chunks * 16..k {
+        let pos = ly.tail_pos(kk);
+        for (r, row) in rows.iter().enumerate() {
+            let (tile, lane) = if split { (r / MR, r % MR) } else { (0, r) };
+            let width = if split { MR } else { NR };
+            // SAFETY: inside the layout the caller provides room for.
+            unsafe { *dst.add(tile * MR * k + pos * width + lane) = value(row, kk) };
+        }
+    }
+}
+
 /// Packs 16 rows of `k` values (an empty slice is a row of zeros) into the order of
-/// [`Layout`]. Input rows (`split`): lanes 0-7 to the tile at `dst` (`[k][8]`), lanes 8-15 to
+/// [`Layout`] (AVX-512). Input rows (`split`): lanes 0-7 to the tile at `dst` (`[k][8]`), lanes 8-15 to
 /// the next tile (`dst + 8 k`). Weight rows: the 16 lanes at `dst` of each position of a
 /// `[k][48]` panel.
 ///
@@ -227,7 +292,7 @@ pub(crate) fn gemm(x: &[f32], m: usize, k: usize, w: WRows, n: usize, out: &mut 
 /// AVX-512F; non-empty rows hold `k` values; `dst` has room for the layout described.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn pack(rows: &[WSlice; 16], k: usize, ly: &Layout, dst: *mut f32, split: bool) {
+unsafe fn pack512(rows: &[WSlice; 16], k: usize, ly: &Layout, dst: *mut f32, split: bool) {
     use std::arch::x86_64::*;
     let store = |pos: usize, v: __m512| {
         if split {
@@ -241,7 +306,7 @@ unsafe fn pack(rows: &[WSlice; 16], k: usize, ly: &Layout, dst: *mut f32, split:
     };
     let load = |r: usize, at: usize| -> __m512 {
         match rows[r] {
-            WSlice::F32(s) if s.is_empty() => _mm512_setzero_ps(),
+            WSlice::F32([]) => _mm512_setzero_ps(),
             WSlice::F32(s) => _mm512_loadu_ps(s.as_ptr().add(at)),
             WSlice::Bf16(s) => {
                 let h = _mm256_loadu_si256(s.as_ptr().add(at) as *const __m256i);
@@ -259,25 +324,7 @@ unsafe fn pack(rows: &[WSlice; 16], k: usize, ly: &Layout, dst: *mut f32, split:
             store(ly.off[l] + c, vl);
         }
     }
-    // The last `k mod 16` values, one by one.
-    for kk in ly.chunks * 16..k {
-        let pos = ly.tail_pos(kk);
-        for (r, row) in rows.iter().enumerate() {
-            let v = match *row {
-                WSlice::F32(s) => s.get(kk).copied().unwrap_or(0.0),
-                WSlice::Bf16(s) => super::simd::bf16_to_f32(s[kk]),
-                WSlice::F16(s) => super::simd::f16_to_f32(s[kk]),
-            };
-            let (tile, lane) = if split { (r / MR, r % MR) } else { (0, r) };
-            let width = if split { MR } else { NR };
-            *dst.add(tile * MR * k + pos * width + lane) = v;
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn pack(_: &[WSlice; 16], _: usize, _: &Layout, _: *mut f32, _: bool) {
-    unreachable!("no AVX-512 on this architecture")
+    pack_tail(rows, k, ly, dst, split);
 }
 
 /// `v[r]` (16 values of row `r`) → `v[c]` (value `c` of the 16 rows).
@@ -320,31 +367,25 @@ unsafe fn transpose16(v: &mut [std::arch::x86_64::__m512; 16]) {
     }
 }
 
-/// One `mt × nt` tile (`mt <= MR`, `nt <= NR`) from a packed tile of input rows and a packed
-/// panel: the 16 lane passes in [`ORDER`], folded as they finish, then the tail.
+/// One call of a tile's passes (see [`Run`]) on a packed tile of input rows and a packed
+/// panel.
 ///
 /// # Safety
-/// AVX-512F; `xp` an `[k][MR]` tile and `wp` a `[k][NR]` panel in `ly`'s order; `out` has `mt`
-/// rows of stride `ldo` with `nt` writable values each.
+/// AVX-512F; `xp` an `[k][MR]` tile and `wp` a `[k][NR]` panel in `ly`'s order;
+/// `run.state` holds 4 MR × NR values, as the tile's earlier passes
+/// left them; `run.out` has `mt` rows of stride `ldo` with `nt` writable values each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 #[allow(clippy::needless_range_loop)] // register tiles indexed by row and column
-unsafe fn kernel(
-    ly: &Layout,
-    xp: *const f32,
-    wp: *const f32,
-    out: *mut f32,
-    ldo: usize,
-    mt: usize,
-    nt: usize,
-) {
+unsafe fn kernel(ly: &Layout, xp: *const f32, wp: *const f32, run: Run) {
     use std::arch::x86_64::*;
+    const NV: usize = 3;
     let z = _mm512_setzero_ps();
-    // Sums waiting for their partner in the fold, one slot per level of the tree (each
-    // written before it is read; left uninitialized, as zeroing it costs a memset per tile).
-    let mut stack = [std::mem::MaybeUninit::<[[__m512; NV]; MR]>::uninit(); 4];
+    // Sums waiting for their partner in the fold, one slot per level of the tree.
+    let slot = |level: usize, r: usize, v: usize| run.state.add(((level * MR + r) * NV + v) * 16);
     let mut acc = [[z; NV]; MR];
-    for (t, &l) in ORDER.iter().enumerate() {
+    for t in run.passes.clone() {
+        let l = ORDER[t];
         acc = [[z; NV]; MR];
         let mut xq = xp.add(ly.off[l] * MR);
         let mut wq = wp.add(ly.off[l] * NR);
@@ -363,14 +404,21 @@ unsafe fn kernel(
         while (t >> level) & 1 == 1 {
             for r in 0..MR {
                 for v in 0..NV {
-                    acc[r][v] = _mm512_add_ps(stack[level].assume_init_ref()[r][v], acc[r][v]);
+                    acc[r][v] = _mm512_add_ps(_mm512_loadu_ps(slot(level, r, v)), acc[r][v]);
                 }
             }
             level += 1;
         }
         if level < 4 {
-            stack[level].write(acc);
+            for r in 0..MR {
+                for v in 0..NV {
+                    _mm512_storeu_ps(slot(level, r, v), acc[r][v]);
+                }
+            }
         }
+    }
+    if run.passes.end < 16 {
+        return;
     }
     // The last `k mod 8` products, one by one (rounded product, then the sum).
     let mut xq = xp.add(ly.off[16] * MR);
@@ -379,37 +427,28 @@ unsafe fn kernel(
         for r in 0..MR {
             let b = _mm512_set1_ps(*xq.add(r));
             for v in 0..NV {
-                let p = _mm512_mul_ps(b, _mm512_loadu_ps(wq.add(16 * v)));
-                acc[r][v] = _mm512_add_ps(acc[r][v], p);
+                acc[r][v] =
+                    _mm512_add_ps(acc[r][v], _mm512_mul_ps(b, _mm512_loadu_ps(wq.add(16 * v))));
             }
         }
         xq = xq.add(MR);
         wq = wq.add(NR);
     }
-    for r in 0..mt {
+    for r in 0..run.mt {
         for v in 0..NV {
-            let c = nt.saturating_sub(16 * v).min(16);
+            let c = run.nt.saturating_sub(16 * v).min(16);
+            let at = run.out.add(r * run.ldo + 16 * v);
             if c == 16 {
-                _mm512_storeu_ps(out.add(r * ldo + 16 * v), acc[r][v]);
+                _mm512_storeu_ps(at, acc[r][v]);
             } else if c > 0 {
-                let mask = ((1u32 << c) - 1) as __mmask16;
-                _mm512_mask_storeu_ps(out.add(r * ldo + 16 * v), mask, acc[r][v]);
+                _mm512_mask_storeu_ps(at, ((1u32 << c) - 1) as __mmask16, acc[r][v]);
             }
         }
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
-    _: &Layout,
-    _: *const f32,
-    _: *const f32,
-    _: *mut f32,
-    _: usize,
-    _: usize,
-    _: usize,
-) {
+unsafe fn kernel(_: &Layout, _: *const f32, _: *const f32, _: Run) {
     unreachable!("no AVX-512 on this architecture")
 }
 
@@ -437,6 +476,8 @@ mod tests {
             (129, 130, 67),
             (23, 1549, 31),
             (9, 2064, 49),
+            (19, 2741, 60),
+            (140, 3000, 50),
             (64, 24, 96),
             (33, 31, 100),
             (300, 200, 500),
