@@ -1,12 +1,13 @@
 //! Prefill-shaped f32 products: `kernels::matmul_wt_into` (above 16 rows the register-tiled
-//! `dotgemm`, summing in the decode kernel's order) vs the `gemm` crate called the same way
+//! `dotgemm`, from 32 rows on AVX-512 the packed panels, summing in the decode kernel's order) vs the `gemm` crate called the same way
 //! (`matmul_wt_gemm_crate`, bit-identical to candle) vs candle's `x.matmul(&w.t())`
 //! (+ `broadcast_add` for the bias), alternating in one process, best of N; also prints how
 //! far `dotgemm` is from candle.
 //!
 //! cargo run --release -p lmgen-core --example gemm_micro -- [m,..] [n,..]
 //! defaults: m = 17,128,512; k = 576; n = 576,1536,49152 (SmolLM2-135M); env GM_K,
-//! GM_ROUNDS (least samples per variant, default 5), GM_ISA (avx2 or avx512: dotgemm's ISA).
+//! GM_ROUNDS (least samples per variant, default 5), GM_ISA (dotgemm's kernels: avx512,
+//! avx512-dot for the dot-product tiles instead of the packed panels, avx2).
 use candle_core::{Device, Tensor};
 use lmgen_core::kernels::dotgemm;
 use lmgen_core::model::kernels::{matmul_wt_gemm_crate, matmul_wt_into};
