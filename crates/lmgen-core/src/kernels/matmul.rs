@@ -728,6 +728,13 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// `w` rounded to bf16 and to f16, as bits.
+    pub(crate) fn halves(w: &[f32]) -> (Vec<u16>, Vec<u16>) {
+        let bf = w.iter().map(|v| half::bf16::from_f32(*v).to_bits());
+        let hf = w.iter().map(|v| half::f16::from_f32(*v).to_bits());
+        (bf.collect(), hf.collect())
+    }
+
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|x| x.to_bits()).collect()
     }
@@ -823,14 +830,7 @@ pub(crate) mod tests {
             let x = rand_vec(m * k, 11);
             let w = rand_vec(n * k, 12);
             let b = rand_vec(n, 13);
-            let bf: Vec<u16> = w
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect();
-            let hf: Vec<u16> = w
-                .iter()
-                .map(|v| half::f16::from_f32(*v).to_bits())
-                .collect();
+            let (bf, hf) = halves(&w);
             let a = n / 2 * k;
             let cases: [(&str, Vec<WSlice>); 4] = [
                 ("bf16", vec![WSlice::Bf16(&bf)]),

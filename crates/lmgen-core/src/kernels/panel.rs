@@ -13,8 +13,9 @@
 //! copied in that order of `k` ("packed"): the input rows 8 at a time (`[k][8]`), the weight
 //! rows 48 at a time (`[k][48]`, widened there from bf16 / f16), with 16 × 16 register
 //! transposes. The 8 × 48 register tile (24 accumulators) then does 24 fused multiply-adds
-//! per 8 broadcasts and 3 loads from L1, close to the machine's FMA peak, where the dot tiles
-//! reach about 60 % of it (`examples/gemm_micro.rs`).
+//! per 8 broadcasts and 3 loads: on one thread about 75 % of the machine's FMA peak (112–123
+//! of ~155 GF/s at 512 × 576 × 576), where the dot tiles reach about 60 % (`examples/
+//! gemm_micro.rs`; BENCHMARKS.md, "Packed-panel GEMM").
 use super::matmul::{OutPtr, WRows};
 use super::pool;
 use super::wide::WSlice;
@@ -456,7 +457,7 @@ unsafe fn kernel(_: &Layout, _: *const f32, _: *const f32, _: Run) {
 mod tests {
     use super::*;
     use crate::kernels::matmul::matmul_wt_small;
-    use crate::kernels::matmul::tests::rand_vec;
+    use crate::kernels::matmul::tests::{halves, rand_vec};
 
     /// Each element has the streaming kernel's bits: `k` with and without 16-, 8- and 1-wide
     /// remainders, rows and columns cut at every tile edge, weights whole, in parts cut inside
@@ -512,14 +513,7 @@ mod tests {
                 ],
                 "parts",
             );
-            let bf: Vec<u16> = w
-                .iter()
-                .map(|v| half::bf16::from_f32(*v).to_bits())
-                .collect();
-            let hf: Vec<u16> = w
-                .iter()
-                .map(|v| half::f16::from_f32(*v).to_bits())
-                .collect();
+            let (bf, hf) = halves(&w);
             let bf32 = WSlice::Bf16(&bf).to_f32_vec();
             let hf32 = WSlice::F16(&hf).to_f32_vec();
             check(
